@@ -1,1 +1,83 @@
-fn main() {}
+//! Project automation: `cargo xtask <task>`.
+//!
+//! * `ci`: fmt check, clippy (warnings are errors), tests, docs, and a check of the
+//!   optional `hub` feature of ddpm-data;
+//! * `train [ARGS]`: a release build of `ddpm train` with the default recipe; ARGS are
+//!   passed through (e.g. `cargo xtask train --epochs 5 --model small`).
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(mut cmd: Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--check"]);
+    run(fmt)?;
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(clippy)?;
+    let mut test = cargo();
+    test.args(["test", "--workspace"]);
+    run(test)?;
+    let mut doc = cargo();
+    doc.args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings");
+    run(doc)?;
+    let mut hub = cargo();
+    hub.args(["check", "-p", "ddpm-data", "--features", "hub"]);
+    run(hub)
+}
+
+/// Spawns a release build of the CLI: `ddpm <sub> <args>`.
+fn ddpm(sub: &str, args: &[String], defaults: &[&str]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["run", "--release", "-p", "ddpm-cli", "--", sub]);
+    // Defaults first: a flag the user repeats overrides them (clap keeps the last one).
+    cmd.args(defaults).args(args);
+    run(cmd)
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let task = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    match task.as_str() {
+        "ci" => ci(),
+        "train" => ddpm("train", &rest, &["--out", "runs/default"]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <task>\n\n\
+                 tasks:\n  \
+                 ci            fmt, clippy, test, doc, hub-feature check\n  \
+                 train [ARGS]  release `ddpm train` with the default recipe (ARGS pass through)"
+            );
+            if task.is_empty() || task == "help" || task == "--help" {
+                Ok(())
+            } else {
+                bail!("unknown task `{task}`")
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! U-Net tests: shapes, conditioning, capacity (overfitting one batch) and config checks.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use ddpm_core::{Denoiser, NoiseSchedule, SeededNoise};
+use ddpm_unet::{ConfigError, UNet, UNetConfig};
+
+fn build(cfg: &UNetConfig) -> (VarMap, UNet) {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let unet = UNet::new(cfg, vb).unwrap();
+    (varmap, unet)
+}
+
+fn randn(noise: &mut SeededNoise, dims: &[usize]) -> Tensor {
+    let n: usize = dims.iter().product();
+    Tensor::from_vec(noise.randn_vec(n), dims, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn output_shape_equals_input_shape() {
+    let mut rng = SeededNoise::new(0);
+    let uncond = UNetConfig {
+        num_classes: 0,
+        ..UNetConfig::tiny()
+    };
+    let three = UNetConfig {
+        channel_mults: vec![1, 2, 2],
+        attention_levels: vec![2],
+        ..UNetConfig::tiny()
+    };
+    let rgb = UNetConfig {
+        in_channels: 3,
+        ..UNetConfig::tiny()
+    };
+    for (cfg, h, w) in [
+        (UNetConfig::tiny(), 28, 28),
+        (UNetConfig::tiny(), 32, 32),
+        (UNetConfig::tiny(), 16, 12),
+        (uncond, 28, 28),
+        (three, 28, 28),
+        (rgb, 8, 8),
+    ] {
+        let (_, unet) = build(&cfg);
+        for b in [1usize, 3] {
+            let x = randn(&mut rng, &[b, cfg.in_channels, h, w]);
+            let t = Tensor::new(&vec![7u32; b][..], &Device::Cpu).unwrap();
+            let y = (cfg.num_classes > 0)
+                .then(|| Tensor::new(&vec![1u32; b][..], &Device::Cpu).unwrap());
+            let out = unet.predict_noise(&x, &t, y.as_ref()).unwrap();
+            assert_eq!(out.dims(), x.dims(), "{cfg:?} {h}x{w} b={b}");
+        }
+    }
+}
+
+#[test]
+fn output_depends_on_t_and_class() {
+    let (_, unet) = build(&UNetConfig::tiny());
+    let mut rng = SeededNoise::new(1);
+    let x = randn(&mut rng, &[2, 1, 28, 28]);
+    let dev = Device::Cpu;
+    let f = |t: [u32; 2], y: [u32; 2]| {
+        unet.predict_noise(
+            &x,
+            &Tensor::new(&t, &dev).unwrap(),
+            Some(&Tensor::new(&y, &dev).unwrap()),
+        )
+        .unwrap()
+    };
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let base = f([10, 10], [3, 3]);
+    assert!(
+        diff(&base, &f([10, 10], [3, 3])) == 0.0,
+        "deterministic in eval mode"
+    );
+    assert!(diff(&base, &f([500, 500], [3, 3])) > 1e-4, "ignores t");
+    assert!(
+        diff(&base, &f([10, 10], [4, 4])) > 1e-4,
+        "ignores the class"
+    );
+    assert!(
+        diff(&base, &f([10, 10], [10, 10])) > 1e-4,
+        "ignores the null class"
+    );
+    // None = the null class.
+    let none = unet
+        .predict_noise(&x, &Tensor::new(&[10u32, 10], &dev).unwrap(), None)
+        .unwrap();
+    assert_eq!(diff(&none, &f([10, 10], [10, 10])), 0.0);
+    assert_eq!(unet.null_class(), Some(10));
+}
+
+#[test]
+fn tiny_model_overfits_one_batch_of_digits() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/mnist");
+    let ds = ddpm_data::load_idx_dir(
+        &dir,
+        ddpm_data::Split::Test,
+        (0..10).map(|d| d.to_string()).collect(),
+    )
+    .unwrap()
+    .take(8);
+    let (x0, y) = ds.to_tensors(&Device::Cpu).unwrap();
+    let schedule = ddpm_schedule::ScheduleConfig::default().build().unwrap();
+    let mut rng = SeededNoise::new(2);
+    let noise = randn(&mut rng, &[8, 1, 28, 28]);
+    let t = Tensor::new(&[5u32, 50, 100, 200, 300, 400, 600, 900], &Device::Cpu).unwrap();
+    let xt = schedule.add_noise(&x0, &noise, &t).unwrap();
+    let (varmap, unet) = build(&UNetConfig::tiny());
+    let mut opt = candle_nn::AdamW::new(
+        varmap.all_vars(),
+        candle_nn::ParamsAdamW {
+            lr: 3e-3,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let loss_at = |unet: &UNet| {
+        let eps = unet.forward_t(&xt, &t, Some(&y), true).unwrap();
+        candle_nn::loss::mse(&eps, &noise).unwrap()
+    };
+    let first = loss_at(&unet).to_scalar::<f32>().unwrap();
+    let mut last = first;
+    for _ in 0..400 {
+        let loss = loss_at(&unet);
+        last = loss.to_scalar::<f32>().unwrap();
+        opt.backward_step(&loss).unwrap();
+    }
+    assert!(
+        last * 10.0 <= first,
+        "loss {first} -> {last}: less than 10x down"
+    );
+}
+
+#[test]
+fn invalid_configs_are_rejected() {
+    let bad_groups = UNetConfig {
+        groups: 3,
+        ..UNetConfig::tiny()
+    };
+    assert!(matches!(bad_groups.validate(), Err(ConfigError::Invalid(m)) if m.contains("groups")));
+    let bad_heads = UNetConfig {
+        num_heads: 3,
+        ..UNetConfig::tiny()
+    };
+    assert!(bad_heads.validate().is_err());
+    let bad_level = UNetConfig {
+        attention_levels: vec![5],
+        ..UNetConfig::tiny()
+    };
+    assert!(bad_level.validate().is_err());
+    assert!(UNetConfig {
+        channel_mults: vec![],
+        ..UNetConfig::tiny()
+    }
+    .validate()
+    .is_err());
+    assert!(UNetConfig {
+        dropout: 1.0,
+        ..UNetConfig::tiny()
+    }
+    .validate()
+    .is_err());
+    // Building fails too, with the reason.
+    let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let e = UNet::new(&bad_groups, vb).unwrap_err().to_string();
+    assert!(e.contains("groups = 3"), "{e}");
+    // Sizes that cannot round-trip: 28 through 4 levels (28→14→7→4→8), odd sizes through 2.
+    let four = UNetConfig {
+        channel_mults: vec![1, 1, 1, 1],
+        attention_levels: vec![],
+        ..UNetConfig::tiny()
+    };
+    assert!(matches!(
+        four.check_image_size(28, 28),
+        Err(ConfigError::SizeMismatch { factor: 8, .. })
+    ));
+    assert!(four.check_image_size(32, 32).is_ok());
+    assert!(UNetConfig::tiny().check_image_size(27, 28).is_err());
+    assert!(UNetConfig::mnist().check_image_size(28, 28).is_ok());
+    let (_, unet) = build(&UNetConfig::tiny());
+    let x = Tensor::zeros((1, 1, 27, 27), DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+    assert!(unet.predict_noise(&x, &t, None).is_err());
+}
+
+#[test]
+fn weight_names_are_stable() {
+    let (varmap, _) = build(&UNetConfig::tiny());
+    let data = varmap.data().lock().unwrap();
+    for name in [
+        "time_embed.0.weight",
+        "time_embed.2.bias",
+        "class_embed.weight",
+        "conv_in.weight",
+        "down.0.res.0.conv1.weight",
+        "down.0.res.0.emb_proj.weight",
+        "down.0.downsample.weight",
+        "down.1.res.0.skip.weight",
+        "down.1.attn.0.qkv.weight",
+        "mid.res1.norm1.weight",
+        "mid.attn.proj.bias",
+        "mid.res2.conv2.weight",
+        "up.1.res.1.conv1.weight",
+        "up.1.upsample.weight",
+        "up.0.res.1.skip.weight",
+        "norm_out.weight",
+        "conv_out.bias",
+    ] {
+        assert!(data.contains_key(name), "missing weight {name}");
+    }
+    assert_eq!(data["class_embed.weight"].dims(), &[11, 32]);
+}
+
+#[test]
+fn presets_have_the_documented_sizes() {
+    let n = |c: &UNetConfig| ddpm_unet::parameter_count(c).unwrap();
+    let (tiny, small, mnist) = (
+        n(&UNetConfig::tiny()),
+        n(&UNetConfig::small()),
+        n(&UNetConfig::mnist()),
+    );
+    assert!(tiny < small && small < mnist);
+    assert!(tiny < 100_000, "tiny has {tiny}");
+    eprintln!("parameters: tiny {tiny}, small {small}, mnist {mnist}");
+}
