@@ -55,6 +55,17 @@ pub trait NoiseSchedule: Send + Sync {
     fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &Tensor) -> Result<Tensor>;
 }
 
+/// Which variance σ²_t the DDPM reverse step uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PosteriorVariance {
+    /// σ²_t = β_t ("fixed large", the upper bound of Ho et al. 2020).
+    Beta,
+    /// σ²_t = β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) ("fixed small", the true posterior variance).
+    #[default]
+    BetaTilde,
+}
+
 /// A noise-prediction network ε_θ(x_t, t, y).
 pub trait Denoiser {
     /// Predicts the noise in `x_t` (`[B,C,H,W]` f32) at timesteps `t` (`[B]` u32).

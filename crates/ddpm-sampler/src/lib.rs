@@ -1,1 +1,493 @@
-//! placeholder
+//! Samplers over any [`Denoiser`] and [`NoiseSchedule`]: DDPM ancestral sampling (both
+//! variance choices), DDIM (steps, η, timestep spacing) and DPM-Solver++(2M), plus
+//! [`ClassifierFreeGuidance`] and the visible sampling loop [`sample`].
+//!
+//! # Guidance convention
+//!
+//! ε̂ = (1 + w)·ε(x, t, c) − w·ε(x, t, ∅). `w = 0` is the plain conditional model.
+//! Diffusers' `guidance_scale` is `1 + w`.
+//!
+//! # Example
+//!
+//! ```
+//! use candle_core::{Device, Result, Shape, Tensor, DType};
+//! use ddpm_core::{Denoiser, SeededNoise, NoiseSource};
+//! use ddpm_sampler::{sample, ClassifierFreeGuidance, Ddim, Sampler, SamplerConfig, Spacing};
+//! use ddpm_schedule::ScheduleConfig;
+//!
+//! /// A denoiser that predicts zero noise: sampling returns x_T / √ᾱ_T, clipped.
+//! struct Zero;
+//! impl Denoiser for Zero {
+//!     fn predict_noise(&self, x: &Tensor, _t: &Tensor, _y: Option<&Tensor>) -> Result<Tensor> {
+//!         x.zeros_like()
+//!     }
+//!     fn null_class(&self) -> Option<u32> { Some(10) }
+//! }
+//!
+//! let schedule = ScheduleConfig::default().build().unwrap();
+//! let mut ddim = Ddim::new(&schedule, 20, 0.0, Spacing::Leading, SamplerConfig::default())?;
+//! let guided = ClassifierFreeGuidance::new(Zero, 3.0)?;
+//! let mut noise = SeededNoise::new(0);
+//! let x_t = noise.randn(&Shape::from((2, 1, 28, 28)), DType::F32, &Device::Cpu)?;
+//! let labels = Tensor::new(&[7u32, 7], &Device::Cpu)?;
+//! let x0 = sample(&guided, &mut ddim, x_t, Some(&labels), &mut noise, &mut |_| Ok(()))?;
+//! assert_eq!(x0.dims(), &[2, 1, 28, 28]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use candle_core::{bail, DType, Result, Tensor};
+use ddpm_core::{Denoiser, NoiseSchedule, NoiseSource, PosteriorVariance};
+use serde::{Deserialize, Serialize};
+
+/// The result of one reverse step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// x_{t_prev}.
+    pub prev_sample: Tensor,
+    /// The model's current estimate of x_0.
+    pub pred_x0: Tensor,
+}
+
+/// Options shared by every sampler.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SamplerConfig {
+    /// Clip the predicted x_0 to `[-1, 1]` (on by default).
+    pub clip_x0: bool,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self { clip_x0: true }
+    }
+}
+
+/// A reverse-diffusion sampler: a descending list of timesteps and a step rule.
+pub trait Sampler {
+    /// The timesteps visited, descending, each in `0..T`.
+    fn timesteps(&self) -> &[usize];
+    /// Takes step `index` (at `timesteps()[index]`) from `x_t` given the predicted noise.
+    fn step(
+        &mut self,
+        index: usize,
+        eps: &Tensor,
+        x_t: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Step>;
+    /// Forgets any history kept between steps (multistep solvers); call before a new run.
+    fn reset(&mut self) {}
+}
+
+/// Which timesteps a few-step sampler visits (the diffusers names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Spacing {
+    /// `i · T/steps` for i in 0..steps (DDIM paper; includes t = 0).
+    #[default]
+    Leading,
+    /// `T − 1 − i · T/steps`: always starts at the noisiest step T − 1.
+    Trailing,
+    /// `round(linspace(0, T − 1, steps))`.
+    Linspace,
+}
+
+impl Spacing {
+    /// Parses `leading`, `trailing` or `linspace`.
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "leading" => Some(Self::Leading),
+            "trailing" => Some(Self::Trailing),
+            "linspace" => Some(Self::Linspace),
+            _ => None,
+        }
+    }
+}
+
+/// `steps` descending timesteps in `0..t_total`, without repeats.
+pub fn spaced_timesteps(t_total: usize, steps: usize, spacing: Spacing) -> Result<Vec<usize>> {
+    if steps == 0 || steps > t_total {
+        bail!("the number of sampling steps must lie in 1..={t_total} (the schedule's T), got {steps}");
+    }
+    let ratio = t_total as f64 / steps as f64;
+    let mut ts: Vec<usize> = match spacing {
+        Spacing::Leading => (0..steps)
+            .map(|i| (i as f64 * ratio).floor() as usize)
+            .collect(),
+        Spacing::Trailing => (0..steps)
+            .map(|i| ((t_total as f64 - i as f64 * ratio).round() as usize).saturating_sub(1))
+            .collect(),
+        Spacing::Linspace => (0..steps)
+            .map(|i| {
+                if steps == 1 {
+                    t_total - 1
+                } else {
+                    (i as f64 * (t_total - 1) as f64 / (steps - 1) as f64).round() as usize
+                }
+            })
+            .collect(),
+    };
+    ts.sort_unstable_by(|a, b| b.cmp(a));
+    ts.dedup();
+    Ok(ts)
+}
+
+/// Host copies of the schedule terms the samplers need.
+#[derive(Debug, Clone)]
+struct Tables {
+    betas: Vec<f64>,
+    alphas_cumprod: Vec<f64>,
+}
+
+impl Tables {
+    fn new(s: &dyn NoiseSchedule) -> Self {
+        Self {
+            betas: s.betas().to_vec(),
+            alphas_cumprod: s.alphas_cumprod().to_vec(),
+        }
+    }
+    fn t_total(&self) -> usize {
+        self.betas.len()
+    }
+    /// ᾱ at `t`, with ᾱ = 1 for the "step" before 0.
+    fn ac(&self, t: Option<usize>) -> f64 {
+        t.map_or(1.0, |t| self.alphas_cumprod[t])
+    }
+}
+
+/// x̂_0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t, clipped if asked; returns (x̂_0, ε consistent with it).
+fn predict_x0(x_t: &Tensor, eps: &Tensor, ac: f64, clip: bool) -> Result<(Tensor, Tensor)> {
+    let x0 = ((x_t - (eps * (1.0 - ac).sqrt())?)? * (1.0 / ac.sqrt()))?;
+    if !clip {
+        return Ok((x0, eps.clone()));
+    }
+    let x0 = x0.clamp(-1f32, 1f32)?;
+    let eps = ((x_t - (&x0 * ac.sqrt())?)? * (1.0 / (1.0 - ac).sqrt()))?;
+    Ok((x0, eps))
+}
+
+fn check_step(index: usize, ts: &[usize], eps: &Tensor, x_t: &Tensor) -> Result<usize> {
+    if eps.shape() != x_t.shape() {
+        bail!(
+            "sampler: ε {:?} and x_t {:?} differ in shape",
+            eps.shape(),
+            x_t.shape()
+        );
+    }
+    ts.get(index).copied().ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "sampler: step {index} out of range 0..{}",
+            ts.len()
+        ))
+    })
+}
+
+fn randn_like(noise: &mut dyn NoiseSource, x: &Tensor) -> Result<Tensor> {
+    noise.randn(x.shape(), x.dtype(), x.device())
+}
+
+/// DDPM ancestral sampling (Ho et al. 2020) over every timestep T−1, …, 0.
+#[derive(Debug, Clone)]
+pub struct Ddpm {
+    tables: Tables,
+    timesteps: Vec<usize>,
+    variance: PosteriorVariance,
+    config: SamplerConfig,
+}
+
+impl Ddpm {
+    /// A DDPM sampler with the chosen reverse variance.
+    pub fn new(
+        schedule: &dyn NoiseSchedule,
+        variance: PosteriorVariance,
+        config: SamplerConfig,
+    ) -> Self {
+        let tables = Tables::new(schedule);
+        let timesteps = (0..tables.t_total()).rev().collect();
+        Self {
+            tables,
+            timesteps,
+            variance,
+            config,
+        }
+    }
+}
+
+impl Sampler for Ddpm {
+    fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+    fn step(
+        &mut self,
+        index: usize,
+        eps: &Tensor,
+        x_t: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Step> {
+        let t = check_step(index, &self.timesteps, eps, x_t)?;
+        let tb = &self.tables;
+        let (ac, ac_prev) = (tb.ac(Some(t)), tb.ac(t.checked_sub(1)));
+        let beta = tb.betas[t];
+        let (x0, _) = predict_x0(x_t, eps, ac, self.config.clip_x0)?;
+        let c1 = beta * ac_prev.sqrt() / (1.0 - ac);
+        let c2 = (1.0 - ac_prev) * (1.0 - beta).sqrt() / (1.0 - ac);
+        let mean = ((&x0 * c1)? + (x_t * c2)?)?;
+        let prev_sample = if t == 0 {
+            mean
+        } else {
+            let var = match self.variance {
+                PosteriorVariance::BetaTilde => beta * (1.0 - ac_prev) / (1.0 - ac),
+                PosteriorVariance::Beta => beta,
+            };
+            (mean + (randn_like(noise, x_t)? * var.sqrt())?)?
+        };
+        Ok(Step {
+            prev_sample,
+            pred_x0: x0,
+        })
+    }
+}
+
+/// DDIM (Song et al. 2021): `steps` timesteps, stochasticity η (0: deterministic,
+/// 1: DDPM's posterior variance β̃).
+#[derive(Debug, Clone)]
+pub struct Ddim {
+    tables: Tables,
+    timesteps: Vec<usize>,
+    eta: f64,
+    config: SamplerConfig,
+}
+
+impl Ddim {
+    /// A DDIM sampler. Fails if `steps` is 0 or above T, or η is negative or not finite.
+    pub fn new(
+        schedule: &dyn NoiseSchedule,
+        steps: usize,
+        eta: f64,
+        spacing: Spacing,
+        config: SamplerConfig,
+    ) -> Result<Self> {
+        if !(eta.is_finite() && eta >= 0.0) {
+            bail!("DDIM η must be finite and >= 0, got {eta}");
+        }
+        let tables = Tables::new(schedule);
+        let timesteps = spaced_timesteps(tables.t_total(), steps, spacing)?;
+        Ok(Self {
+            tables,
+            timesteps,
+            eta,
+            config,
+        })
+    }
+}
+
+impl Sampler for Ddim {
+    fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+    fn step(
+        &mut self,
+        index: usize,
+        eps: &Tensor,
+        x_t: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Step> {
+        let t = check_step(index, &self.timesteps, eps, x_t)?;
+        let prev = self.timesteps.get(index + 1).copied();
+        let (ac, ac_prev) = (self.tables.ac(Some(t)), self.tables.ac(prev));
+        let (x0, eps) = predict_x0(x_t, eps, ac, self.config.clip_x0)?;
+        let sigma2 = self.eta.powi(2) * (1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev);
+        let dir = (1.0 - ac_prev - sigma2).max(0.0).sqrt();
+        let mut prev_sample = ((&x0 * ac_prev.sqrt())? + (&eps * dir)?)?;
+        if sigma2 > 0.0 {
+            prev_sample = (prev_sample + (randn_like(noise, x_t)? * sigma2.sqrt())?)?;
+        }
+        Ok(Step {
+            prev_sample,
+            pred_x0: x0,
+        })
+    }
+}
+
+/// DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order data-prediction solver,
+/// deterministic, for 10–20 step sampling. First and last steps are first order.
+#[derive(Debug, Clone)]
+pub struct DpmSolverPp2M {
+    tables: Tables,
+    timesteps: Vec<usize>,
+    config: SamplerConfig,
+    last: Option<(Tensor, f64)>,
+}
+
+impl DpmSolverPp2M {
+    /// A DPM-Solver++(2M) sampler with `steps` timesteps.
+    pub fn new(
+        schedule: &dyn NoiseSchedule,
+        steps: usize,
+        spacing: Spacing,
+        config: SamplerConfig,
+    ) -> Result<Self> {
+        let tables = Tables::new(schedule);
+        let timesteps = spaced_timesteps(tables.t_total(), steps, spacing)?;
+        Ok(Self {
+            tables,
+            timesteps,
+            config,
+            last: None,
+        })
+    }
+}
+
+fn lambda(ac: f64) -> f64 {
+    0.5 * (ac / (1.0 - ac)).ln()
+}
+
+impl Sampler for DpmSolverPp2M {
+    fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+    fn reset(&mut self) {
+        self.last = None;
+    }
+    fn step(
+        &mut self,
+        index: usize,
+        eps: &Tensor,
+        x_t: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<Step> {
+        let t = check_step(index, &self.timesteps, eps, x_t)?;
+        if index == 0 {
+            self.last = None;
+        }
+        let ac_s = self.tables.ac(Some(t));
+        let (x0, _) = predict_x0(x_t, eps, ac_s, self.config.clip_x0)?;
+        let lam_s = lambda(ac_s);
+        let Some(prev) = self.timesteps.get(index + 1).copied() else {
+            // Final step to ᾱ = 1 (σ = 0): the solution is the data prediction itself.
+            self.last = None;
+            return Ok(Step {
+                prev_sample: x0.clone(),
+                pred_x0: x0,
+            });
+        };
+        let ac_t = self.tables.ac(Some(prev));
+        let (alpha_t, sigma_t, sigma_s) = (ac_t.sqrt(), (1.0 - ac_t).sqrt(), (1.0 - ac_s).sqrt());
+        let h = lambda(ac_t) - lam_s;
+        let phi = (-h).exp() - 1.0; // e^{−h} − 1
+        let d = match &self.last {
+            Some((x0_prev, lam_prev)) => {
+                let r = (lam_s - lam_prev) / h;
+                let d1 = ((&x0 - x0_prev)? * (1.0 / r))?;
+                (&x0 + (d1 * 0.5)?)?
+            }
+            None => x0.clone(),
+        };
+        let prev_sample = ((x_t * (sigma_t / sigma_s))? - (d * (alpha_t * phi))?)?;
+        self.last = Some((x0.clone(), lam_s));
+        Ok(Step {
+            prev_sample,
+            pred_x0: x0,
+        })
+    }
+}
+
+/// Classifier-free guidance as a [`Denoiser`] wrapper:
+/// ε̂ = (1 + w)·ε(x, t, c) − w·ε(x, t, ∅), with the conditional and unconditional halves
+/// in ONE batched forward pass. `w = 0` runs only the conditional half.
+///
+/// Diffusers' `guidance_scale` equals `1 + w`.
+#[derive(Debug, Clone)]
+pub struct ClassifierFreeGuidance<D> {
+    inner: D,
+    w: f64,
+}
+
+impl<D: Denoiser> ClassifierFreeGuidance<D> {
+    /// Wraps `inner` with guidance weight `w`. Fails if `w` is not finite, or if `w ≠ 0`
+    /// and the model is unconditional.
+    pub fn new(inner: D, w: f64) -> Result<Self> {
+        if !w.is_finite() {
+            bail!("guidance weight w must be finite, got {w}");
+        }
+        if w != 0.0 && inner.null_class().is_none() {
+            bail!("guidance weight w = {w} needs a class-conditional model; this one is unconditional");
+        }
+        Ok(Self { inner, w })
+    }
+    /// The guidance weight w.
+    pub fn weight(&self) -> f64 {
+        self.w
+    }
+    /// The wrapped denoiser.
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+}
+
+impl<D: Denoiser> Denoiser for ClassifierFreeGuidance<D> {
+    fn predict_noise(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        let (Some(labels), Some(null)) = (labels, self.inner.null_class()) else {
+            return self.inner.predict_noise(x, t, labels);
+        };
+        if self.w == 0.0 {
+            return self.inner.predict_noise(x, t, Some(labels));
+        }
+        let b = x.dim(0)?;
+        let nulls = Tensor::full(null, b, labels.device())?;
+        let xx = Tensor::cat(&[x, x], 0)?;
+        let tt = Tensor::cat(&[t, t], 0)?;
+        let yy = Tensor::cat(&[&labels.to_dtype(DType::U32)?, &nulls], 0)?;
+        let eps = self.inner.predict_noise(&xx, &tt, Some(&yy))?;
+        let (cond, uncond) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
+        (cond * (1.0 + self.w))? - (uncond * self.w)?
+    }
+    fn null_class(&self) -> Option<u32> {
+        self.inner.null_class()
+    }
+}
+
+/// What the per-step callback of [`sample`] sees.
+#[derive(Debug)]
+pub struct StepInfo<'a> {
+    /// Step number, 0-based.
+    pub index: usize,
+    /// Number of steps.
+    pub total: usize,
+    /// The timestep just denoised.
+    pub t: usize,
+    /// The new sample x_{t_prev}.
+    pub sample: &'a Tensor,
+    /// The current x_0 estimate.
+    pub pred_x0: &'a Tensor,
+}
+
+/// The sampling loop: from `x_t` (pure noise at the sampler's first timestep) down to x_0.
+///
+/// `labels` are `[B]` u32 or `None` (unconditional). `on_step` runs after every step
+/// (progress bars, GIF frames, tracing); an error from it stops sampling.
+pub fn sample(
+    denoiser: &dyn Denoiser,
+    sampler: &mut dyn Sampler,
+    x_t: Tensor,
+    labels: Option<&Tensor>,
+    noise: &mut dyn NoiseSource,
+    on_step: &mut dyn FnMut(StepInfo<'_>) -> Result<()>,
+) -> Result<Tensor> {
+    sampler.reset();
+    let ts = sampler.timesteps().to_vec();
+    let b = x_t.dim(0)?;
+    let mut x = x_t;
+    for (index, &t) in ts.iter().enumerate() {
+        let tt = Tensor::full(t as u32, b, x.device())?;
+        let eps = denoiser.predict_noise(&x, &tt, labels)?;
+        let step = sampler.step(index, &eps, &x, noise)?;
+        x = step.prev_sample;
+        on_step(StepInfo {
+            index,
+            total: ts.len(),
+            t,
+            sample: &x,
+            pred_x0: &step.pred_x0,
+        })?;
+    }
+    Ok(x)
+}

@@ -25,6 +25,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 use ddpm_core::NoiseSchedule;
+pub use ddpm_core::PosteriorVariance;
 use serde::{Deserialize, Serialize};
 
 /// Errors raised when a schedule configuration is invalid.
@@ -231,17 +232,6 @@ impl ScheduleConfig {
     pub fn build(&self) -> Result<Schedule, ScheduleError> {
         Schedule::from_betas(*self, self.betas()?)
     }
-}
-
-/// Which variance the reverse step q(x_{t−1} | x_t, x_0) uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PosteriorVariance {
-    /// σ²_t = β_t ("fixed large"; the upper bound in Ho et al. 2020).
-    Beta,
-    /// σ²_t = β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) ("fixed small"; the true posterior variance).
-    #[default]
-    BetaTilde,
 }
 
 /// A built schedule: host tables in f64 and the per-device f32 copies `add_noise` gathers from.

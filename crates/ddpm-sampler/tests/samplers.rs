@@ -1,0 +1,385 @@
+//! Sampler tests with analytic denoisers whose true ε is known in closed form.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::cell::RefCell;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use ddpm_core::{Denoiser, NoiseSchedule, NoiseSource, PosteriorVariance, SeededNoise};
+use ddpm_sampler::{
+    sample, spaced_timesteps, ClassifierFreeGuidance, Ddim, Ddpm, DpmSolverPp2M, Sampler,
+    SamplerConfig, Spacing,
+};
+use ddpm_schedule::{BetaSchedule, Schedule, ScheduleConfig};
+
+/// Data ~ N(mu, s²) per pixel (s = 0: one fixed image). The exact ε prediction is
+/// E[ε | x_t] = √(1−ᾱ)(x_t − √ᾱ·mu) / (ᾱ s² + 1 − ᾱ).
+struct Gaussian<'a> {
+    schedule: &'a Schedule,
+    mu: Tensor,
+    s2: f64,
+    seen_t: RefCell<Vec<u32>>,
+}
+
+impl Denoiser for Gaussian<'_> {
+    fn predict_noise(&self, x: &Tensor, t: &Tensor, _y: Option<&Tensor>) -> Result<Tensor> {
+        let ts: Vec<u32> = t.to_vec1()?;
+        self.seen_t.borrow_mut().extend(&ts);
+        let ac = self.schedule.alphas_cumprod()[ts[0] as usize];
+        let k = (1.0 - ac).sqrt() / (ac * self.s2 + 1.0 - ac);
+        x.broadcast_sub(&(&self.mu * ac.sqrt())?)? * k
+    }
+    fn null_class(&self) -> Option<u32> {
+        None
+    }
+}
+
+fn schedule(t: usize) -> Schedule {
+    ScheduleConfig::new(BetaSchedule::linear(), t)
+        .build()
+        .unwrap()
+}
+
+fn target_image() -> Tensor {
+    let v: Vec<f32> = (0..64).map(|i| ((i as f32) / 32.0 - 1.0) * 0.9).collect();
+    Tensor::from_vec(v, (1, 1, 8, 8), &Device::Cpu).unwrap()
+}
+
+fn run(
+    d: &dyn Denoiser,
+    s: &mut dyn Sampler,
+    shape: (usize, usize, usize, usize),
+    seed: u64,
+) -> Tensor {
+    let mut noise = SeededNoise::new(seed);
+    let x = noise
+        .randn(&Shape::from(shape), DType::F32, &Device::Cpu)
+        .unwrap();
+    sample(d, s, x, None, &mut noise, &mut |_| Ok(())).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    a.broadcast_sub(b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn every_sampler_returns_the_single_data_image() {
+    let sch = schedule(200);
+    let d = Gaussian {
+        schedule: &sch,
+        mu: target_image(),
+        s2: 0.0,
+        seen_t: RefCell::default(),
+    };
+    let cfg = SamplerConfig::default();
+    let mut samplers: Vec<(&str, Box<dyn Sampler>)> = vec![
+        (
+            "ddpm β̃",
+            Box::new(Ddpm::new(&sch, PosteriorVariance::BetaTilde, cfg)),
+        ),
+        (
+            "ddpm β",
+            Box::new(Ddpm::new(&sch, PosteriorVariance::Beta, cfg)),
+        ),
+        (
+            "ddim η=0",
+            Box::new(Ddim::new(&sch, 20, 0.0, Spacing::Leading, cfg).unwrap()),
+        ),
+        (
+            "ddim η=1 trailing",
+            Box::new(Ddim::new(&sch, 25, 1.0, Spacing::Trailing, cfg).unwrap()),
+        ),
+        (
+            "dpm++ 2m",
+            Box::new(DpmSolverPp2M::new(&sch, 10, Spacing::Linspace, cfg).unwrap()),
+        ),
+    ];
+    for (name, s) in samplers.iter_mut() {
+        let out = run(&d, s.as_mut(), (3, 1, 8, 8), 1);
+        let err = max_abs_diff(&out, &target_image());
+        assert!(err < 1e-3, "{name}: max error {err}");
+    }
+}
+
+#[test]
+fn ddim_eta_zero_is_deterministic_in_the_noise_stream() {
+    let sch = schedule(100);
+    let d = Gaussian {
+        schedule: &sch,
+        mu: target_image(),
+        s2: 0.3,
+        seen_t: RefCell::default(),
+    };
+    let x = Tensor::randn(0f32, 1.0, (2, 1, 8, 8), &Device::Cpu).unwrap();
+    let mut outs = vec![];
+    for seed in [1, 2] {
+        let mut s = Ddim::new(&sch, 10, 0.0, Spacing::Leading, SamplerConfig::default()).unwrap();
+        let mut noise = SeededNoise::new(seed);
+        outs.push(sample(&d, &mut s, x.clone(), None, &mut noise, &mut |_| Ok(())).unwrap());
+    }
+    assert_eq!(max_abs_diff(&outs[0], &outs[1]), 0.0);
+    // η = 1 does use the noise stream.
+    let mut outs = vec![];
+    for seed in [1, 2] {
+        let mut s = Ddim::new(&sch, 10, 1.0, Spacing::Leading, SamplerConfig::default()).unwrap();
+        let mut noise = SeededNoise::new(seed);
+        outs.push(sample(&d, &mut s, x.clone(), None, &mut noise, &mut |_| Ok(())).unwrap());
+    }
+    assert!(max_abs_diff(&outs[0], &outs[1]) > 1e-3);
+}
+
+fn moments(x: &Tensor) -> (f64, f64) {
+    let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let n = v.len() as f64;
+    let m = v.iter().map(|&a| a as f64).sum::<f64>() / n;
+    (
+        m,
+        v.iter().map(|&a| (a as f64 - m).powi(2)).sum::<f64>() / n,
+    )
+}
+
+#[test]
+fn ddim_eta_one_over_all_steps_matches_ddpm_statistics() {
+    // Cosine: ᾱ_{T−1} ≈ 0, so x_T ~ N(0, I) is the true marginal even with T = 100.
+    let sch = ScheduleConfig::new(BetaSchedule::cosine(), 100)
+        .build()
+        .unwrap();
+    let (mu, s2) = (0.3f32, 0.25f64);
+    let d = Gaussian {
+        schedule: &sch,
+        mu: Tensor::new(&[mu], &Device::Cpu).unwrap(),
+        s2,
+        seen_t: RefCell::default(),
+    };
+    let no_clip = SamplerConfig { clip_x0: false };
+    let shape = (1, 1, 100, 200);
+    let ddpm = Ddpm::new(&sch, PosteriorVariance::BetaTilde, no_clip);
+    let ddim = Ddim::new(&sch, 100, 1.0, Spacing::Leading, no_clip).unwrap();
+    let ddim0 = Ddim::new(&sch, 100, 0.0, Spacing::Leading, no_clip).unwrap();
+    let dpm = DpmSolverPp2M::new(&sch, 20, Spacing::Leading, no_clip).unwrap();
+    let x_ddpm = run(&d, &mut ddpm.clone(), shape, 5);
+    // Same noise stream: DDIM with η = 1 over all T steps IS the DDPM (β̃) chain.
+    let x_ddim = run(&d, &mut ddim.clone(), shape, 5);
+    assert!(
+        max_abs_diff(&x_ddpm, &x_ddim) < 1e-3,
+        "{}",
+        max_abs_diff(&x_ddpm, &x_ddim)
+    );
+    // Independent noise: same statistics, all close to the data's N(mu, s²) (T = 100
+    // leaves a discretisation bias of a few per cent in the variance).
+    let n = 20_000f64;
+    let mut stats = vec![];
+    for (name, x) in [
+        ("ddpm", x_ddpm),
+        ("ddim η=1", run(&d, &mut ddim.clone(), shape, 6)),
+        ("ddim η=0", run(&d, &mut ddim0.clone(), shape, 7)),
+        ("dpm++", run(&d, &mut dpm.clone(), shape, 8)),
+    ] {
+        let (m, v) = moments(&x);
+        assert!(
+            (m - mu as f64).abs() < 5.0 * (s2 / n).sqrt() + 0.01,
+            "{name}: mean {m}"
+        );
+        assert!((v - s2).abs() < 0.12 * s2, "{name}: var {v} vs {s2}");
+        stats.push((m, v));
+    }
+    let ((m1, v1), (m2, v2)) = (stats[0], stats[1]);
+    assert!(
+        (m1 - m2).abs() < 0.015 && (v1 - v2).abs() < 0.015,
+        "ddpm ({m1},{v1}) vs ddim ({m2},{v2})"
+    );
+}
+
+/// Noise source that records whether its draws look Gaussian.
+#[test]
+fn reverse_step_adds_gaussian_noise() {
+    let sch = schedule(50);
+    let mut s = Ddpm::new(
+        &sch,
+        PosteriorVariance::Beta,
+        SamplerConfig { clip_x0: false },
+    );
+    let x = Tensor::zeros((1, 1, 200, 200), DType::F32, &Device::Cpu).unwrap();
+    let eps = x.zeros_like().unwrap();
+    let mut noise = SeededNoise::new(3);
+    // At index 0 (t = 49), x_t = 0 and ε = 0 give mean 0: what is left is σ·z.
+    let step = s.step(0, &eps, &x, &mut noise).unwrap();
+    let sigma = sch.betas()[49].sqrt();
+    let z: Vec<f32> = (step.prev_sample / sigma)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let n = z.len() as f64;
+    let var = z.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() / n;
+    let kurt = z.iter().map(|&a| (a as f64).powi(4)).sum::<f64>() / n / (var * var);
+    assert!((var - 1.0).abs() < 0.03, "var {var}");
+    // Gaussian kurtosis is 3; uniform noise would give 1.8.
+    assert!((kurt - 3.0).abs() < 0.15, "kurtosis {kurt}");
+}
+
+#[test]
+fn timesteps_stay_in_range() {
+    for t_total in [50usize, 300, 1000] {
+        for steps in [1usize, 7, 50, t_total] {
+            for sp in [Spacing::Leading, Spacing::Trailing, Spacing::Linspace] {
+                let ts = spaced_timesteps(t_total, steps, sp).unwrap();
+                assert!(
+                    ts.iter().all(|&t| t < t_total),
+                    "{sp:?} {steps}/{t_total}: {ts:?}"
+                );
+                assert!(ts.windows(2).all(|w| w[0] > w[1]));
+                assert!(!ts.is_empty() && ts.len() <= steps);
+            }
+        }
+        assert!(spaced_timesteps(t_total, t_total + 1, Spacing::Leading).is_err());
+        assert!(spaced_timesteps(t_total, 0, Spacing::Leading).is_err());
+    }
+    // The denoiser is only ever asked about t in 0..T, and DDPM visits every one.
+    let sch = schedule(40);
+    let d = Gaussian {
+        schedule: &sch,
+        mu: target_image(),
+        s2: 0.0,
+        seen_t: RefCell::default(),
+    };
+    run(
+        &d,
+        &mut Ddpm::new(&sch, PosteriorVariance::BetaTilde, SamplerConfig::default()),
+        (1, 1, 8, 8),
+        0,
+    );
+    let seen = d.seen_t.borrow().clone();
+    assert_eq!(seen, (0..40u32).rev().collect::<Vec<_>>());
+    assert_eq!(
+        spaced_timesteps(1000, 4, Spacing::Trailing).unwrap(),
+        vec![999, 749, 499, 249]
+    );
+    assert_eq!(
+        spaced_timesteps(1000, 4, Spacing::Leading).unwrap(),
+        vec![750, 500, 250, 0]
+    );
+}
+
+/// Returns 2·label + 1 for a class, 0.5 for the null class; counts calls and batch sizes.
+#[derive(Debug)]
+struct Mock {
+    calls: RefCell<Vec<usize>>,
+}
+
+impl Denoiser for Mock {
+    fn predict_noise(&self, x: &Tensor, _t: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        self.calls.borrow_mut().push(x.dim(0)?);
+        let y: Vec<u32> = y.expect("labels").to_vec1()?;
+        let vals: Vec<f32> = y
+            .iter()
+            .map(|&l| if l == 10 { 0.5 } else { 2.0 * l as f32 + 1.0 })
+            .collect();
+        let per = x.elem_count() / x.dim(0)?;
+        let data: Vec<f32> = vals
+            .iter()
+            .flat_map(|&v| std::iter::repeat_n(v, per))
+            .collect();
+        Tensor::from_vec(data, x.shape(), x.device())
+    }
+    fn null_class(&self) -> Option<u32> {
+        Some(10)
+    }
+}
+
+#[test]
+fn guidance_formula_and_one_batched_forward() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((3, 1, 2, 2), DType::F32, &dev).unwrap();
+    let t = Tensor::new(&[5u32, 5, 5], &dev).unwrap();
+    let y = Tensor::new(&[0u32, 3, 7], &dev).unwrap();
+    for w in [0.0, 0.5, 3.0, -1.0] {
+        let g = ClassifierFreeGuidance::new(
+            Mock {
+                calls: RefCell::default(),
+            },
+            w,
+        )
+        .unwrap();
+        let out: Vec<Vec<f32>> = g
+            .predict_noise(&x, &t, Some(&y))
+            .unwrap()
+            .flatten_from(1)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (row, l) in out.iter().zip([0u32, 3, 7]) {
+            let (c, u) = (2.0 * l as f64 + 1.0, 0.5);
+            let want = (1.0 + w) * c - w * u;
+            assert!(
+                row.iter().all(|&v| (v as f64 - want).abs() < 1e-5),
+                "w={w} l={l}: {row:?} vs {want}"
+            );
+        }
+        let calls = g.inner().calls.borrow().clone();
+        if w == 0.0 {
+            assert_eq!(calls, vec![3], "w = 0 skips the unconditional half");
+        } else {
+            assert_eq!(calls, vec![6], "one batched forward of cond + uncond");
+        }
+    }
+    // w must be finite.
+    for w in [f64::NAN, f64::INFINITY] {
+        let e = ClassifierFreeGuidance::new(
+            Mock {
+                calls: RefCell::default(),
+            },
+            w,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("finite"), "{e}");
+    }
+}
+
+#[test]
+fn guidance_needs_a_conditional_model() {
+    let sch = schedule(10);
+    let d = Gaussian {
+        schedule: &sch,
+        mu: target_image(),
+        s2: 0.0,
+        seen_t: RefCell::default(),
+    };
+    assert!(ClassifierFreeGuidance::new(&d, 2.0).is_err());
+    assert!(ClassifierFreeGuidance::new(&d, 0.0).is_ok());
+}
+
+#[test]
+fn callback_sees_every_step_and_can_stop() {
+    let sch = schedule(100);
+    let d = Gaussian {
+        schedule: &sch,
+        mu: target_image(),
+        s2: 0.0,
+        seen_t: RefCell::default(),
+    };
+    let mut s = Ddim::new(&sch, 10, 0.0, Spacing::Leading, SamplerConfig::default()).unwrap();
+    let mut seen = vec![];
+    let mut noise = SeededNoise::new(0);
+    let x = noise
+        .randn(&Shape::from((1, 1, 8, 8)), DType::F32, &Device::Cpu)
+        .unwrap();
+    sample(&d, &mut s, x.clone(), None, &mut noise, &mut |i| {
+        seen.push((i.index, i.t, i.total));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen.len(), 10);
+    assert_eq!(seen[0], (0, 90, 10));
+    let r = sample(&d, &mut s, x, None, &mut noise, &mut |_| {
+        Err(candle_core::Error::Msg("stop".into()))
+    });
+    assert!(r.is_err());
+}
