@@ -1,0 +1,272 @@
+//! Safetensors checkpoints that carry their own configuration.
+//!
+//! Tensors: `model.<name>` (raw weights), `ema.<name>` (EMA weights), `adam.m.<name>` and
+//! `adam.v.<name>` (optimizer moments). A sampling-only export holds just `ema.<name>`.
+//! Metadata: `ddpm.format` = [`FORMAT`], `ddpm.card` = the [`ModelCard`] as JSON, and,
+//! for training checkpoints, `ddpm.train` = the [`TrainState`] as JSON.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use ddpm_core::NoiseState;
+use ddpm_schedule::ScheduleConfig;
+use ddpm_unet::{UNet, UNetConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::TrainConfig;
+
+/// Format tag written into every checkpoint.
+pub const FORMAT: &str = "ddpm-rs/1";
+
+/// What the data looked like: enough to sample without the dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataInfo {
+    /// `mnist`, `fashion-mnist` or `folder:PATH`.
+    pub dataset: String,
+    /// Image channels.
+    pub channels: usize,
+    /// Image height.
+    pub height: usize,
+    /// Image width.
+    pub width: usize,
+    /// Class names in label order.
+    pub class_names: Vec<String>,
+}
+
+/// Everything needed to rebuild and sample a model: architecture, schedule and data shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// The U-Net.
+    pub model: UNetConfig,
+    /// The noise schedule.
+    pub schedule: ScheduleConfig,
+    /// The data.
+    pub data: DataInfo,
+}
+
+/// Where a training run stands: enough to continue it exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Current epoch (0-based).
+    pub epoch: u64,
+    /// Batches of `epoch` already consumed.
+    pub batch_in_epoch: u64,
+    /// The noise generator (timesteps, noise, class dropout).
+    pub rng: NoiseState,
+    /// Wall-clock seconds trained so far.
+    pub elapsed_s: f64,
+    /// The training options.
+    pub config: TrainConfig,
+}
+
+/// Which weights to load for sampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weights {
+    /// The exponential moving average (the default for sampling).
+    #[default]
+    Ema,
+    /// The raw optimizer weights.
+    Raw,
+}
+
+impl Weights {
+    fn prefix(self) -> &'static str {
+        match self {
+            Weights::Ema => "ema.",
+            Weights::Raw => "model.",
+        }
+    }
+}
+
+/// A checkpoint read from disk.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// Its model card.
+    pub card: ModelCard,
+    /// The training state, for training checkpoints.
+    pub train: Option<TrainState>,
+    /// All tensors by name.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+fn ckpt_err(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder, synced and then
+/// renamed: `path` is either the old file or the complete new one, never a torn write.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+/// Serialises tensors and metadata into a checkpoint at `path` (atomically).
+pub fn save(
+    path: &Path,
+    card: &ModelCard,
+    train: Option<&TrainState>,
+    tensors: Vec<(String, Tensor)>,
+) -> Result<()> {
+    let mut meta = HashMap::new();
+    meta.insert("ddpm.format".to_string(), FORMAT.to_string());
+    meta.insert("ddpm.card".to_string(), to_json(path, card)?);
+    if let Some(t) = train {
+        meta.insert("ddpm.train".to_string(), to_json(path, t)?);
+    }
+    let tensors: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(tensors, Some(meta))
+        .map_err(|e| ckpt_err(path, format!("cannot serialise: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+fn to_json<T: Serialize>(path: &Path, v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| ckpt_err(path, e.to_string()))
+}
+
+/// Reads a checkpoint, checking its format and configuration.
+pub fn read(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ckpt_err(
+                path,
+                "does not exist. Train a model with `cargo xtask train` or pass --checkpoint PATH",
+            )
+        } else {
+            TrainError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        ckpt_err(
+            path,
+            format!("not a readable safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    let md = meta.metadata().clone().unwrap_or_default();
+    match md.get("ddpm.format") {
+        Some(f) if f == FORMAT => {}
+        Some(f) => {
+            return Err(ckpt_err(
+                path,
+                format!("format `{f}` is not supported (expected {FORMAT})"),
+            ))
+        }
+        None => {
+            return Err(ckpt_err(
+                path,
+                "not a ddpm-rs checkpoint (no ddpm.format metadata)",
+            ))
+        }
+    }
+    let card: ModelCard = md
+        .get("ddpm.card")
+        .ok_or_else(|| ckpt_err(path, "has no model card (ddpm.card metadata)"))
+        .and_then(|s| {
+            serde_json::from_str(s).map_err(|e| ckpt_err(path, format!("bad model card: {e}")))
+        })?;
+    let train = md
+        .get("ddpm.train")
+        .map(|s| {
+            serde_json::from_str(s).map_err(|e| ckpt_err(path, format!("bad training state: {e}")))
+        })
+        .transpose()?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        ckpt_err(
+            path,
+            format!("cannot read tensors (truncated or corrupt?): {e}"),
+        )
+    })?;
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        card,
+        train,
+        tensors,
+    })
+}
+
+impl Checkpoint {
+    /// The tensors under `prefix`, with the prefix stripped.
+    pub fn group(&self, prefix: &str) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// Builds the U-Net with the chosen weights (EMA falls back to an error if absent).
+    pub fn unet(&self, which: Weights, device: &Device) -> Result<UNet> {
+        let weights = self.group(which.prefix());
+        if weights.is_empty() {
+            return Err(ckpt_err(
+                &self.path,
+                format!("holds no `{}*` weights", which.prefix()),
+            ));
+        }
+        let weights = weights
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+        UNet::new(&self.card.model, vb).map_err(|e| {
+            ckpt_err(
+                &self.path,
+                format!("weights do not match its model config: {e}"),
+            )
+        })
+    }
+}
+
+/// Reads `path` and builds its U-Net: the usual entry point for sampling.
+pub fn load_unet(path: &Path, which: Weights, device: &Device) -> Result<(UNet, ModelCard)> {
+    let ckpt = read(path, device)?;
+    let unet = ckpt.unet(which, device)?;
+    Ok((unet, ckpt.card))
+}
+
+/// Writes a sampling-only checkpoint: the EMA weights (as `dtype`, e.g. F16 to halve the
+/// size) and the model card.
+pub fn export_ema(src: &Checkpoint, dst: &Path, dtype: DType) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, t) in src.group("ema.") {
+        tensors.push((format!("ema.{name}"), t.to_dtype(dtype)?));
+    }
+    if tensors.is_empty() {
+        return Err(ckpt_err(&src.path, "holds no EMA weights to export"));
+    }
+    save(dst, &src.card, None, tensors)
+}

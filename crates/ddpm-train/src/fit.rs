@@ -1,0 +1,347 @@
+//! The training loop: epochs, checkpoints, metrics, plots and sample grids.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Shape, Tensor};
+use ddpm_core::{NoiseSource, SeededNoise};
+use ddpm_data::{Batcher, Loader, LoaderConfig, TensorBatcher};
+use ddpm_sampler::{sample, ClassifierFreeGuidance, Ddim, SamplerConfig, Spacing};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::viz;
+use crate::Trainer;
+
+/// The data [`fit`] trains on.
+#[derive(Debug)]
+pub struct FitData {
+    /// Training examples, already on the device.
+    pub train: TensorBatcher,
+    /// Number of training examples.
+    pub train_len: usize,
+    /// Held-out images `[N,C,H,W]` and labels `[N]` for the held-out loss.
+    pub held_out: Option<(Tensor, Tensor)>,
+}
+
+/// Reported after every optimizer step.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Steps taken so far.
+    pub step: u64,
+    /// Current epoch.
+    pub epoch: u64,
+    /// The step's loss.
+    pub loss: f32,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Training throughput over the last step.
+    pub images_per_sec: f64,
+}
+
+/// One line of `metrics.jsonl`, written at every epoch end (and when a run stops early).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// Epoch (0-based) this line closes.
+    pub epoch: u64,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Mean training loss since the previous line.
+    pub train_loss: f64,
+    /// ε-MSE on the held-out examples (fixed t and noise).
+    pub held_out_loss: Option<f64>,
+    /// Learning rate at the last step.
+    pub lr: f64,
+    /// Mean training throughput since the previous line.
+    pub images_per_sec: f64,
+    /// Seconds trained in total.
+    pub elapsed_s: f64,
+    /// The sample grid written, if any.
+    pub sample_grid: Option<PathBuf>,
+}
+
+/// Callbacks for progress display (the binaries' progress bars).
+pub trait TrainObserver {
+    /// Before the first step: the step to start from and the total planned.
+    fn on_start(&mut self, _start_step: u64, _total_steps: u64) {}
+    /// After each step.
+    fn on_step(&mut self, _report: &StepReport) {}
+    /// After each metrics line.
+    fn on_epoch(&mut self, _report: &EpochReport) {}
+    /// After each checkpoint is written.
+    fn on_checkpoint(&mut self, _path: &Path) {}
+}
+
+impl TrainObserver for () {}
+
+/// Why [`fit`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FitOutcome {
+    /// All epochs done.
+    Finished,
+    /// `max_steps` reached.
+    MaxSteps,
+    /// The stop flag was raised (Ctrl-C); a checkpoint was written.
+    Stopped,
+}
+
+/// The checkpoint [`fit`] writes in `out_dir`.
+pub fn checkpoint_path(out_dir: &Path) -> PathBuf {
+    out_dir.join("checkpoint.safetensors")
+}
+
+struct Period {
+    loss_sum: f64,
+    steps: u64,
+    images: u64,
+    seconds: f64,
+    lr: f64,
+}
+
+impl Period {
+    fn new() -> Self {
+        Self {
+            loss_sum: 0.0,
+            steps: 0,
+            images: 0,
+            seconds: 0.0,
+            lr: 0.0,
+        }
+    }
+}
+
+/// Trains until the configured epochs or `max_steps`, or until `stop` is raised.
+///
+/// Writes into `out_dir`: `checkpoint.safetensors` (atomically, every
+/// `checkpoint_every` steps, at each epoch end and on stop), `metrics.jsonl`,
+/// `loss.png` and `samples/epoch_NNN.png`. On a NaN loss it returns the error and the
+/// last good checkpoint stays as it was.
+pub fn fit(
+    trainer: &mut Trainer,
+    data: &FitData,
+    out_dir: &Path,
+    observer: &mut dyn TrainObserver,
+    stop: &AtomicBool,
+) -> Result<FitOutcome> {
+    let cfg = trainer.config().clone();
+    let loader = Loader::new(
+        data.train_len,
+        LoaderConfig {
+            batch_size: cfg.batch_size,
+            shuffle: true,
+            drop_last: data.train_len >= cfg.batch_size,
+            seed: cfg.seed,
+        },
+    )?;
+    let per_epoch = loader.batches_per_epoch() as u64;
+    trainer.set_steps_per_epoch(per_epoch);
+    let total = trainer.total_steps_hint();
+    let ckpt = checkpoint_path(out_dir);
+    std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    observer.on_start(trainer.step(), total);
+    tracing::info!(
+        start_step = trainer.step(),
+        total_steps = total,
+        per_epoch,
+        "training"
+    );
+    let mut period = Period::new();
+    while trainer.epoch < cfg.epochs {
+        let epoch = trainer.epoch;
+        let skip = trainer.batch_in_epoch as usize;
+        for indices in loader.epoch(epoch).skip(skip) {
+            let started = Instant::now();
+            let batch = data.train.batch(&indices)?;
+            let lr = cfg.lr_at(trainer.step(), total);
+            let loss = trainer.train_step(&batch)?;
+            let secs = started.elapsed().as_secs_f64();
+            trainer.batch_in_epoch += 1;
+            trainer.elapsed_s += secs;
+            period.loss_sum += loss as f64;
+            period.steps += 1;
+            period.images += indices.len() as u64;
+            period.seconds += secs;
+            period.lr = lr;
+            let report = StepReport {
+                step: trainer.step(),
+                epoch,
+                loss,
+                lr,
+                images_per_sec: indices.len() as f64 / secs.max(1e-9),
+            };
+            observer.on_step(&report);
+            let at_max = cfg.max_steps.is_some_and(|m| trainer.step() >= m);
+            let stopping = stop.load(Ordering::SeqCst);
+            if at_max || stopping {
+                end_period(trainer, data, out_dir, &mut period, observer, false)?;
+                save(trainer, &ckpt, observer)?;
+                return Ok(if stopping {
+                    FitOutcome::Stopped
+                } else {
+                    FitOutcome::MaxSteps
+                });
+            }
+            if cfg.checkpoint_every > 0 && trainer.step() % cfg.checkpoint_every == 0 {
+                save(trainer, &ckpt, observer)?;
+            }
+        }
+        trainer.epoch += 1;
+        trainer.batch_in_epoch = 0;
+        let grid = cfg.sample_every > 0 && trainer.epoch % cfg.sample_every == 0;
+        end_period(trainer, data, out_dir, &mut period, observer, grid)?;
+        save(trainer, &ckpt, observer)?;
+    }
+    Ok(FitOutcome::Finished)
+}
+
+fn save(trainer: &Trainer, path: &Path, observer: &mut dyn TrainObserver) -> Result<()> {
+    trainer.save(path)?;
+    tracing::debug!(path = %path.display(), step = trainer.step(), "checkpoint written");
+    observer.on_checkpoint(path);
+    Ok(())
+}
+
+fn end_period(
+    trainer: &Trainer,
+    data: &FitData,
+    out_dir: &Path,
+    period: &mut Period,
+    observer: &mut dyn TrainObserver,
+    grid: bool,
+) -> Result<()> {
+    if period.steps == 0 {
+        return Ok(());
+    }
+    let held_out_loss = match &data.held_out {
+        Some((x, y)) => Some(trainer.held_out_loss(x, y)? as f64),
+        None => None,
+    };
+    let sample_grid = if grid {
+        let path = out_dir
+            .join("samples")
+            .join(format!("epoch_{:03}.png", trainer.epoch));
+        write_sample_grid(trainer, &path)?;
+        Some(path)
+    } else {
+        None
+    };
+    let report = EpochReport {
+        epoch: trainer.epoch.saturating_sub(if grid { 1 } else { 0 }),
+        step: trainer.step(),
+        train_loss: period.loss_sum / period.steps as f64,
+        held_out_loss,
+        lr: period.lr,
+        images_per_sec: period.images as f64 / period.seconds.max(1e-9),
+        elapsed_s: trainer.elapsed_s,
+        sample_grid,
+    };
+    append_metrics(out_dir, &report)?;
+    plot_metrics(out_dir)?;
+    tracing::info!(epoch = report.epoch, step = report.step, train_loss = report.train_loss, held_out = ?report.held_out_loss, images_per_sec = report.images_per_sec, "metrics");
+    observer.on_epoch(&report);
+    *period = Period::new();
+    Ok(())
+}
+
+/// The metrics file of a run.
+pub fn metrics_path(out_dir: &Path) -> PathBuf {
+    out_dir.join("metrics.jsonl")
+}
+
+fn append_metrics(out_dir: &Path, report: &EpochReport) -> Result<()> {
+    let path = metrics_path(out_dir);
+    let io = |source| TrainError::Io {
+        path: path.clone(),
+        source,
+    };
+    let line = serde_json::to_string(report).map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(io)?;
+    writeln!(f, "{line}").map_err(io)
+}
+
+/// Reads `metrics.jsonl` back (lines that do not parse are skipped).
+pub fn read_metrics(out_dir: &Path) -> Result<Vec<EpochReport>> {
+    let path = metrics_path(out_dir);
+    let text = std::fs::read_to_string(&path).map_err(|source| TrainError::Io { path, source })?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// Redraws `loss.png` (train and held-out loss against steps) from `metrics.jsonl`.
+pub fn plot_metrics(out_dir: &Path) -> Result<()> {
+    let m = read_metrics(out_dir)?;
+    let train = viz::Series {
+        label: "train".into(),
+        color: [31, 119, 180],
+        points: m.iter().map(|r| (r.step as f64, r.train_loss)).collect(),
+    };
+    let held = viz::Series {
+        label: "held-out".into(),
+        color: [255, 127, 14],
+        points: m
+            .iter()
+            .filter_map(|r| r.held_out_loss.map(|l| (r.step as f64, l)))
+            .collect(),
+    };
+    viz::plot_lines(
+        &[train, held],
+        "loss (eps mse)",
+        "step",
+        true,
+        &out_dir.join("loss.png"),
+    )
+}
+
+/// Samples one row per class (8 per row; 64 samples for unconditional models) with the
+/// EMA weights, DDIM and the configured guidance, from a fixed seed, and saves the grid.
+pub fn write_sample_grid(trainer: &Trainer, path: &Path) -> Result<()> {
+    let cfg = trainer.config();
+    let card = trainer.card();
+    let model = trainer.ema_model()?;
+    let dev = trainer.device();
+    let (per_row, classes) = (8usize, card.model.num_classes);
+    let n = if classes > 0 { per_row * classes } else { 64 };
+    let labels = if classes > 0 {
+        let l: Vec<u32> = (0..n).map(|i| (i / per_row) as u32).collect();
+        Some(Tensor::from_vec(l, n, dev)?)
+    } else {
+        None
+    };
+    let w = if classes > 0 {
+        cfg.sample_guidance
+    } else {
+        0.0
+    };
+    let guided = ClassifierFreeGuidance::new(&model, w)?;
+    let steps = cfg.sample_steps.clamp(1, card.schedule.num_timesteps);
+    let mut ddim = Ddim::new(
+        trainer.schedule(),
+        steps,
+        0.0,
+        Spacing::Leading,
+        SamplerConfig::default(),
+    )?;
+    let mut noise = SeededNoise::new(cfg.seed.wrapping_add(1));
+    let shape = Shape::from((n, card.data.channels, card.data.height, card.data.width));
+    let x_t = noise.randn(&shape, DType::F32, dev)?;
+    let x0 = sample(
+        &guided,
+        &mut ddim,
+        x_t,
+        labels.as_ref(),
+        &mut noise,
+        &mut |_| Ok(()),
+    )?;
+    viz::save_grid(&x0, per_row, 2, path)
+}

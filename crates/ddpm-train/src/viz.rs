@@ -1,0 +1,307 @@
+//! Pictures: sample grids (PNG), reverse-diffusion animations (GIF) and loss curves (PNG).
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use image::{Rgb, RgbImage};
+
+use crate::error::{Result, TrainError};
+
+fn img_err(path: &Path) -> impl FnOnce(image::ImageError) -> TrainError + '_ {
+    move |source| TrainError::Image {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Lays out `[N, C, H, W]` images in `[-1, 1]` as a grid of `ncols` columns, each pixel
+/// repeated `scale` times, with a 1-pixel (× scale) grey gutter. C must be 1 or 3.
+pub fn grid_image(images: &Tensor, ncols: usize, scale: usize) -> Result<RgbImage> {
+    let (n, c, h, w) = images.dims4()?;
+    if c != 1 && c != 3 {
+        return Err(TrainError::Config(format!(
+            "cannot draw images with {c} channels"
+        )));
+    }
+    let (ncols, scale) = (ncols.clamp(1, n.max(1)), scale.max(1));
+    let nrows = n.div_ceil(ncols);
+    let px: Vec<u8> = ((images.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+        .round()?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1()?;
+    let gutter = scale;
+    let (cw, ch) = (w * scale + gutter, h * scale + gutter);
+    let mut out = RgbImage::from_pixel(
+        (ncols * cw + gutter) as u32,
+        (nrows * ch + gutter) as u32,
+        Rgb([96, 96, 96]),
+    );
+    for i in 0..n {
+        let (ox, oy) = (gutter + (i % ncols) * cw, gutter + (i / ncols) * ch);
+        for y in 0..h * scale {
+            for x in 0..w * scale {
+                let (sy, sx) = (y / scale, x / scale);
+                let at = |k: usize| px[((i * c + k) * h + sy) * w + sx];
+                let p = if c == 1 {
+                    [at(0); 3]
+                } else {
+                    [at(0), at(1), at(2)]
+                };
+                out.put_pixel((ox + x) as u32, (oy + y) as u32, Rgb(p));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Saves a grid of images (see [`grid_image`]) as PNG.
+pub fn save_grid(images: &Tensor, ncols: usize, scale: usize, path: &Path) -> Result<()> {
+    let img = grid_image(images, ncols, scale)?;
+    ensure_parent(path)?;
+    img.save(path).map_err(img_err(path))
+}
+
+fn ensure_parent(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| TrainError::Io {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Saves frames as a looping GIF, `delay_ms` per frame, holding the last frame 2 s.
+pub fn save_gif(frames: &[RgbImage], delay_ms: u32, path: &Path) -> Result<()> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    use image::{Delay, Frame};
+    ensure_parent(path)?;
+    let file = std::fs::File::create(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut enc = GifEncoder::new_with_speed(std::io::BufWriter::new(file), 10);
+    enc.set_repeat(Repeat::Infinite).map_err(img_err(path))?;
+    for (i, f) in frames.iter().enumerate() {
+        let ms = if i + 1 == frames.len() {
+            2000
+        } else {
+            delay_ms
+        };
+        let rgba = image::DynamicImage::ImageRgb8(f.clone()).to_rgba8();
+        enc.encode_frame(Frame::from_parts(
+            rgba,
+            0,
+            0,
+            Delay::from_numer_denom_ms(ms, 1),
+        ))
+        .map_err(img_err(path))?;
+    }
+    Ok(())
+}
+
+/// 3×5 pixel glyphs for plot labels (digits, a few signs, upper-case letters).
+fn glyph(c: char) -> [u8; 5] {
+    let rows: [&str; 5] = match c.to_ascii_uppercase() {
+        '0' => ["111", "101", "101", "101", "111"],
+        '1' => ["010", "110", "010", "010", "111"],
+        '2' => ["111", "001", "111", "100", "111"],
+        '3' => ["111", "001", "111", "001", "111"],
+        '4' => ["101", "101", "111", "001", "001"],
+        '5' => ["111", "100", "111", "001", "111"],
+        '6' => ["111", "100", "111", "101", "111"],
+        '7' => ["111", "001", "001", "010", "010"],
+        '8' => ["111", "101", "111", "101", "111"],
+        '9' => ["111", "101", "111", "001", "111"],
+        '.' => ["000", "000", "000", "000", "010"],
+        '-' => ["000", "000", "111", "000", "000"],
+        '=' => ["000", "111", "000", "111", "000"],
+        '(' => ["001", "010", "010", "010", "001"],
+        ')' => ["100", "010", "010", "010", "100"],
+        'A' => ["010", "101", "111", "101", "101"],
+        'B' => ["110", "101", "110", "101", "110"],
+        'C' => ["111", "100", "100", "100", "111"],
+        'D' => ["110", "101", "101", "101", "110"],
+        'E' => ["111", "100", "110", "100", "111"],
+        'F' => ["111", "100", "110", "100", "100"],
+        'G' => ["111", "100", "101", "101", "111"],
+        'H' => ["101", "101", "111", "101", "101"],
+        'I' => ["111", "010", "010", "010", "111"],
+        'K' => ["101", "101", "110", "101", "101"],
+        'L' => ["100", "100", "100", "100", "111"],
+        'M' => ["101", "111", "111", "101", "101"],
+        'N' => ["110", "101", "101", "101", "101"],
+        'O' => ["111", "101", "101", "101", "111"],
+        'P' => ["111", "101", "111", "100", "100"],
+        'R' => ["110", "101", "110", "101", "101"],
+        'S' => ["111", "100", "111", "001", "111"],
+        'T' => ["111", "010", "010", "010", "010"],
+        'U' => ["101", "101", "101", "101", "111"],
+        'V' => ["101", "101", "101", "101", "010"],
+        'W' => ["101", "101", "111", "111", "101"],
+        'X' => ["101", "101", "010", "101", "101"],
+        'Y' => ["101", "101", "010", "010", "010"],
+        _ => ["000", "000", "000", "000", "000"],
+    };
+    rows.map(|r| r.bytes().fold(0u8, |acc, b| (acc << 1) | (b == b'1') as u8))
+}
+
+/// Draws `text` with its top-left corner at (x, y), each font pixel `s`×`s`.
+pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, s: i64, color: Rgb<u8>) {
+    for (i, c) in text.chars().enumerate() {
+        let g = glyph(c);
+        for (row, bits) in g.iter().enumerate() {
+            for col in 0..3 {
+                if bits & (0b100 >> col) != 0 {
+                    let (px, py) = (x + (i as i64 * 4 + col) * s, y + row as i64 * s);
+                    fill_rect(img, px, py, s, s, color);
+                }
+            }
+        }
+    }
+}
+
+fn fill_rect(img: &mut RgbImage, x: i64, y: i64, w: i64, h: i64, color: Rgb<u8>) {
+    for yy in y.max(0)..(y + h).min(img.height() as i64) {
+        for xx in x.max(0)..(x + w).min(img.width() as i64) {
+            img.put_pixel(xx as u32, yy as u32, color);
+        }
+    }
+}
+
+fn draw_line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), color: Rgb<u8>) {
+    let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
+    for i in 0..=n {
+        let f = i as f64 / n as f64;
+        let (x, y) = (x0 + (x1 - x0) * f, y0 + (y1 - y0) * f);
+        fill_rect(img, x.round() as i64 - 1, y.round() as i64 - 1, 2, 2, color);
+    }
+}
+
+/// A named series of (x, y) points for [`plot_lines`].
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// Legend label.
+    pub label: String,
+    /// Line colour.
+    pub color: [u8; 3],
+    /// Points.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Plots line series on one set of axes (log-scale y when `log_y` and all y > 0) and saves a PNG.
+pub fn plot_lines(
+    series: &[Series],
+    title: &str,
+    x_label: &str,
+    log_y: bool,
+    path: &Path,
+) -> Result<()> {
+    let (w, h) = (900i64, 520i64);
+    let (left, right, top, bottom) = (90i64, 30i64, 50i64, 60i64);
+    let mut img = RgbImage::from_pixel(w as u32, h as u32, Rgb([255, 255, 255]));
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect();
+    let log_y = log_y && pts.iter().all(|p| p.1 > 0.0);
+    let fy = |y: f64| if log_y { y.log10() } else { y };
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in &pts {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(fy(y)), y1.max(fy(y)));
+    }
+    if pts.is_empty() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 - x0 < 1e-12 {
+        x1 = x0 + 1.0;
+    }
+    if y1 - y0 < 1e-12 {
+        (y0, y1) = (y0 - 0.5, y1 + 0.5);
+    }
+    let pad = (y1 - y0) * 0.05;
+    (y0, y1) = (y0 - pad, y1 + pad);
+    let (pw, ph) = ((w - left - right) as f64, (h - top - bottom) as f64);
+    let to_px = |x: f64, y: f64| {
+        (
+            left as f64 + (x - x0) / (x1 - x0) * pw,
+            top as f64 + (1.0 - (fy(y) - y0) / (y1 - y0)) * ph,
+        )
+    };
+    let (grey, black) = (Rgb([225, 225, 225]), Rgb([20, 20, 20]));
+    for k in 0..=5 {
+        let f = k as f64 / 5.0;
+        let (gx, gy) = (left as f64 + f * pw, top as f64 + (1.0 - f) * ph);
+        draw_line(&mut img, (gx, top as f64), (gx, (h - bottom) as f64), grey);
+        draw_line(&mut img, (left as f64, gy), ((w - right) as f64, gy), grey);
+        let xv = x0 + f * (x1 - x0);
+        let yv = y0 + f * (y1 - y0);
+        let yv = if log_y { 10f64.powf(yv) } else { yv };
+        draw_text(
+            &mut img,
+            gx as i64 - 12,
+            h - bottom + 8,
+            &format_num(xv),
+            2,
+            black,
+        );
+        draw_text(&mut img, 6, gy as i64 - 5, &format_num(yv), 2, black);
+    }
+    draw_line(
+        &mut img,
+        (left as f64, top as f64),
+        (left as f64, (h - bottom) as f64),
+        black,
+    );
+    draw_line(
+        &mut img,
+        (left as f64, (h - bottom) as f64),
+        ((w - right) as f64, (h - bottom) as f64),
+        black,
+    );
+    draw_text(&mut img, left, 12, title, 3, black);
+    draw_text(&mut img, w / 2 - 20, h - 22, x_label, 2, black);
+    for (i, s) in series.iter().enumerate() {
+        let color = Rgb(s.color);
+        let valid: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.0.is_finite() && p.1.is_finite() && (!log_y || p.1 > 0.0))
+            .collect();
+        for win in valid.windows(2) {
+            draw_line(
+                &mut img,
+                to_px(win[0].0, win[0].1),
+                to_px(win[1].0, win[1].1),
+                color,
+            );
+        }
+        if valid.len() == 1 {
+            let (px, py) = to_px(valid[0].0, valid[0].1);
+            fill_rect(&mut img, px as i64 - 3, py as i64 - 3, 6, 6, color);
+        }
+        let ly = top + 10 + 18 * i as i64;
+        fill_rect(&mut img, w - right - 190, ly, 20, 10, color);
+        draw_text(&mut img, w - right - 160, ly, &s.label, 2, black);
+    }
+    ensure_parent(path)?;
+    img.save(path).map_err(img_err(path))
+}
+
+fn format_num(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if a >= 10_000.0 || a < 0.001 {
+        format!("{v:.1e}").replace('e', "E")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.4}")
+    }
+}

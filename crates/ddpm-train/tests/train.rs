@@ -1,0 +1,304 @@
+//! End-to-end training tests on a tiny model: checkpoint, exact resume, sampling, bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device, Tensor};
+use ddpm_core::Denoiser;
+use ddpm_data::{Dataset, TensorBatcher};
+use ddpm_train::{
+    checkpoint, fit, read_metrics, DataInfo, FitData, FitOutcome, ModelCard, StepReport,
+    TrainConfig, TrainError, TrainObserver, Trainer, Weights,
+};
+
+fn card() -> ModelCard {
+    ModelCard {
+        model: ddpm_unet::UNetConfig::tiny(),
+        schedule: ddpm_schedule::ScheduleConfig::new(ddpm_schedule::BetaSchedule::cosine(), 100),
+        data: DataInfo {
+            dataset: "mnist".into(),
+            channels: 1,
+            height: 28,
+            width: 28,
+            class_names: (0..10).map(|d| d.to_string()).collect(),
+        },
+    }
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        epochs: 3,
+        batch_size: 8,
+        lr: 1e-3,
+        warmup_steps: 2,
+        sample_every: 0,
+        sample_steps: 2,
+        checkpoint_every: 0,
+        held_out_examples: 16,
+        seed: 7,
+        ..TrainConfig::default()
+    }
+}
+
+fn data() -> FitData {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/mnist");
+    let names = (0..10).map(|d| d.to_string()).collect();
+    let test = ddpm_data::load_idx_dir(&dir, ddpm_data::Split::Test, names).unwrap();
+    let train = test.take(32);
+    assert_eq!(train.len(), 32);
+    let held = ddpm_data::ImageDataset::take(&test, 48);
+    let (hx, hy) = held.to_tensors(&Device::Cpu).unwrap();
+    FitData {
+        train: TensorBatcher::new(&train, &Device::Cpu).unwrap(),
+        train_len: train.len(),
+        held_out: Some((hx.narrow(0, 32, 16).unwrap(), hy.narrow(0, 32, 16).unwrap())),
+    }
+}
+
+#[derive(Default)]
+struct Losses(Vec<(u64, f32)>);
+impl TrainObserver for Losses {
+    fn on_step(&mut self, r: &StepReport) {
+        self.0.push((r.step, r.loss));
+    }
+}
+
+#[test]
+fn train_checkpoint_resume_sample_end_to_end() {
+    let data = data();
+    let stop = AtomicBool::new(false);
+    // Uninterrupted: 7 steps (4 batches per epoch, so it crosses an epoch end).
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut a = Trainer::new(
+        card(),
+        TrainConfig {
+            max_steps: Some(7),
+            sample_every: 1,
+            ..config()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut la = Losses::default();
+    assert_eq!(
+        fit(&mut a, &data, dir_a.path(), &mut la, &stop).unwrap(),
+        FitOutcome::MaxSteps
+    );
+    assert_eq!(la.0.len(), 7);
+
+    // Interrupted after 3 steps, resumed from the checkpoint for the rest.
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut b = Trainer::new(
+        card(),
+        TrainConfig {
+            max_steps: Some(3),
+            sample_every: 1,
+            ..config()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut lb = Losses::default();
+    fit(&mut b, &data, dir_b.path(), &mut lb, &stop).unwrap();
+    drop(b);
+    let ckpt = dir_b.path().join("checkpoint.safetensors");
+    let mut b2 = Trainer::resume(&ckpt, &Device::Cpu, |c| c.max_steps = Some(7)).unwrap();
+    assert_eq!(b2.step(), 3);
+    fit(&mut b2, &data, dir_b.path(), &mut lb, &stop).unwrap();
+    assert_eq!(
+        la.0, lb.0,
+        "resumed losses differ from the uninterrupted run"
+    );
+
+    // The files a user looks at.
+    for f in [
+        "checkpoint.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+        "samples/epoch_001.png",
+    ] {
+        assert!(dir_a.path().join(f).exists(), "missing {f}");
+    }
+    let m = read_metrics(dir_a.path()).unwrap();
+    assert_eq!(m.len(), 2, "one line at the epoch end, one at max_steps");
+    assert_eq!((m[0].epoch, m[0].step), (0, 4));
+    assert!(m
+        .iter()
+        .all(|r| r.train_loss.is_finite() && r.held_out_loss.is_some_and(f64::is_finite)));
+    assert!(!dir_a.path().join("checkpoint.safetensors.tmp").exists());
+
+    // Sampling needs only the checkpoint: EMA weights by default.
+    let (unet, loaded_card) = ddpm_train::load_unet(&ckpt, Weights::Ema, &Device::Cpu).unwrap();
+    assert_eq!(loaded_card, card());
+    let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu).unwrap();
+    let t = Tensor::new(&[50u32, 50], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[3u32, 10], &Device::Cpu).unwrap();
+    let ema_out = unet.predict_noise(&x, &t, Some(&y)).unwrap();
+    let from_trainer = b2
+        .ema_model()
+        .unwrap()
+        .predict_noise(&x, &t, Some(&y))
+        .unwrap();
+    let d = (ema_out - from_trainer)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+    let (raw, _) = ddpm_train::load_unet(&ckpt, Weights::Raw, &Device::Cpu).unwrap();
+    let raw_out = raw.predict_noise(&x, &t, Some(&y)).unwrap();
+    let diff = (raw_out - unet.predict_noise(&x, &t, Some(&y)).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(
+        diff.to_scalar::<f32>().unwrap() > 0.0,
+        "EMA and raw weights should differ"
+    );
+    ddpm_train::write_sample_grid(&b2, &dir_b.path().join("grid.png")).unwrap();
+    let img = image::open(dir_b.path().join("grid.png")).unwrap();
+    // 8 columns of 28 px scaled 2×, with 2 px gutters between and around them.
+    assert_eq!(img.width(), 8 * (28 * 2 + 2) + 2);
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint.safetensors");
+    let mut t = Trainer::new(card(), config(), &Device::Cpu).unwrap();
+    let good = ddpm_data::Batch {
+        images: Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap(),
+        labels: Tensor::new(&[1u32, 2], &Device::Cpu).unwrap(),
+    };
+    t.train_step(&good).unwrap();
+    t.save(&path).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let bad = ddpm_data::Batch {
+        images: (good.images.clone() / 0.0)
+            .unwrap()
+            .affine(0.0, f64::NAN)
+            .unwrap(),
+        ..good
+    };
+    let e = t.train_step(&bad).unwrap_err();
+    assert!(
+        matches!(e, TrainError::NonFiniteLoss { step: 1, .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("last good checkpoint"));
+    assert_eq!(t.step(), 1, "no update applied");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn bad_checkpoints_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let missing = checkpoint::read(&dir.path().join("none.safetensors"), &Device::Cpu).unwrap_err();
+    assert!(missing.to_string().contains("does not exist"), "{missing}");
+
+    let t = Trainer::new(card(), config(), &Device::Cpu).unwrap();
+    t.save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    // Truncated.
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let e = checkpoint::read(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("truncated or corrupt") && e.contains("c.safetensors"),
+        "{e}"
+    );
+    // Garbage.
+    std::fs::write(&path, b"hello").unwrap();
+    assert!(matches!(
+        checkpoint::read(&path, &Device::Cpu).unwrap_err(),
+        TrainError::Checkpoint { .. }
+    ));
+    // A safetensors file from elsewhere (no ddpm metadata).
+    let foreign = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("w".to_string(), foreign)]),
+        &path,
+    )
+    .unwrap();
+    let e = checkpoint::read(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a ddpm-rs checkpoint"), "{e}");
+    // Weights that do not match the card (a different model config written into the card).
+    std::fs::write(&path, &bytes).unwrap();
+    let mut ck = checkpoint::read(&path, &Device::Cpu).unwrap();
+    ck.card.model.base_channels = 16;
+    let e = ck.unet(Weights::Ema, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("do not match"), "{e}");
+    // A sampling-only export cannot be resumed, but can be sampled, in f16.
+    let export = dir.path().join("ema.safetensors");
+    checkpoint::export_ema(
+        &checkpoint::read(&path, &Device::Cpu).unwrap(),
+        &export,
+        DType::F16,
+    )
+    .unwrap();
+    assert!(std::fs::metadata(&export).unwrap().len() * 3 < bytes.len() as u64);
+    assert!(ddpm_train::load_unet(&export, Weights::Ema, &Device::Cpu).is_ok());
+    let e = Trainer::resume(&export, &Device::Cpu, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sampling-only"), "{e}");
+}
+
+#[test]
+fn lr_schedule_warms_up_and_decays() {
+    let c = TrainConfig {
+        lr: 1.0,
+        warmup_steps: 10,
+        cosine_decay: true,
+        ..TrainConfig::default()
+    };
+    assert!((c.lr_at(0, 110) - 0.1).abs() < 1e-12);
+    assert!((c.lr_at(9, 110) - 1.0).abs() < 1e-12);
+    assert!((c.lr_at(60, 110) - 0.5).abs() < 1e-9);
+    assert!(c.lr_at(109, 110) < 0.01);
+    let flat = TrainConfig {
+        cosine_decay: false,
+        ..c
+    };
+    assert_eq!(flat.lr_at(100, 110), 1.0);
+    assert!(TrainConfig { p_uncond: 1.5, ..c }.validate().is_err());
+    assert!(TrainConfig { lr: f64::NAN, ..c }.validate().is_err());
+}
+
+#[test]
+fn same_seed_same_initial_weights() {
+    let a = Trainer::new(card(), config(), &Device::Cpu).unwrap();
+    let b = Trainer::new(card(), config(), &Device::Cpu).unwrap();
+    let c = Trainer::new(
+        card(),
+        TrainConfig {
+            seed: 8,
+            ..config()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 1, 28, 28), &Device::Cpu).unwrap();
+    let t = Tensor::new(&[5u32], &Device::Cpu).unwrap();
+    let f = |tr: &Trainer| {
+        tr.model()
+            .predict_noise(&x, &t, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(f(&a), f(&b));
+    assert_ne!(f(&a), f(&c));
+}
