@@ -1,0 +1,334 @@
+//! `ddpm sample` and `ddpm noise`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Shape, Tensor};
+use clap::{Args, ValueEnum};
+use ddpm_core::{NoiseSchedule, NoiseSource, PosteriorVariance, SeededNoise};
+use ddpm_data::{Dataset, DatasetKind, Split};
+use ddpm_sampler::{
+    sample, ClassifierFreeGuidance, Ddim, Ddpm, DpmSolverPp2M, Sampler, SamplerConfig, Spacing,
+};
+use ddpm_schedule::{BetaSchedule, ScheduleConfig};
+use ddpm_train::{viz, Weights};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::DeviceArg;
+
+/// Reverse-diffusion sampler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SamplerArg {
+    /// DDIM (Song et al. 2021): --steps steps, stochasticity --eta.
+    Ddim,
+    /// DDPM ancestral sampling over all T steps (--steps is ignored).
+    Ddpm,
+    /// DPM-Solver++(2M): good samples in 10–20 steps.
+    #[value(name = "dpm++")]
+    DpmPp,
+}
+
+/// Options of `ddpm sample`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Guidance convention: eps = (1+w)*eps(x,t,c) - w*eps(x,t,null). \
+    --guidance 0 is the plain conditional model (no guidance); diffusers' guidance_scale is 1 + w."
+)]
+pub struct SampleArgs {
+    /// Checkpoint to sample from (default: the model shipped in assets/, else
+    /// runs/default/checkpoint.safetensors).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Class to draw: an index (7), a class name, or `all` (one row per class).
+    #[arg(long, default_value = "all")]
+    class: String,
+    /// Guidance weight w: eps = (1+w)·eps(x,t,c) − w·eps(x,t,∅). 0 = no guidance;
+    /// diffusers' guidance_scale = 1 + w.
+    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
+    guidance: f64,
+    /// Samples (per class with --class all).
+    #[arg(long, default_value_t = 16)]
+    n: usize,
+    /// Sampling steps for ddim and dpm++ (at most the model's T).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Sampler.
+    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
+    sampler: SamplerArg,
+    /// DDIM stochasticity η (0: deterministic, 1: DDPM-like).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Seed of the noise: the same seed gives the same images on CPU and GPU.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Output PNG grid (default: samples/class-<c>_w<w>.png).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Pixel scale of the grid (1: raw 28×28 pixels).
+    #[arg(long, default_value_t = 4)]
+    scale: usize,
+    /// Also write one PNG per sample into DIR, named with its class.
+    #[arg(long)]
+    each: Option<PathBuf>,
+    /// Also write the reverse-diffusion animation as a GIF.
+    #[arg(long)]
+    gif: Option<PathBuf>,
+    /// Sample with the raw weights instead of the EMA weights.
+    #[arg(long)]
+    raw_weights: bool,
+    /// Do not clip the predicted x0 to [-1, 1].
+    #[arg(long)]
+    no_clip: bool,
+}
+
+/// Resolves `--class` against the model's classes: `Ok(None)` for `all`.
+fn parse_class(arg: &str, names: &[String], conditional: bool) -> Result<Option<u32>> {
+    if arg == "all" {
+        return Ok(None);
+    }
+    if !conditional {
+        bail!("--class {arg}: this checkpoint is an unconditional model; leave --class out (or use --class all)");
+    }
+    if let Some(i) = names.iter().position(|n| n == arg) {
+        return Ok(Some(i as u32));
+    }
+    match arg.parse::<usize>() {
+        Ok(i) if i < names.len() => Ok(Some(i as u32)),
+        Ok(i) => bail!(
+            "--class {i} is out of range: this model has classes 0..{} ({})",
+            names.len() - 1,
+            names.join(", ")
+        ),
+        Err(_) => bail!(
+            "--class {arg}: not a class of this model ({}), an index, or `all`",
+            names.join(", ")
+        ),
+    }
+}
+
+pub fn run(a: SampleArgs) -> Result<()> {
+    let device = crate::device(a.device)?;
+    let ckpt_path = match a.checkpoint.clone().or_else(crate::default_checkpoint) {
+        Some(p) => p,
+        None => bail!(
+            "no --checkpoint given and no trained model found (assets/ddpm-mnist.safetensors or \
+             runs/default/checkpoint.safetensors). Train one with `cargo xtask train` \
+             (or `cargo run --release -p ddpm-cli -- train --model small`), then run sample again."
+        ),
+    };
+    if a.n == 0 {
+        bail!("--n 0: ask for at least one sample");
+    }
+    if !a.guidance.is_finite() {
+        bail!(
+            "--guidance {}: the guidance weight must be a finite number",
+            a.guidance
+        );
+    }
+    let which = if a.raw_weights {
+        Weights::Raw
+    } else {
+        Weights::Ema
+    };
+    let (unet, card) = ddpm_train::load_unet(&ckpt_path, which, &device)
+        .with_context(|| format!("--checkpoint {}", ckpt_path.display()))?;
+    let conditional = card.model.num_classes > 0;
+    let class = parse_class(&a.class, &card.data.class_names, conditional)?;
+    let schedule = card.schedule.build().context("the checkpoint's schedule")?;
+    let t_total = schedule.num_train_timesteps();
+    if a.sampler != SamplerArg::Ddpm && a.steps > t_total {
+        bail!("--steps {} is above the model's T = {t_total}", a.steps);
+    }
+    // Labels: one row per class, or n of one class, or none (unconditional).
+    let (labels, per_row): (Option<Vec<u32>>, usize) = match (conditional, class) {
+        (false, _) => (None, a.n.min(8)),
+        (true, Some(c)) => (Some(vec![c; a.n]), a.n.min(8)),
+        (true, None) => {
+            let k = card.model.num_classes;
+            (Some((0..k * a.n).map(|i| (i / a.n) as u32).collect()), a.n)
+        }
+    };
+    let n = labels.as_ref().map_or(a.n, Vec::len);
+    let w = if conditional { a.guidance } else { 0.0 };
+    if !conditional && a.guidance != 0.0 {
+        tracing::warn!("the model is unconditional: --guidance is ignored");
+    }
+    let guided = ClassifierFreeGuidance::new(&unet, w)?;
+    let cfg = SamplerConfig {
+        clip_x0: !a.no_clip,
+    };
+    let mut sampler: Box<dyn Sampler> = match a.sampler {
+        SamplerArg::Ddim => Box::new(Ddim::new(&schedule, a.steps, a.eta, Spacing::Leading, cfg)?),
+        SamplerArg::Ddpm => Box::new(Ddpm::new(&schedule, PosteriorVariance::BetaTilde, cfg)),
+        SamplerArg::DpmPp => Box::new(DpmSolverPp2M::new(
+            &schedule,
+            a.steps,
+            Spacing::Leading,
+            cfg,
+        )?),
+    };
+    let labels_t = labels
+        .as_ref()
+        .map(|l| Tensor::from_vec(l.clone(), n, &device))
+        .transpose()?;
+    let mut noise = SeededNoise::new(a.seed);
+    let shape = Shape::from((n, card.data.channels, card.data.height, card.data.width));
+    let x_t = noise.randn(&shape, DType::F32, &device)?;
+    let total = sampler.timesteps().len();
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "sampling [{bar:30}] {pos}/{len} steps {elapsed_precise}",
+    )?);
+    let mut frames = Vec::new();
+    let every = (total / 40).max(1);
+    let want_gif = a.gif.is_some();
+    let started = std::time::Instant::now();
+    let x0 = sample(
+        &guided,
+        sampler.as_mut(),
+        x_t,
+        labels_t.as_ref(),
+        &mut noise,
+        &mut |info| {
+            bar.inc(1);
+            if want_gif && (info.index % every == 0 || info.index + 1 == info.total) {
+                frames.push(
+                    viz::grid_image(info.sample, per_row, 2)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+                );
+            }
+            Ok(())
+        },
+    )?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let out = a.out.clone().unwrap_or_else(|| {
+        let c = class.map_or("all".to_string(), |c| c.to_string());
+        PathBuf::from(format!("samples/class-{c}_w{w}.png"))
+    });
+    viz::save_grid(&x0, per_row, a.scale, &out)
+        .with_context(|| format!("--out {}", out.display()))?;
+    println!(
+        "wrote {} ({n} samples, {} {total} steps, w = {w}, {secs:.1} s) from {}",
+        out.display(),
+        format!("{:?}", a.sampler).to_lowercase(),
+        ckpt_path.display()
+    );
+    if let Some(dir) = &a.each {
+        write_each(&x0, labels.as_deref(), &card.data.class_names, dir)?;
+        println!("wrote {n} PNGs into {}", dir.display());
+    }
+    if let Some(gif) = &a.gif {
+        viz::save_gif(&frames, 80, gif).with_context(|| format!("--gif {}", gif.display()))?;
+        println!("wrote {} ({} frames)", gif.display(), frames.len());
+    }
+    Ok(())
+}
+
+fn write_each(x0: &Tensor, labels: Option<&[u32]>, names: &[String], dir: &Path) -> Result<()> {
+    for i in 0..x0.dim(0)? {
+        let name = match labels {
+            Some(l) => format!(
+                "{i:05}_class-{}.png",
+                names.get(l[i] as usize).map_or("?", |s| s.as_str())
+            ),
+            None => format!("{i:05}.png"),
+        };
+        let path = dir.join(name);
+        viz::save_grid(&x0.narrow(0, i, 1)?, 1, 1, &path)
+            .with_context(|| format!("--each {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Options of `ddpm noise`.
+#[derive(Debug, Args)]
+pub struct NoiseArgs {
+    /// First test-split image to show.
+    #[arg(long, default_value_t = 0)]
+    index: usize,
+    /// How many consecutive images (one row each).
+    #[arg(long, default_value_t = 4)]
+    rows: usize,
+    /// Timesteps to show, comma-separated (each in 0..T).
+    #[arg(long, value_delimiter = ',', default_value = "0,50,100,200,400,999")]
+    t: Vec<usize>,
+    /// β schedule.
+    #[arg(long, default_value = "linear", value_parser = ["linear", "cosine", "sigmoid"])]
+    schedule: String,
+    /// Diffusion steps T.
+    #[arg(long, default_value_t = 1000)]
+    timesteps: usize,
+    /// Dataset: mnist, fashion-mnist or folder:PATH.
+    #[arg(long, default_value = "mnist")]
+    dataset: DatasetKind,
+    /// Folder with the IDX files.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Pixel scale.
+    #[arg(long, default_value_t = 4)]
+    scale: usize,
+    /// Output PNG.
+    #[arg(long, default_value = "noise.png")]
+    out: PathBuf,
+}
+
+pub fn noise(a: NoiseArgs) -> Result<()> {
+    let beta = BetaSchedule::from_name(&a.schedule).context("--schedule")?;
+    let schedule = ScheduleConfig::new(beta, a.timesteps)
+        .build()
+        .context("--schedule/--timesteps")?;
+    if let Some(&bad) = a.t.iter().find(|&&t| t >= a.timesteps) {
+        bail!("--t {bad} is outside 0..{} (T = --timesteps)", a.timesteps);
+    }
+    if a.rows == 0 || a.t.is_empty() {
+        bail!("--rows and --t must be non-empty");
+    }
+    let ds = ddpm_data::load_dataset(&a.dataset, a.data_dir.as_deref(), Split::Test, (28, 28))
+        .with_context(|| format!("loading --dataset {}", a.dataset))?;
+    if a.index + a.rows > ds.len() {
+        bail!(
+            "--index {} + --rows {} is past the {} test images",
+            a.index,
+            a.rows,
+            ds.len()
+        );
+    }
+    let dev = candle_core::Device::Cpu;
+    let indices: Vec<usize> = (a.index..a.index + a.rows).collect();
+    let batch = ddpm_data::Batcher::batch(&ddpm_data::TensorBatcher::new(&ds, &dev)?, &indices)?;
+    let (r, k) = (a.rows, a.t.len());
+    // Row-major grid: image i at every t.
+    let x0 = batch.images.repeat((1, k, 1, 1))?.reshape((
+        r * k,
+        ds.image_shape().0,
+        ds.image_shape().1,
+        ds.image_shape().2,
+    ))?;
+    let t: Vec<u32> = (0..r).flat_map(|_| a.t.iter().map(|&t| t as u32)).collect();
+    let t = Tensor::from_vec(t, r * k, &dev)?;
+    let mut rng = SeededNoise::new(a.seed);
+    let eps = rng.randn(x0.shape(), DType::F32, &dev)?;
+    let xt = schedule.add_noise(&x0, &eps, &t)?;
+    viz::save_grid(&xt, k, a.scale, &a.out)
+        .with_context(|| format!("--out {}", a.out.display()))?;
+    let ac = schedule.alphas_cumprod();
+    let desc: Vec<String> =
+        a.t.iter()
+            .map(|&t| format!("t={t} (√ᾱ={:.3})", ac[t].sqrt()))
+            .collect();
+    println!(
+        "wrote {}: rows = test images {}..{}, columns = {}",
+        a.out.display(),
+        a.index,
+        a.index + r,
+        desc.join(", ")
+    );
+    Ok(())
+}
