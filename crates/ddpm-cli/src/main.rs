@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// Class-conditional DDPMs with classifier-free guidance, on candle.
 #[derive(Debug, Parser)]
-#[command(name = "ddpm", version, about, long_about = None)]
+#[command(name = "ddpm", version, about, long_about = None, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -88,6 +88,12 @@ pub struct TrainArgs {
     /// Checkpoint every N steps as well as at epoch ends (0: epoch ends only).
     #[arg(long, default_value_t = 500)]
     checkpoint_every: u64,
+    /// Also write a metrics line and redraw loss.png every N steps (0: epoch ends only).
+    #[arg(long, default_value_t = 0)]
+    log_every: u64,
+    /// Test-split examples for the held-out loss (0: none).
+    #[arg(long, default_value_t = 1024)]
+    held_out: usize,
     /// Use only the first N training examples (quick experiments).
     #[arg(long)]
     limit: Option<usize>,
@@ -181,6 +187,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             sample_every: a.sample_every,
             sample_steps: a.sample_steps,
             checkpoint_every: a.checkpoint_every,
+            held_out_examples: a.held_out,
+            log_every: a.log_every,
             ..TrainConfig::default()
         };
         Trainer::new(card, config, &device).context("cannot set up training")?

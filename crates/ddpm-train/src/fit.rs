@@ -178,13 +178,16 @@ pub fn fit(
             let at_max = cfg.max_steps.is_some_and(|m| trainer.step() >= m);
             let stopping = stop.load(Ordering::SeqCst);
             if at_max || stopping {
-                end_period(trainer, data, out_dir, &mut period, observer, false)?;
+                end_period(trainer, epoch, data, out_dir, &mut period, observer, false)?;
                 save(trainer, &ckpt, observer)?;
                 return Ok(if stopping {
                     FitOutcome::Stopped
                 } else {
                     FitOutcome::MaxSteps
                 });
+            }
+            if cfg.log_every > 0 && trainer.step() % cfg.log_every == 0 {
+                end_period(trainer, epoch, data, out_dir, &mut period, observer, false)?;
             }
             if cfg.checkpoint_every > 0 && trainer.step() % cfg.checkpoint_every == 0 {
                 save(trainer, &ckpt, observer)?;
@@ -193,7 +196,7 @@ pub fn fit(
         trainer.epoch += 1;
         trainer.batch_in_epoch = 0;
         let grid = cfg.sample_every > 0 && trainer.epoch % cfg.sample_every == 0;
-        end_period(trainer, data, out_dir, &mut period, observer, grid)?;
+        end_period(trainer, epoch, data, out_dir, &mut period, observer, grid)?;
         save(trainer, &ckpt, observer)?;
     }
     Ok(FitOutcome::Finished)
@@ -208,6 +211,7 @@ fn save(trainer: &Trainer, path: &Path, observer: &mut dyn TrainObserver) -> Res
 
 fn end_period(
     trainer: &Trainer,
+    epoch: u64,
     data: &FitData,
     out_dir: &Path,
     period: &mut Period,
@@ -231,7 +235,7 @@ fn end_period(
         None
     };
     let report = EpochReport {
-        epoch: trainer.epoch.saturating_sub(if grid { 1 } else { 0 }),
+        epoch,
         step: trainer.step(),
         train_loss: period.loss_sum / period.steps as f64,
         held_out_loss,

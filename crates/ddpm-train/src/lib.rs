@@ -79,6 +79,10 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Test-split examples used for the held-out loss (0: none).
     pub held_out_examples: usize,
+    /// Also write a metrics line (and redraw the loss plot) every this many steps
+    /// (0: only at epoch ends).
+    #[serde(default)]
+    pub log_every: u64,
 }
 
 impl Default for TrainConfig {
@@ -102,6 +106,7 @@ impl Default for TrainConfig {
             sample_guidance: 2.0,
             checkpoint_every: 500,
             held_out_examples: 1024,
+            log_every: 0,
         }
     }
 }
@@ -455,7 +460,7 @@ impl Trainer {
     /// (comparable across epochs), in batches of the training batch size.
     pub fn held_out_loss(&self, x0: &Tensor, labels: &Tensor) -> Result<f32> {
         let n = x0.dim(0)?;
-        let mut rng = SeededNoise::new(0x4E1D_0u64 ^ self.config.seed);
+        let mut rng = SeededNoise::new(0x0004_E1D0_u64 ^ self.config.seed);
         let t_total = self.schedule.num_train_timesteps() as u32;
         let (mut sum, mut count) = (0f64, 0usize);
         let bs = self.config.batch_size.max(1);

@@ -231,6 +231,7 @@ pub fn plot_lines(
         )
     };
     let (grey, black) = (Rgb([225, 225, 225]), Rgb([20, 20, 20]));
+    let y_span = if log_y { 10f64.powf(y1) - 10f64.powf(y0) } else { y1 - y0 };
     for k in 0..=5 {
         let f = k as f64 / 5.0;
         let (gx, gy) = (left as f64 + f * pw, top as f64 + (1.0 - f) * ph);
@@ -243,11 +244,11 @@ pub fn plot_lines(
             &mut img,
             gx as i64 - 12,
             h - bottom + 8,
-            &format_num(xv),
+            &format_num(xv, x1 - x0),
             2,
             black,
         );
-        draw_text(&mut img, 6, gy as i64 - 5, &format_num(yv), 2, black);
+        draw_text(&mut img, 6, gy as i64 - 5, &format_num(yv, y_span), 2, black);
     }
     draw_line(
         &mut img,
@@ -291,17 +292,16 @@ pub fn plot_lines(
     img.save(path).map_err(img_err(path))
 }
 
-fn format_num(v: f64) -> String {
+/// A tick label for `v` on an axis spanning `span`: enough decimals to tell ticks apart.
+fn format_num(v: f64, span: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
-        "0".into()
-    } else if a >= 10_000.0 || a < 0.001 {
-        format!("{v:.1e}").replace('e', "E")
-    } else if a >= 100.0 {
-        format!("{v:.0}")
-    } else if a >= 1.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.4}")
+        return "0".into();
     }
+    if !(1e-4..1e6).contains(&a) {
+        return format!("{v:.2e}").replace('e', "E");
+    }
+    let step = (span / 5.0).abs().max(1e-12);
+    let decimals = (-step.log10()).ceil().clamp(0.0, 6.0) as usize;
+    format!("{v:.decimals$}")
 }

@@ -1,0 +1,257 @@
+//! The `ddpm` binary end to end: train → resume → sample, and every documented error.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Device;
+use ddpm_train::{DataInfo, ModelCard, TrainConfig, Trainer};
+
+fn ddpm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Writes an untrained tiny checkpoint (T = 100) and returns its path.
+fn tiny_checkpoint(dir: &Path, classes: usize) -> PathBuf {
+    let card = ModelCard {
+        model: ddpm_unet::UNetConfig {
+            num_classes: classes,
+            ..ddpm_unet::UNetConfig::tiny()
+        },
+        schedule: ddpm_schedule::ScheduleConfig::new(ddpm_schedule::BetaSchedule::linear(), 100),
+        data: DataInfo {
+            dataset: "mnist".into(),
+            channels: 1,
+            height: 28,
+            width: 28,
+            class_names: (0..10).map(|d| d.to_string()).collect(),
+        },
+    };
+    let path = dir.join(format!("tiny{classes}.safetensors"));
+    Trainer::new(card, TrainConfig::default(), &Device::Cpu)
+        .unwrap()
+        .save(&path)
+        .unwrap();
+    path
+}
+
+#[test]
+fn train_resume_then_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let common = [
+        "--model",
+        "tiny",
+        "-b",
+        "8",
+        "--limit",
+        "16",
+        "--held-out",
+        "8",
+        "--timesteps",
+        "100",
+        "--out",
+        out_s,
+    ];
+    let o = ddpm(
+        &[
+            &["train", "--max-steps", "2", "--sample-steps", "2"],
+            &common[..],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("checkpoint.safetensors").exists() && out.join("metrics.jsonl").exists());
+    // A second run into the same folder must not overwrite it by accident.
+    let o = ddpm(&[&["train", "--max-steps", "2"], &common[..]].concat());
+    assert!(
+        !o.status.success() && stderr(&o).contains("--resume"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ddpm(
+        &[
+            &[
+                "train",
+                "--resume",
+                "--max-steps",
+                "3",
+                "--sample-steps",
+                "2",
+            ],
+            &common[..],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("step 3"));
+
+    let png = dir.path().join("s.png");
+    let ckpt = out.join("checkpoint.safetensors");
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--class",
+        "7",
+        "--guidance",
+        "3",
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--scale",
+        "1",
+        "--out",
+        png.to_str().unwrap(),
+        "--gif",
+        dir.path().join("a.gif").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (2 * 29 + 1, 29 + 1));
+    assert!(dir.path().join("a.gif").exists());
+}
+
+#[test]
+fn sample_each_and_class_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(dir.path(), 10);
+    let each = dir.path().join("each");
+    let png = dir.path().join("grid.png");
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--class",
+        "all",
+        "--n",
+        "1",
+        "--steps",
+        "1",
+        "--sampler",
+        "dpm++",
+        "--scale",
+        "1",
+        "--out",
+        png.to_str().unwrap(),
+        "--each",
+        each.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut files: Vec<String> = std::fs::read_dir(&each)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 10);
+    assert_eq!(files[3], "00003_class-3.png");
+    // One row per class, one column.
+    assert_eq!(image::open(&png).unwrap().height(), 10 * 29 + 1);
+}
+
+#[test]
+fn sample_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cond = tiny_checkpoint(dir.path(), 10);
+    let uncond = tiny_checkpoint(dir.path(), 0);
+    let c = cond.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--checkpoint", "/nonexistent/x.safetensors"],
+            "does not exist",
+        ),
+        (vec!["--checkpoint", c, "--class", "10"], "out of range"),
+        (vec!["--checkpoint", c, "--class", "seven"], "not a class"),
+        (
+            vec!["--checkpoint", uncond.to_str().unwrap(), "--class", "3"],
+            "unconditional",
+        ),
+        (vec!["--checkpoint", c, "--n", "0"], "--n 0"),
+        (
+            vec!["--checkpoint", c, "--steps", "101"],
+            "above the model's T = 100",
+        ),
+        (vec!["--checkpoint", c, "--guidance", "nan"], "finite"),
+        (vec!["--checkpoint", c, "--guidance", "inf"], "finite"),
+        (vec!["--checkpoint", c, "--device", "cuda"], "cuda"),
+    ];
+    for (args, want) in cases {
+        let o = ddpm(&[&["sample", "--steps", "1"][..], &args].concat());
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: expected `{want}` in: {err}");
+    }
+    let corrupt = dir.path().join("corrupt.safetensors");
+    let bytes = std::fs::read(&cond).unwrap();
+    std::fs::write(&corrupt, &bytes[..bytes.len() - 100]).unwrap();
+    let o = ddpm(&["sample", "--checkpoint", corrupt.to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("truncated or corrupt") && stderr(&o).contains("corrupt.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn help_states_the_guidance_convention() {
+    let o = ddpm(&["sample", "--help"]);
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        help.contains("(1+w)") && help.contains("guidance_scale is 1 + w"),
+        "{help}"
+    );
+    assert!(help.contains("0 = no guidance"), "{help}");
+}
+
+#[test]
+fn noise_shows_the_forward_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("noise.png");
+    let o = ddpm(&[
+        "noise",
+        "--index",
+        "0",
+        "--rows",
+        "2",
+        "--t",
+        "0,50,999",
+        "--scale",
+        "1",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(&png).unwrap().to_luma8();
+    assert_eq!((img.width(), img.height()), (3 * 29 + 1, 2 * 29 + 1));
+    // Column t = 0 is the clean digit: mostly black background.
+    let dark = (1..29)
+        .flat_map(|y| (1..29).map(move |x| (x, y)))
+        .filter(|&(x, y)| img.get_pixel(x, y)[0] == 0)
+        .count();
+    assert!(dark > 400, "{dark}");
+    let o = ddpm(&["noise", "--t", "1000", "--out", png.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("outside 0..1000"));
+}
+
+#[test]
+fn a_repeated_flag_overrides_the_earlier_one() {
+    // `cargo xtask train ARGS` passes its defaults first and the user's flags after them.
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("n.png");
+    let args = [
+        "noise", "--t", "0", "--rows", "3", "--rows", "1", "--scale", "1", "--out",
+    ];
+    let o = ddpm(&[&args[..], &[png.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(image::open(&png).unwrap().height(), 29 + 1);
+}
