@@ -64,7 +64,7 @@ pub struct SampleArgs {
     /// Where to compute.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
-    /// Output PNG grid (default: samples/class-<c>_w<w>.png).
+    /// Output PNG grid (default: samples/class-{class}_w{w}.png).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Pixel scale of the grid (1: raw 28×28 pixels).

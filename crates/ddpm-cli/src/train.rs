@@ -48,7 +48,7 @@ pub struct TrainArgs {
     /// EMA decay of the weights used for sampling.
     #[arg(long, default_value_t = 0.999)]
     ema_decay: f64,
-    /// Dataset: mnist, fashion-mnist or folder:PATH (PATH/<class>/*.png).
+    /// Dataset: mnist, fashion-mnist or folder:PATH (PATH/CLASS/*.png).
     #[arg(long, default_value = "mnist")]
     dataset: DatasetKind,
     /// Folder with the IDX files (else $DDPM_DATA_DIR, then the copy in assets/mnist).

@@ -231,7 +231,11 @@ pub fn plot_lines(
         )
     };
     let (grey, black) = (Rgb([225, 225, 225]), Rgb([20, 20, 20]));
-    let y_span = if log_y { 10f64.powf(y1) - 10f64.powf(y0) } else { y1 - y0 };
+    let y_span = if log_y {
+        10f64.powf(y1) - 10f64.powf(y0)
+    } else {
+        y1 - y0
+    };
     for k in 0..=5 {
         let f = k as f64 / 5.0;
         let (gx, gy) = (left as f64 + f * pw, top as f64 + (1.0 - f) * ph);
@@ -248,7 +252,14 @@ pub fn plot_lines(
             2,
             black,
         );
-        draw_text(&mut img, 6, gy as i64 - 5, &format_num(yv, y_span), 2, black);
+        draw_text(
+            &mut img,
+            6,
+            gy as i64 - 5,
+            &format_num(yv, y_span),
+            2,
+            black,
+        );
     }
     draw_line(
         &mut img,
