@@ -255,3 +255,24 @@ fn a_repeated_flag_overrides_the_earlier_one() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(image::open(&png).unwrap().height(), 29 + 1);
 }
+
+#[test]
+fn sample_without_a_checkpoint_says_how_to_train_one() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let shipped = [
+        "assets/ddpm-mnist.safetensors",
+        "runs/default/checkpoint.safetensors",
+    ];
+    if shipped.iter().any(|p| root.join(p).exists()) {
+        eprintln!("skipped: a default checkpoint exists in this checkout");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ddpm"))
+        .args(["sample", "--guidance", "3", "--class", "7"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cargo xtask train"), "{}", stderr(&o));
+}

@@ -344,6 +344,14 @@ impl Trainer {
     pub fn model(&self) -> &UNet {
         &self.model
     }
+    /// The optimizer (its moments and step count).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+    /// The EMA of the weights.
+    pub fn ema(&self) -> &Ema {
+        &self.ema
+    }
     /// The noise schedule.
     pub fn schedule(&self) -> &Schedule {
         &self.schedule

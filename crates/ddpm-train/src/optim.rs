@@ -86,8 +86,8 @@ impl AdamW {
                 )));
             }
         }
-        self.m = m;
-        self.v = v;
+        self.m = m.into_iter().map(|t| t.detach()).collect();
+        self.v = v.into_iter().map(|t| t.detach()).collect();
         self.step = step;
         Ok(())
     }
@@ -126,15 +126,15 @@ impl AdamW {
             let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m * (1.0 / bc1))? / ((&v * (1.0 / bc2))?.sqrt()? + c.eps)?)?;
-            let w = var.as_tensor();
+            let w = var.as_tensor().detach();
             let decayed = if c.weight_decay > 0.0 {
                 (w * (1.0 - lr * c.weight_decay))?
             } else {
                 w.clone()
             };
             var.set(&(decayed - (update * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(())
     }
@@ -170,7 +170,7 @@ impl Ema {
 
     /// Replaces the averaged weights (from a checkpoint).
     pub fn set_weights(&mut self, w: Vec<Tensor>) {
-        self.shadow = w;
+        self.shadow = w.into_iter().map(|t| t.detach()).collect();
     }
 
     /// The effective decay at optimizer step `step`.
@@ -182,7 +182,7 @@ impl Ema {
     pub fn update(&mut self, vars: &[(String, Var)], step: u64) -> Result<()> {
         let d = self.effective_decay(step);
         for (s, (_, v)) in self.shadow.iter_mut().zip(vars) {
-            *s = ((&*s * d)? + (v.as_tensor() * (1.0 - d))?)?;
+            *s = ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
         }
         Ok(())
     }

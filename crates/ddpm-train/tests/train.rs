@@ -302,3 +302,68 @@ fn same_seed_same_initial_weights() {
     assert_eq!(f(&a), f(&b));
     assert_ne!(f(&a), f(&c));
 }
+
+#[test]
+fn stop_flag_saves_a_checkpoint_after_the_current_step() {
+    let data = data();
+    let dir = tempfile::tempdir().unwrap();
+    let stop = AtomicBool::new(true); // as if Ctrl-C came during the first step
+    let mut t = Trainer::new(card(), config(), &Device::Cpu).unwrap();
+    let mut l = Losses::default();
+    assert_eq!(
+        fit(&mut t, &data, dir.path(), &mut l, &stop).unwrap(),
+        FitOutcome::Stopped
+    );
+    assert_eq!(l.0.len(), 1);
+    let resumed = Trainer::resume(
+        &dir.path().join("checkpoint.safetensors"),
+        &Device::Cpu,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(resumed.step(), 1);
+}
+
+#[test]
+fn unconditional_models_train_without_labels() {
+    let mut c = card();
+    c.model.num_classes = 0;
+    let mut t = Trainer::new(
+        c,
+        TrainConfig {
+            p_uncond: 0.0,
+            ..config()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let batch = ddpm_data::Batch {
+        images: Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap(),
+        labels: Tensor::new(&[1u32, 2], &Device::Cpu).unwrap(),
+    };
+    assert!(t.train_step(&batch).unwrap().is_finite());
+    assert_eq!(t.model().null_class(), None);
+}
+
+#[test]
+fn optimizer_and_ema_state_hold_no_autograd_graph() {
+    // A state tensor that tracks ops keeps every earlier step's activations alive: memory
+    // then grows without bound over a run (seen as an OOM kill at 24 GB).
+    let mut t = Trainer::new(card(), config(), &Device::Cpu).unwrap();
+    let batch = ddpm_data::Batch {
+        images: Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap(),
+        labels: Tensor::new(&[1u32, 2], &Device::Cpu).unwrap(),
+    };
+    for _ in 0..2 {
+        t.train_step(&batch).unwrap();
+    }
+    let (m, v) = t.optimizer().moments();
+    assert!(
+        m.iter().chain(v).all(|x| !x.track_op()),
+        "AdamW moments track ops"
+    );
+    assert!(
+        t.ema().weights().iter().all(|x| !x.track_op()),
+        "EMA weights track ops"
+    );
+}
