@@ -235,5 +235,7 @@ fn presets_have_the_documented_sizes() {
     );
     assert!(tiny < small && small < mnist);
     assert!(tiny < 100_000, "tiny has {tiny}");
+    // The shipped default model must stay under ~10 MB in f16.
+    assert!(mnist * 2 < 10_000_000, "mnist has {mnist}");
     eprintln!("parameters: tiny {tiny}, small {small}, mnist {mnist}");
 }
