@@ -55,6 +55,9 @@ pub struct SampleArgs {
     /// Sampler.
     #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
     sampler: SamplerArg,
+    /// Timestep spacing of ddim and dpm++: leading, trailing or linspace.
+    #[arg(long, default_value = "leading", value_parser = ["leading", "trailing", "linspace"])]
+    spacing: String,
     /// DDIM stochasticity η (0: deterministic, 1: DDPM-like).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
@@ -160,8 +163,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let cfg = SamplerConfig {
         clip_x0: !a.no_clip,
     };
+    let spacing = Spacing::from_name(&a.spacing).context("--spacing")?;
     let mut sampler: Box<dyn Sampler> = match a.sampler {
-        SamplerArg::Ddim => Box::new(Ddim::new(&schedule, a.steps, a.eta, Spacing::Leading, cfg)?),
+        SamplerArg::Ddim => Box::new(Ddim::new(&schedule, a.steps, a.eta, spacing, cfg)?),
         SamplerArg::Ddpm => Box::new(Ddpm::new(&schedule, PosteriorVariance::BetaTilde, cfg)),
         SamplerArg::DpmPp => Box::new(DpmSolverPp2M::new(
             &schedule,

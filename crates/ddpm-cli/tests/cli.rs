@@ -276,3 +276,73 @@ fn sample_without_a_checkpoint_says_how_to_train_one() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("cargo xtask train"), "{}", stderr(&o));
 }
+
+#[test]
+fn trains_and_samples_on_an_image_folder_of_another_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("letters");
+    for (class, v) in [("beta", 40u8), ("alpha", 220)] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..4u32 {
+            let img = image::GrayImage::from_fn(40, 40, |x, y| {
+                image::Luma([v.wrapping_add((x * y + i) as u8)])
+            });
+            img.save(root.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let out = dir.path().join("run");
+    let dataset = format!("folder:{}", root.display());
+    let o = ddpm(&[
+        "train",
+        "--dataset",
+        &dataset,
+        "--image-size",
+        "32",
+        "--model",
+        "tiny",
+        "-b",
+        "4",
+        "--max-steps",
+        "1",
+        "--timesteps",
+        "50",
+        "--held-out",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = checkpoint_card(&out.join("checkpoint.safetensors"));
+    assert_eq!(
+        ck.data.class_names,
+        vec!["alpha".to_string(), "beta".to_string()]
+    );
+    assert_eq!(
+        (ck.data.height, ck.data.width, ck.model.num_classes),
+        (32, 32, 2)
+    );
+    let png = dir.path().join("b.png");
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        out.join("checkpoint.safetensors").to_str().unwrap(),
+        "--class",
+        "beta",
+        "--n",
+        "3",
+        "--steps",
+        "2",
+        "--scale",
+        "1",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(image::open(&png).unwrap().width(), 3 * 33 + 1);
+}
+
+fn checkpoint_card(path: &Path) -> ModelCard {
+    ddpm_train::checkpoint::read(path, &Device::Cpu)
+        .unwrap()
+        .card
+}
