@@ -219,6 +219,11 @@ fn end_period(
     grid: bool,
 ) -> Result<()> {
     if period.steps == 0 {
+        // Nothing trained since the last line (a run resumed exactly at an epoch end):
+        // no metrics to write, but the epoch's grid is still due.
+        if grid {
+            write_sample_grid(trainer, &grid_path(out_dir, trainer.epoch))?;
+        }
         return Ok(());
     }
     let held_out_loss = match &data.held_out {
@@ -250,6 +255,13 @@ fn end_period(
     observer.on_epoch(&report);
     *period = Period::new();
     Ok(())
+}
+
+/// The sample grid written after `epochs_done` epochs.
+pub fn grid_path(out_dir: &Path, epochs_done: u64) -> PathBuf {
+    out_dir
+        .join("samples")
+        .join(format!("epoch_{epochs_done:03}.png"))
 }
 
 /// The metrics file of a run.

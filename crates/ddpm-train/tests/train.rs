@@ -367,3 +367,25 @@ fn optimizer_and_ema_state_hold_no_autograd_graph() {
         "EMA weights track ops"
     );
 }
+
+#[test]
+fn resuming_exactly_at_an_epoch_end_still_writes_that_epochs_grid() {
+    let data = data();
+    let dir = tempfile::tempdir().unwrap();
+    let stop = AtomicBool::new(false);
+    // 4 batches per epoch: stopping at step 4 leaves the epoch-end work to the resumed run.
+    let cfg = TrainConfig {
+        max_steps: Some(4),
+        sample_every: 1,
+        held_out_examples: 0,
+        ..config()
+    };
+    let mut t = Trainer::new(card(), cfg, &Device::Cpu).unwrap();
+    fit(&mut t, &data, dir.path(), &mut (), &stop).unwrap();
+    assert!(!dir.path().join("samples/epoch_001.png").exists());
+    let ckpt = dir.path().join("checkpoint.safetensors");
+    let mut r = Trainer::resume(&ckpt, &Device::Cpu, |c| c.max_steps = Some(5)).unwrap();
+    fit(&mut r, &data, dir.path(), &mut (), &stop).unwrap();
+    assert!(dir.path().join("samples/epoch_001.png").exists());
+    assert_eq!(r.step(), 5);
+}
