@@ -6,6 +6,7 @@
 //! ddpm noise --index 0 --t 0,50,100,200,400,999
 //! ```
 
+mod bench;
 mod sample;
 mod train;
 
@@ -31,6 +32,9 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Show the forward (noising) process on real digits.
     Noise(sample::NoiseArgs),
+    /// Measure training and inference speed and memory (one figure per run, as JSON;
+    /// `cargo xtask bench` runs the whole table).
+    Bench(bench::BenchArgs),
 }
 
 /// Where the computation runs.
@@ -85,5 +89,6 @@ fn main() -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Noise(a) => sample::noise(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

@@ -340,6 +340,10 @@ impl Trainer {
     pub fn config(&self) -> &TrainConfig {
         &self.config
     }
+    /// Selects the U-Net's kernel implementation ([`ddpm_unet::Kernels::Fast`] by default).
+    pub fn set_kernels(&mut self, kernels: ddpm_unet::Kernels) {
+        self.model = self.model.clone().with_kernels(kernels);
+    }
     /// The model with its current (raw) weights.
     pub fn model(&self) -> &UNet {
         &self.model

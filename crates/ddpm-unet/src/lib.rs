@@ -1,6 +1,6 @@
 //! The class-conditional U-Net noise predictor ε_θ(x_t, t, y).
 //!
-//! Residual blocks (GroupNorm → SiLU → Conv, with the time + class embedding added),
+//! Residual blocks (Norm → SiLU → Conv, with the time + class embedding added),
 //! a sinusoidal time embedding followed by an MLP, a learned class embedding with one
 //! extra row for the null class (classifier-free guidance), self-attention at low
 //! resolution and skip connections. The model knows nothing of β, samplers or guidance:
@@ -21,7 +21,7 @@
 //! | `mid.res1`, `mid.attn`, `mid.res2` | the middle block |
 //! | `up.{level}.res.{j}`, `up.{level}.attn.{j}` | the way up (`num_res_blocks + 1` blocks) |
 //! | `up.{level}.upsample` | the 3×3 convolution after nearest ×2 upsampling |
-//! | `norm_out`, `conv_out` | output GroupNorm and 3×3 convolution |
+//! | `norm_out`, `conv_out` | output Norm and 3×3 convolution |
 //!
 //! # Example
 //!
@@ -44,15 +44,14 @@
 //! ```
 
 mod config;
+pub mod ops;
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{
-    conv2d, embedding, group_norm, linear, Conv2d, Conv2dConfig, Embedding, GroupNorm, Linear,
-    VarBuilder,
-};
+use candle_nn::{conv2d, embedding, linear, Conv2dConfig, Embedding, Linear, VarBuilder};
 use ddpm_core::Denoiser;
 
 pub use config::{ConfigError, UNetConfig};
+pub use ops::Kernels;
 
 const GN_EPS: f64 = 1e-5;
 
@@ -71,22 +70,91 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     Tensor::cat(&[args.sin()?, args.cos()?], 1)
 }
 
-fn conv3(cin: usize, cout: usize, stride: usize, vb: VarBuilder<'_>) -> Result<Conv2d> {
-    conv2d(
-        cin,
-        cout,
-        3,
-        Conv2dConfig {
-            padding: 1,
-            stride,
-            ..Default::default()
-        },
-        vb,
-    )
+/// A convolution's parameters (created by candle_nn's initialiser) run through [`ops::conv2d`].
+#[derive(Debug, Clone)]
+struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
 }
 
-fn conv1(cin: usize, cout: usize, vb: VarBuilder<'_>) -> Result<Conv2d> {
-    conv2d(cin, cout, 1, Conv2dConfig::default(), vb)
+impl Conv {
+    fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        let c = conv2d(cin, cout, k, cfg, vb)?;
+        Ok(Self {
+            weight: c.weight().clone(),
+            bias: c.bias().cloned(),
+            stride,
+            padding,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        ops::conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+            kernels,
+        )
+    }
+}
+
+fn conv3(cin: usize, cout: usize, stride: usize, vb: VarBuilder<'_>) -> Result<Conv> {
+    Conv::new(cin, cout, 3, stride, 1, vb)
+}
+
+fn conv1(cin: usize, cout: usize, vb: VarBuilder<'_>) -> Result<Conv> {
+    Conv::new(cin, cout, 1, 1, 0, vb)
+}
+
+/// Norm parameters (named `weight` and `bias`, initialised to 1 and 0 as in candle_nn).
+#[derive(Debug, Clone)]
+struct Norm {
+    gamma: Tensor,
+    beta: Tensor,
+    groups: usize,
+}
+
+impl Norm {
+    fn new(groups: usize, channels: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            gamma: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?,
+            beta: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?,
+            groups,
+        })
+    }
+
+    /// Norm, then SiLU when `silu`.
+    fn forward(&self, x: &Tensor, silu: bool, kernels: Kernels) -> Result<Tensor> {
+        ops::group_norm(
+            x,
+            &self.gamma,
+            &self.beta,
+            self.groups,
+            GN_EPS,
+            silu,
+            kernels,
+        )
+    }
+}
+
+fn group_norm(groups: usize, channels: usize, vb: VarBuilder<'_>) -> Result<Norm> {
+    Norm::new(groups, channels, vb)
 }
 
 fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
@@ -100,22 +168,22 @@ fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
 /// A residual block: GN → SiLU → Conv3 → (+ embedding) → GN → SiLU → Dropout → Conv3, plus a skip.
 #[derive(Debug, Clone)]
 struct ResBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
+    norm1: Norm,
+    conv1: Conv,
     emb_proj: Linear,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    skip: Option<Conv2d>,
+    norm2: Norm,
+    conv2: Conv,
+    skip: Option<Conv>,
     dropout: f32,
 }
 
 impl ResBlock {
     fn new(cin: usize, cout: usize, cfg: &UNetConfig, vb: VarBuilder<'_>) -> Result<Self> {
         Ok(Self {
-            norm1: group_norm(cfg.groups, cin, GN_EPS, vb.pp("norm1"))?,
+            norm1: group_norm(cfg.groups, cin, vb.pp("norm1"))?,
             conv1: conv3(cin, cout, 1, vb.pp("conv1"))?,
             emb_proj: linear(cfg.embed_dim(), cout, vb.pp("emb_proj"))?,
-            norm2: group_norm(cfg.groups, cout, GN_EPS, vb.pp("norm2"))?,
+            norm2: group_norm(cfg.groups, cout, vb.pp("norm2"))?,
             conv2: conv3(cout, cout, 1, vb.pp("conv2"))?,
             skip: if cin != cout {
                 Some(conv1(cin, cout, vb.pp("skip"))?)
@@ -126,16 +194,14 @@ impl ResBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, emb: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+    fn forward(&self, x: &Tensor, emb: &Tensor, train: bool, k: Kernels) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x, true, k)?, k)?;
         let e = self.emb_proj.forward(emb)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&e)?;
-        let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?;
-        let h = self.conv2.forward(&dropout(&h, self.dropout, train)?)?;
+        let h = self.norm2.forward(&h, true, k)?;
+        let h = self.conv2.forward(&dropout(&h, self.dropout, train)?, k)?;
         let skip = match &self.skip {
-            Some(s) => s.forward(x)?,
+            Some(s) => s.forward(x, k)?,
             None => x.clone(),
         };
         skip + h
@@ -145,29 +211,29 @@ impl ResBlock {
 /// Multi-head self-attention over the H·W positions, with a residual connection.
 #[derive(Debug, Clone)]
 struct Attention {
-    norm: GroupNorm,
-    qkv: Conv2d,
-    proj: Conv2d,
+    norm: Norm,
+    qkv: Conv,
+    proj: Conv,
     heads: usize,
 }
 
 impl Attention {
     fn new(ch: usize, cfg: &UNetConfig, vb: VarBuilder<'_>) -> Result<Self> {
         Ok(Self {
-            norm: group_norm(cfg.groups, ch, GN_EPS, vb.pp("norm"))?,
+            norm: group_norm(cfg.groups, ch, vb.pp("norm"))?,
             qkv: conv1(ch, 3 * ch, vb.pp("qkv"))?,
             proj: conv1(ch, ch, vb.pp("proj"))?,
             heads: cfg.num_heads,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, kern: Kernels) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let d = c / self.heads;
-        let qkv =
-            self.qkv
-                .forward(&self.norm.forward(x)?)?
-                .reshape((b, 3, self.heads, d, h * w))?;
+        let qkv = self
+            .qkv
+            .forward(&self.norm.forward(x, false, kern)?, kern)?
+            .reshape((b, 3, self.heads, d, h * w))?;
         // [B, heads, HW, d] for q and v; [B, heads, d, HW] for k.
         let q = qkv
             .narrow(1, 0, 1)?
@@ -183,7 +249,7 @@ impl Attention {
         let scores = (q.matmul(&k)? * (1.0 / (d as f64).sqrt()))?;
         let attn = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = attn.matmul(&v)?.transpose(2, 3)?.reshape((b, c, h, w))?;
-        x + self.proj.forward(&out)?
+        x + self.proj.forward(&out, kern)?
     }
 }
 
@@ -191,7 +257,7 @@ impl Attention {
 struct Level {
     res: Vec<ResBlock>,
     attn: Vec<Attention>,
-    resample: Option<Conv2d>,
+    resample: Option<Conv>,
 }
 
 /// The U-Net. Build it with [`UNet::new`]; run it through [`Denoiser::predict_noise`]
@@ -201,12 +267,13 @@ pub struct UNet {
     config: UNetConfig,
     time_embed: (Linear, Linear),
     class_embed: Option<Embedding>,
-    conv_in: Conv2d,
+    conv_in: Conv,
     down: Vec<Level>,
     mid: (ResBlock, Attention, ResBlock),
     up: Vec<Level>,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    norm_out: Norm,
+    conv_out: Conv,
+    kernels: Kernels,
 }
 
 impl UNet {
@@ -300,9 +367,22 @@ impl UNet {
             down,
             mid,
             up,
-            norm_out: group_norm(cfg.groups, ch, GN_EPS, vb.pp("norm_out"))?,
+            norm_out: group_norm(cfg.groups, ch, vb.pp("norm_out"))?,
             conv_out: conv3(ch, cfg.in_channels, 1, vb.pp("conv_out"))?,
+            kernels: Kernels::default(),
         })
+    }
+
+    /// Selects the implementation of the hot-path operations ([`Kernels::Fast`] by default).
+    /// Both compute the same function; [`Kernels::Stock`] exists for comparison.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The kernels in use.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// The configuration the model was built with.
@@ -332,6 +412,7 @@ impl UNet {
         if t.dims() != [b] {
             candle_core::bail!("U-Net: t must be [{b}], got {:?}", t.shape());
         }
+        let k = self.kernels;
         let temb = timestep_embedding(t, self.config.base_channels)?;
         let mut emb = self
             .time_embed
@@ -350,41 +431,40 @@ impl UNet {
             };
             emb = (emb + ce.forward(&labels)?)?;
         }
-        let mut hs = vec![self.conv_in.forward(x)?];
+        let mut hs = vec![self.conv_in.forward(x, k)?];
         let mut hcur = hs[0].clone();
         for level in &self.down {
             for (j, res) in level.res.iter().enumerate() {
-                hcur = res.forward(&hcur, &emb, train)?;
+                hcur = res.forward(&hcur, &emb, train, k)?;
                 if let Some(a) = level.attn.get(j) {
-                    hcur = a.forward(&hcur)?;
+                    hcur = a.forward(&hcur, k)?;
                 }
                 hs.push(hcur.clone());
             }
             if let Some(ds) = &level.resample {
-                hcur = ds.forward(&hcur)?;
+                hcur = ds.forward(&hcur, k)?;
                 hs.push(hcur.clone());
             }
         }
-        hcur = self.mid.0.forward(&hcur, &emb, train)?;
-        hcur = self.mid.1.forward(&hcur)?;
-        hcur = self.mid.2.forward(&hcur, &emb, train)?;
+        hcur = self.mid.0.forward(&hcur, &emb, train, k)?;
+        hcur = self.mid.1.forward(&hcur, k)?;
+        hcur = self.mid.2.forward(&hcur, &emb, train, k)?;
         for level in &self.up {
             for (j, res) in level.res.iter().enumerate() {
                 let skip = hs
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("internal: skip stack".into()))?;
-                hcur = res.forward(&Tensor::cat(&[&hcur, &skip], 1)?, &emb, train)?;
+                hcur = res.forward(&Tensor::cat(&[&hcur, &skip], 1)?, &emb, train, k)?;
                 if let Some(a) = level.attn.get(j) {
-                    hcur = a.forward(&hcur)?;
+                    hcur = a.forward(&hcur, k)?;
                 }
             }
             if let Some(us) = &level.resample {
-                let (_, _, hh, ww) = hcur.dims4()?;
-                hcur = us.forward(&hcur.upsample_nearest2d(hh * 2, ww * 2)?)?;
+                hcur = us.forward(&ops::upsample_nearest2x(&hcur, k)?, k)?;
             }
         }
-        let out = candle_nn::ops::silu(&self.norm_out.forward(&hcur)?)?;
-        self.conv_out.forward(&out)
+        let out = self.norm_out.forward(&hcur, true, k)?;
+        self.conv_out.forward(&out, k)
     }
 }
 
@@ -404,4 +484,65 @@ pub fn parameter_count(config: &UNetConfig) -> Result<usize> {
     UNet::new(config, vb)?;
     let n = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
     Ok(n)
+}
+
+/// Multiply-add FLOPs (2 per multiply-accumulate) of one forward pass for one `height × width`
+/// image: convolutions, linear layers and the attention matrix products. Norms, activations and
+/// additions are left out (they are a few per element, not per weight). A training step costs
+/// about three times this (forward, input gradient, weight gradient).
+pub fn forward_flops(config: &UNetConfig, height: usize, width: usize) -> f64 {
+    let cfg = config;
+    let emb = cfg.embed_dim() as f64;
+    let conv = |cin: usize, cout: usize, k: usize, hw: f64| 2.0 * (cin * cout * k * k) as f64 * hw;
+    let res = |cin: usize, cout: usize, hw: f64| {
+        conv(cin, cout, 3, hw)
+            + conv(cout, cout, 3, hw)
+            + 2.0 * emb * cout as f64
+            + if cin != cout {
+                conv(cin, cout, 1, hw)
+            } else {
+                0.0
+            }
+    };
+    let attn = |ch: usize, hw: f64| {
+        conv(ch, 3 * ch, 1, hw) + conv(ch, ch, 1, hw) + 2.0 * 2.0 * hw * hw * ch as f64
+    };
+    let levels = cfg.channel_mults.len();
+    let hw_at = |level: usize| ((height >> level) * (width >> level)) as f64;
+    let mut flops = 2.0 * (cfg.base_channels as f64 * emb + emb * emb);
+    flops += conv(cfg.in_channels, cfg.base_channels, 3, hw_at(0));
+    let mut skips = vec![cfg.base_channels];
+    let mut ch = cfg.base_channels;
+    for level in 0..levels {
+        let out = cfg.level_channels(level);
+        for _ in 0..cfg.num_res_blocks {
+            flops += res(ch, out, hw_at(level));
+            ch = out;
+            if cfg.attention_levels.contains(&level) {
+                flops += attn(ch, hw_at(level));
+            }
+            skips.push(ch);
+        }
+        if level + 1 < levels {
+            flops += conv(ch, ch, 3, hw_at(level + 1));
+            skips.push(ch);
+        }
+    }
+    let bottom = hw_at(levels - 1);
+    flops += 2.0 * res(ch, ch, bottom) + attn(ch, bottom);
+    for level in (0..levels).rev() {
+        let out = cfg.level_channels(level);
+        for _ in 0..=cfg.num_res_blocks {
+            let skip = skips.pop().unwrap_or(0);
+            flops += res(ch + skip, out, hw_at(level));
+            ch = out;
+            if cfg.attention_levels.contains(&level) {
+                flops += attn(ch, hw_at(level));
+            }
+        }
+        if level > 0 {
+            flops += conv(ch, ch, 3, hw_at(level - 1));
+        }
+    }
+    flops + conv(ch, cfg.in_channels, 3, hw_at(0))
 }

@@ -239,3 +239,34 @@ fn presets_have_the_documented_sizes() {
     assert!(mnist * 2 < 10_000_000, "mnist has {mnist}");
     eprintln!("parameters: tiny {tiny}, small {small}, mnist {mnist}");
 }
+
+#[test]
+fn forward_flops_of_a_one_level_net_by_hand() {
+    // One level, one res block, base 8, groups 4, no attention at level 0 (the middle always
+    // has one): conv_in, down res(8→8), mid res, attn, res, up res(16→8) ×2, conv_out, time MLP.
+    let cfg = UNetConfig {
+        channel_mults: vec![1],
+        attention_levels: vec![],
+        num_res_blocks: 1,
+        ..UNetConfig::tiny()
+    };
+    let (h, w) = (6.0f64, 4.0f64);
+    let hw = h * w;
+    let c = 8.0;
+    let emb = cfg.embed_dim() as f64;
+    let conv3 = |cin: f64, cout: f64| 2.0 * cin * cout * 9.0 * hw;
+    let res_same = conv3(c, c) * 2.0 + 2.0 * emb * c;
+    let res_cat = conv3(2.0 * c, c) + conv3(c, c) + 2.0 * emb * c + 2.0 * 2.0 * c * c * hw;
+    let attn = 2.0 * 3.0 * c * c * hw + 2.0 * c * c * hw + 4.0 * hw * hw * c;
+    let want = 2.0 * (c * emb + emb * emb)
+        + conv3(1.0, c)
+        + res_same * 3.0
+        + attn
+        + res_cat * 2.0
+        + conv3(c, 1.0);
+    let got = ddpm_unet::forward_flops(&cfg, 6, 4);
+    assert!((got - want).abs() < 1e-6 * want, "{got} vs {want}");
+    // The presets at 28×28, for the record in docs/performance.md.
+    let small = ddpm_unet::forward_flops(&UNetConfig::small(), 28, 28);
+    assert!(small > 1e8 && small < 1e9, "{small}");
+}

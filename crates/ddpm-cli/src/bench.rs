@@ -1,0 +1,185 @@
+//! `ddpm bench`: one measurement per process (so peak RSS belongs to it), printed as one JSON
+//! line. `cargo xtask bench` runs the grid of presets and kernels and the PyTorch reference.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+use ddpm_core::{Denoiser, SeededNoise};
+use ddpm_data::Batch;
+use ddpm_schedule::ScheduleConfig;
+use ddpm_train::{DataInfo, ModelCard, TrainConfig, Trainer};
+use ddpm_unet::{Kernels, UNetConfig};
+
+use crate::DeviceArg;
+
+/// What `ddpm bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// Full training steps (forward, MSE, backward, AdamW, EMA) at --batch.
+    Train,
+    /// Inference forward passes (no gradients) at --batch.
+    Forward,
+    /// A 1024×1024×1024 f32 matrix product: the machine's practical ceiling.
+    Gemm,
+    /// Print the preset's U-Net configuration as JSON (for the PyTorch reference).
+    Config,
+}
+
+/// Options of `ddpm bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "train")]
+    mode: BenchMode,
+    /// Model preset.
+    #[arg(long, default_value = "small", value_parser = ["mnist", "small", "tiny"])]
+    model: String,
+    /// Batch size (default: 128 for train, 256 for forward).
+    #[arg(short = 'b', long)]
+    batch: Option<usize>,
+    /// Kernel implementation: fast (ours) or stock (candle's).
+    #[arg(long, default_value = "fast", value_parser = ["fast", "stock"])]
+    kernels: String,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Untimed warm-up iterations.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Image side (28 for MNIST).
+    #[arg(long, default_value_t = 28)]
+    image_size: usize,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn time_iters(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let start = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn sync(dev: &Device) -> Result<()> {
+    dev.synchronize().context("synchronising the device")
+}
+
+/// Runs `ddpm bench`.
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let dev = crate::device(a.device)?;
+    let threads = candle_core::utils::get_num_threads();
+    let cfg = UNetConfig::preset(&a.model).context("--model")?;
+    let kernels = Kernels::from_name(&a.kernels).context("--kernels")?;
+    let s = a.image_size;
+    if a.mode == BenchMode::Config {
+        println!("{}", serde_json::to_string(&cfg)?);
+        return Ok(());
+    }
+    if a.mode == BenchMode::Gemm {
+        let n = 1024;
+        let x = Tensor::ones((n, n), DType::F32, &dev)?;
+        let y = Tensor::ones((n, n), DType::F32, &dev)?;
+        let iters = a.iters.max(5);
+        let secs = time_iters(a.warmup, iters, || {
+            x.matmul(&y)?;
+            sync(&dev)
+        })?;
+        let gflops = 2.0 * (n * n * n) as f64 * iters as f64 / secs / 1e9;
+        println!(
+            "{}",
+            serde_json::json!({"mode": "gemm", "n": n, "threads": threads, "gflops": gflops})
+        );
+        return Ok(());
+    }
+    let batch = a
+        .batch
+        .unwrap_or(if a.mode == BenchMode::Train { 128 } else { 256 });
+    let card = ModelCard {
+        model: cfg.clone(),
+        schedule: ScheduleConfig::default(),
+        data: DataInfo {
+            dataset: "mnist".into(),
+            channels: cfg.in_channels,
+            height: s,
+            width: s,
+            class_names: (0..cfg.num_classes).map(|d| d.to_string()).collect(),
+        },
+    };
+    let params = ddpm_unet::parameter_count(&cfg)?;
+    let mut rng = SeededNoise::new(0);
+    let x = Tensor::from_vec(
+        rng.randn_vec(batch * cfg.in_channels * s * s),
+        (batch, cfg.in_channels, s, s),
+        &dev,
+    )?;
+    let labels = Tensor::from_vec(rng.uniform_u32(batch, 10), batch, &dev)?;
+    let train_config = TrainConfig {
+        batch_size: batch,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(card, train_config, &dev)?;
+    trainer.set_kernels(kernels);
+    let secs = match a.mode {
+        BenchMode::Train => {
+            let b = Batch {
+                images: x.clone(),
+                labels: labels.clone(),
+            };
+            time_iters(a.warmup, a.iters, || {
+                trainer.train_step(&b)?;
+                sync(&dev)
+            })?
+        }
+        _ => {
+            let model = trainer.model().clone();
+            let t = Tensor::from_vec(rng.uniform_u32(batch, 1000), batch, &dev)?;
+            time_iters(a.warmup, a.iters, || {
+                model.predict_noise(&x, &t, Some(&labels))?;
+                sync(&dev)
+            })?
+        }
+    };
+    let images_per_s = (batch * a.iters) as f64 / secs;
+    let fwd = ddpm_unet::forward_flops(&cfg, s, s);
+    let per_image = if a.mode == BenchMode::Train {
+        3.0 * fwd
+    } else {
+        fwd
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": format!("candle-{}", kernels.name()),
+            "mode": if a.mode == BenchMode::Train { "train" } else { "forward" },
+            "model": a.model,
+            "params": params,
+            "batch": batch,
+            "threads": threads,
+            "iters": a.iters,
+            "seconds": secs,
+            "images_per_s": images_per_s,
+            "gflops": images_per_s * per_image / 1e9,
+            "peak_rss_mib": peak_rss_mib(),
+            "device": format!("{:?}", a.device).to_lowercase(),
+        })
+    );
+    Ok(())
+}
