@@ -139,12 +139,24 @@ impl Norm {
         })
     }
 
-    /// Norm, then SiLU when `silu`.
+    /// GroupNorm, then SiLU when `silu`.
     fn forward(&self, x: &Tensor, silu: bool, kernels: Kernels) -> Result<Tensor> {
+        self.forward_shifted(x, None, silu, kernels)
+    }
+
+    /// GroupNorm of `x + shift` (`shift` `[n, c]`), then SiLU when `silu`.
+    fn forward_shifted(
+        &self,
+        x: &Tensor,
+        shift: Option<&Tensor>,
+        silu: bool,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         ops::group_norm(
             x,
             &self.gamma,
             &self.beta,
+            shift,
             self.groups,
             GN_EPS,
             silu,
@@ -196,9 +208,8 @@ impl ResBlock {
 
     fn forward(&self, x: &Tensor, emb: &Tensor, train: bool, k: Kernels) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(x, true, k)?, k)?;
-        let e = self.emb_proj.forward(emb)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&e)?;
-        let h = self.norm2.forward(&h, true, k)?;
+        let e = self.emb_proj.forward(emb)?;
+        let h = self.norm2.forward_shifted(&h, Some(&e), true, k)?;
         let h = self.conv2.forward(&dropout(&h, self.dropout, train)?, k)?;
         let skip = match &self.skip {
             Some(s) => s.forward(x, k)?,

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use ddpm_core::SeededNoise;
-use ddpm_unet::ops::{conv2d, group_norm, upsample_nearest2x, Kernels};
+use ddpm_unet::ops::{add_channel_bias, conv2d, group_norm, upsample_nearest2x, Kernels};
 use ddpm_unet::{UNet, UNetConfig};
 
 fn var(rng: &mut SeededNoise, dims: &[usize]) -> Var {
@@ -186,7 +186,7 @@ fn group_norm_matches_candle_with_and_without_silu() {
             compare(
                 &mut rng,
                 &[&x, &g, &b],
-                |k| group_norm(&x, &g, &b, groups, 1e-5, silu, k),
+                |k| group_norm(&x, &g, &b, None, groups, 1e-5, silu, k),
                 &format!("group_norm n{n} c{c} {h}x{w} g{groups} silu={silu}"),
             );
         }
@@ -199,11 +199,16 @@ fn group_norm_gradient_matches_finite_differences() {
     let x = var(&mut rng, &[2, 4, 3, 2]);
     let g = var(&mut rng, &[4]);
     let b = var(&mut rng, &[4]);
-    let (gt, bt) = (g.as_tensor().clone(), b.as_tensor().clone());
+    let s = var(&mut rng, &[2, 4]);
+    let (gt, bt, st) = (
+        g.as_tensor().clone(),
+        b.as_tensor().clone(),
+        s.as_tensor().clone(),
+    );
     check_finite_differences(
         &mut rng,
         &x,
-        |t| group_norm(t, &gt, &bt, 2, 1e-5, true, Kernels::Fast).unwrap(),
+        |t| group_norm(t, &gt, &bt, Some(&st), 2, 1e-5, true, Kernels::Fast).unwrap(),
         3,
         "group_norm dx",
     );
@@ -211,10 +216,60 @@ fn group_norm_gradient_matches_finite_differences() {
     check_finite_differences(
         &mut rng,
         &g,
-        |t| group_norm(&xt, t, &bt, 2, 1e-5, true, Kernels::Fast).unwrap(),
+        |t| group_norm(&xt, t, &bt, Some(&st), 2, 1e-5, true, Kernels::Fast).unwrap(),
         1,
         "group_norm dgamma",
     );
+    check_finite_differences(
+        &mut rng,
+        &s,
+        |t| group_norm(&xt, &gt, &bt, Some(t), 2, 1e-5, true, Kernels::Fast).unwrap(),
+        1,
+        "group_norm dshift",
+    );
+}
+
+#[test]
+fn group_norm_with_shift_matches_candle() {
+    let mut rng = SeededNoise::new(8);
+    for (n, c, h, w, groups) in [(3, 6, 5, 4, 3), (1, 4, 2, 2, 4)] {
+        let x = var(&mut rng, &[n, c, h, w]);
+        let g = var(&mut rng, &[c]);
+        let b = var(&mut rng, &[c]);
+        let s = Var::from_tensor(&(var(&mut rng, &[n, c]).as_tensor() * 4.0).unwrap()).unwrap();
+        compare(
+            &mut rng,
+            &[&x, &g, &b, &s],
+            |k| group_norm(&x, &g, &b, Some(&s), groups, 1e-5, true, k),
+            &format!("group_norm+shift n{n} c{c} g{groups}"),
+        );
+    }
+}
+
+#[test]
+fn channel_bias_matches_candle_per_channel_and_per_sample() {
+    let mut rng = SeededNoise::new(7);
+    for (dims, per_sample) in [
+        ([1, 3, 4, 5], false),
+        ([4, 2, 3, 3], true),
+        ([2, 5, 1, 1], true),
+    ] {
+        let x = var(&mut rng, &dims);
+        let b = if per_sample {
+            var(&mut rng, &dims[..2])
+        } else {
+            var(&mut rng, &dims[1..2])
+        };
+        compare(
+            &mut rng,
+            &[&x, &b],
+            |k| add_channel_bias(&x, &b, k),
+            &format!("bias {dims:?} per_sample={per_sample}"),
+        );
+    }
+    let x = Tensor::zeros((2, 3, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    assert!(add_channel_bias(&x, &bad, Kernels::Fast).is_err());
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! plus one GEMM per sample. The column buffer is per thread and never kept for the backward
 //! pass (it is rebuilt there), so memory stays at what stock candle keeps: the input.
 
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
@@ -160,10 +160,11 @@ fn col2im(g: &ConvGeom, cols: &[f32], x: &mut [f32]) {
     }
 }
 
-/// Forward of one sample: `out [cout, L] = W [cout, K] · cols [K, L]`.
+/// Forward of one sample: `out [cout, L] = W [cout, K] · cols [K, L] (+ bias)`.
 fn fwd_sample(
     g: &ConvGeom,
     w: &[f32],
+    bias: Option<&[f32]>,
     x: &[f32],
     cols: &mut Vec<f32>,
     out: &mut [f32],
@@ -177,7 +178,33 @@ fn fwd_sample(
         im2col(g, x, cols);
         MatRef::row_major(cols, k, l)
     };
-    sgemm(out, MatRef::row_major(w, g.cout, k), colm, false, par)
+    sgemm(out, MatRef::row_major(w, g.cout, k), colm, false, par)?;
+    if let Some(b) = bias {
+        for (row, &bv) in out.chunks_mut(l.max(1)).zip(b) {
+            row.iter_mut().for_each(|v| *v += bv);
+        }
+    }
+    Ok(())
+}
+
+/// The forward pass over a batch.
+fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    let out_len = g.cout * g.l();
+    let mut out = vec![0f32; g.n * out_len];
+    if g.across_samples() {
+        out.par_chunks_mut(out_len)
+            .zip(x.par_chunks(g.in_len()))
+            .with_min_len(g.chunk_len())
+            .try_for_each_init(Vec::new, |cols, (o, xs)| {
+                fwd_sample(g, w, bias, xs, cols, o, false)
+            })?;
+    } else {
+        let mut cols = Vec::new();
+        for (o, xs) in out.chunks_mut(out_len).zip(x.chunks(g.in_len())) {
+            fwd_sample(g, w, bias, xs, &mut cols, o, true)?;
+        }
+    }
+    Ok(out)
 }
 
 /// Input gradient of one sample: `dcols [K, L] = Wᵀ · g [cout, L]`, then col2im.
@@ -243,21 +270,7 @@ impl CustomOp2 for Conv2dOp {
         let x = contiguous_f32(s1, l1, "conv2d input")?;
         let w = contiguous_f32(s2, l2, "conv2d kernel")?;
         let g = ConvGeom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let out_len = g.cout * g.l();
-        let mut out = vec![0f32; g.n * out_len];
-        if g.across_samples() {
-            out.par_chunks_mut(out_len)
-                .zip(x.par_chunks(g.in_len()))
-                .with_min_len(g.chunk_len())
-                .try_for_each_init(Vec::new, |cols, (o, xs)| {
-                    fwd_sample(&g, w, xs, cols, o, false)
-                })?;
-        } else {
-            let mut cols = Vec::new();
-            for (o, xs) in out.chunks_mut(out_len).zip(x.chunks(g.in_len())) {
-                fwd_sample(&g, w, xs, &mut cols, o, true)?;
-            }
-        }
+        let out = conv_forward(&g, x, w, None)?;
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.cout, g.oh, g.ow))))
     }
 
@@ -268,7 +281,59 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, &grad.contiguous()?)
+    }
+}
+
+/// `conv2d(x, w) + b` with the bias added while the output is in cache; differentiable in all
+/// three arguments.
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "conv2d input")?;
+        let w = contiguous_f32(s2, l2, "conv2d kernel")?;
+        let b = contiguous_f32(s3, l3, "conv2d bias")?;
+        let g = ConvGeom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        if l3.dims() != [g.cout] {
+            bail!("conv2d: bias must be [{}], got {:?}", g.cout, l3.dims())
+        }
+        let out = conv_forward(&g, x, w, Some(b))?;
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.cout, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        let (dx, dw) = self.grads(x, w, &grad)?;
+        let db = grad.apply_op1_no_bwd(&super::bias::SumPlanes { per_sample: false })?;
+        Ok((dx, dw, Some(db)))
+    }
+}
+
+impl Conv2dOp {
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = grad.apply_op2_no_bwd(
             w,
             &Conv2dBwdData {
@@ -278,7 +343,7 @@ impl CustomOp2 for Conv2dOp {
             },
         )?;
         let dw = x.apply_op2_no_bwd(
-            &grad,
+            grad,
             &Conv2dBwdFilter {
                 stride: self.stride,
                 pad: self.pad,

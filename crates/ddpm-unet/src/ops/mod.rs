@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | [`conv2d`] | im2col forward; input gradient by a direct `conv_transpose2d` loop | im2col/col2im + one GEMM per sample for the forward, the input gradient and the kernel gradient; no column buffer kept between passes |
 //! | [`group_norm`] | about ten ops forward and backward, SiLU separate | one pass forward, one backward, affine and SiLU fused |
+//! | [`add_channel_bias`] | broadcast add; backward is a single-threaded strided sum | one parallel pass each way |
 //! | [`upsample_nearest2x`] | backward runs one grouped convolution per channel | broadcast + reshape; backward is a reshape-sum |
 //!
 //! The fast kernels run on the CPU in f32; elsewhere (CUDA, f16) the stock path is used.
@@ -25,6 +26,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub(crate) mod bias;
 mod conv;
 mod gemm;
 mod norm;
@@ -86,38 +88,64 @@ pub fn conv2d(
     padding: usize,
     kernels: Kernels,
 ) -> Result<Tensor> {
-    let y = if kernels.fast_for(x) && weight.dtype() == DType::F32 {
-        x.contiguous()?.apply_op2(
-            &weight.contiguous()?,
-            conv::Conv2dOp {
-                stride,
-                pad: padding,
-            },
-        )?
-    } else {
-        x.conv2d(weight, padding, stride, 1, 1)?
+    let fast = kernels.fast_for(x) && weight.dtype() == DType::F32;
+    let op = conv::Conv2dOp {
+        stride,
+        pad: padding,
+    };
+    let y = match bias {
+        Some(b) if fast && b.dtype() == DType::F32 => {
+            return x
+                .contiguous()?
+                .apply_op3(&weight.contiguous()?, &b.contiguous()?, op)
+        }
+        _ if fast => x.contiguous()?.apply_op2(&weight.contiguous()?, op)?,
+        _ => x.conv2d(weight, padding, stride, 1, 1)?,
     };
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        Some(b) => add_channel_bias(&y, b, kernels),
         None => Ok(y),
     }
 }
 
-/// GroupNorm over `x [n, c, ...]` with `groups` groups, per-channel `gamma` and `beta` `[c]`,
-/// followed by SiLU when `silu` is set.
+/// `x [n, c, h, w] + b`, with `b` `[c]` (one value per channel) or `[n, c]` (per sample and
+/// channel, e.g. a projected time embedding).
+pub fn add_channel_bias(x: &Tensor, b: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    if kernels.fast_for(x) && b.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op2(&b.contiguous()?, bias::AddBias);
+    }
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let b = if b.rank() == 1 {
+        b.reshape((1, c, 1, 1))?
+    } else {
+        b.reshape((n, c, 1, 1))?
+    };
+    x.broadcast_add(&b)
+}
+
+/// GroupNorm over `x [n, c, ...]` with `groups` groups and per-channel `gamma` and `beta`
+/// `[c]`, followed by SiLU when `silu` is set. With `shift` (`[n, c]`), normalises
+/// `x + shift` instead (the U-Net adds its projected embedding there; fusing it saves a pass).
+#[allow(clippy::too_many_arguments)]
 pub fn group_norm(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
+    shift: Option<&Tensor>,
     groups: usize,
     eps: f64,
     silu: bool,
     kernels: Kernels,
 ) -> Result<Tensor> {
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
     if kernels.fast_for(x) && gamma.dtype() == DType::F32 {
-        let gb = Tensor::stack(&[gamma, beta], 0)?;
+        let shift = match shift {
+            Some(s) => s.reshape(n * c)?,
+            None => Tensor::zeros(n * c, DType::F32, x.device())?,
+        };
+        let packed = Tensor::cat(&[gamma, beta, &shift], 0)?;
         return x.contiguous()?.apply_op2(
-            &gb,
+            &packed,
             norm::GroupNormOp {
                 groups,
                 eps: eps as f32,
@@ -125,9 +153,12 @@ pub fn group_norm(
             },
         );
     }
-    let c = x.dim(1)?;
+    let x = match shift {
+        Some(s) => x.broadcast_add(&s.reshape((n, c, 1, 1))?)?,
+        None => x.clone(),
+    };
     let norm = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, eps)?;
-    let y = candle_core::Module::forward(&norm, x)?;
+    let y = candle_core::Module::forward(&norm, &x)?;
     if silu {
         candle_nn::ops::silu(&y)
     } else {

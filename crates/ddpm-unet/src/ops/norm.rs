@@ -6,7 +6,9 @@ use rayon::prelude::*;
 
 use super::contiguous_f32;
 
-/// `y = act(γ · (x − μ_g)/σ_g + β)` over `x [n, c, *]`, with `γβ = [2, c]` (row 0 γ, row 1 β).
+/// `y = act(γ · (v − μ_g)/σ_g + β)` with `v = x + shift` over `x [n, c, *]`; the second input
+/// packs `[γ (c) ‖ β (c) ‖ shift (n·c)]` into one vector (so one backward op returns all
+/// gradients; the per-sample shift fuses the U-Net's embedding addition into the norm).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct GroupNormOp {
     pub groups: usize,
@@ -18,6 +20,7 @@ struct Geom {
     c: usize,
     cg: usize,
     s: usize,
+    np: usize,
 }
 
 impl GroupNormOp {
@@ -33,27 +36,105 @@ impl GroupNormOp {
                 self.groups
             )
         }
-        if gb.dims() != [2, c] {
-            bail!("group_norm: affine must be [2, {c}], got {:?}", gb.dims())
+        let np = 2 * c + dims[0] * c;
+        if gb.dims() != [np] {
+            bail!(
+                "group_norm: packed parameters must be [{np}], got {:?}",
+                gb.dims()
+            )
         }
         Ok(Geom {
             c,
             cg: c / self.groups,
             s: dims[2..].iter().product(),
+            np,
         })
     }
 }
 
-/// Mean and 1/σ of one group's values (two-pass, f64 accumulation).
+/// Mean and 1/σ of one group's values: f32 partial sums in 8 lanes (vectorised), combined in
+/// f64, shifted by the first value to avoid cancellation in E[x²] − E[x]².
 fn stats(v: &[f32], eps: f32) -> (f32, f32) {
-    let n = v.len().max(1) as f64;
-    let mean = v.iter().map(|&a| a as f64).sum::<f64>() / n;
-    let var = v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+    let Some(&shift) = v.first() else {
+        return (0.0, 1.0 / eps.sqrt());
+    };
+    let (mut s1, mut s2) = ([0f32; 8], [0f32; 8]);
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let d = c[i] - shift;
+            s1[i] += d;
+            s2[i] += d * d;
+        }
+    }
+    let (mut t1, mut t2) = (0f64, 0f64);
+    for i in 0..8 {
+        t1 += s1[i] as f64;
+        t2 += s2[i] as f64;
+    }
+    for &x in rest {
+        let d = (x - shift) as f64;
+        t1 += d;
+        t2 += d * d;
+    }
+    let n = v.len() as f64;
+    let m = t1 / n;
+    let var = (t2 / n - m * m).max(0.0);
+    (
+        (shift as f64 + m) as f32,
+        (1.0 / (var + eps as f64).sqrt()) as f32,
+    )
 }
 
+/// [`stats`] of a group of `cg` planes of `s` values, plane `i` shifted by `shift[i]`.
+fn shifted_stats(xg: &[f32], shift: &[f32], s: usize, eps: f32) -> (f32, f32) {
+    if shift.iter().all(|&v| v == 0.0) {
+        return stats(xg, eps);
+    }
+    // Per-plane mean and variance, merged exactly (Chan et al.): no E[x²] − E[x]² cancellation.
+    let planes: Vec<(f64, f64, f64)> = xg
+        .chunks(s.max(1))
+        .zip(shift)
+        .map(|(plane, &sh)| {
+            let (m, rstd) = stats(plane, eps);
+            let var = (1.0 / (rstd as f64).powi(2) - eps as f64).max(0.0);
+            (plane.len() as f64, m as f64 + sh as f64, var)
+        })
+        .collect();
+    let n: f64 = planes.iter().map(|p| p.0).sum::<f64>().max(1.0);
+    let mean = planes.iter().map(|p| p.0 * p.1).sum::<f64>() / n;
+    let m2: f64 = planes
+        .iter()
+        .map(|&(len, m, var)| len * (var + (m - mean).powi(2)))
+        .sum();
+    (mean as f32, (1.0 / (m2 / n + eps as f64).sqrt()) as f32)
+}
+
+/// `e^x` to about 2 ulp for x in [−87, 88] (clamped outside), branch-free so loops over it
+/// vectorise (libm's `expf` is a scalar call per element).
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // e^x = 2^n · e^r with n = round(x / ln 2), r = x − n·ln 2 in [−ln2/2, ln2/2].
+    // Round to nearest with the 1.5·2²³ trick: the integer lands in the low mantissa bits,
+    // so no libm `roundf` call and no float→int conversion (both block vectorisation).
+    const MAGIC: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let ni = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    let n = t - MAGIC;
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    // Degree-6 Taylor polynomial of e^r (error < 2e-8 on the interval).
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    f32::from_bits(ni.wrapping_add(127) << 23) * p
+}
+
+#[inline(always)]
 fn sigmoid(z: f32) -> f32 {
-    1.0 / (1.0 + (-z).exp())
+    1.0 / (1.0 + fast_exp(-z))
 }
 
 impl CustomOp2 for GroupNormOp {
@@ -71,20 +152,23 @@ impl CustomOp2 for GroupNormOp {
         let geo = self.geom(l1, l2)?;
         let x = contiguous_f32(s1, l1, "group_norm input")?;
         let gb = contiguous_f32(s2, l2, "group_norm affine")?;
-        let (gamma, beta) = gb.split_at(geo.c);
+        let (gamma, rest) = gb.split_at(geo.c);
+        let (beta, shift) = rest.split_at(geo.c);
         let glen = geo.cg * geo.s;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(glen)
             .zip(x.par_chunks(glen))
             .enumerate()
             .for_each(|(i, (yg, xg))| {
-                let (mean, rstd) = stats(xg, self.eps);
                 let c0 = (i % self.groups) * geo.cg;
+                let sh = &shift[(i / self.groups) * geo.c + c0..][..geo.cg];
+                let (mean, rstd) = shifted_stats(xg, sh, geo.s, self.eps);
                 for ci in 0..geo.cg {
                     let (ga, be) = (gamma[c0 + ci] * rstd, beta[c0 + ci]);
+                    let off = sh[ci] - mean;
                     let r = ci * geo.s..(ci + 1) * geo.s;
                     for (o, &v) in yg[r.clone()].iter_mut().zip(&xg[r]) {
-                        let z = (v - mean) * ga + be;
+                        let z = (v + off) * ga + be;
                         *o = if self.silu { z * sigmoid(z) } else { z };
                     }
                 }
@@ -102,12 +186,12 @@ impl CustomOp2 for GroupNormOp {
         let packed = x.apply_op3_no_bwd(gb, &grad.contiguous()?, &GroupNormBwd(*self))?;
         let n = x.elem_count();
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgb = packed.narrow(0, n, gb.elem_count())?.reshape(gb.shape())?;
+        let dgb = packed.narrow(0, n, gb.elem_count())?;
         Ok((Some(dx), Some(dgb)))
     }
 }
 
-/// `(x, γβ, dy) → [dx (flattened) ‖ dγ ‖ dβ]`, one flat vector.
+/// `(x, [γ ‖ β ‖ shift], dy) → [dx (flattened) ‖ dγ ‖ dβ ‖ dshift]`, one flat vector.
 #[derive(Debug, Clone, Copy)]
 struct GroupNormBwd(GroupNormOp);
 
@@ -136,27 +220,32 @@ impl CustomOp3 for GroupNormBwd {
         let x = contiguous_f32(s1, l1, "group_norm input")?;
         let gb = contiguous_f32(s2, l2, "group_norm affine")?;
         let dy = contiguous_f32(s3, l3, "group_norm gradient")?;
-        let (gamma, beta) = gb.split_at(geo.c);
+        let (gamma, rest) = gb.split_at(geo.c);
+        let (beta, shift) = rest.split_at(geo.c);
         let glen = geo.cg * geo.s;
-        let mut out = vec![0f32; x.len() + 2 * geo.c];
+        let mut out = vec![0f32; x.len() + geo.np];
         let (dx, _) = out.split_at_mut(x.len());
-        // Each group writes its dx and returns its channels' partial dγ, dβ.
-        let partials: Vec<(usize, Vec<f32>, Vec<f32>)> = dx
+        // Each group writes its dx and returns its channels' partial dγ, dβ (dshift is the
+        // per-channel sum of dx, computed after the second pass).
+        let partials: Vec<(usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> = dx
             .par_chunks_mut(glen)
             .zip(x.par_chunks(glen).zip(dy.par_chunks(glen)))
             .enumerate()
             .map(|(i, (dxg, (xg, dyg)))| {
-                let (mean, rstd) = stats(xg, op.eps);
                 let c0 = (i % op.groups) * geo.cg;
+                let sample = i / op.groups;
+                let sh = &shift[sample * geo.c + c0..][..geo.cg];
+                let (mean, rstd) = shifted_stats(xg, sh, geo.s, op.eps);
                 let (mut dga, mut dbe) = (vec![0f32; geo.cg], vec![0f32; geo.cg]);
                 let (mut sum_dxh, mut sum_dxh_xh) = (0f64, 0f64);
                 for ci in 0..geo.cg {
                     let (ga, be) = (gamma[c0 + ci], beta[c0 + ci]);
+                    let off = sh[ci] - mean;
                     let r = ci * geo.s..(ci + 1) * geo.s;
-                    let (mut acc_g, mut acc_b) = (0f64, 0f64);
+                    let (mut acc_g, mut acc_b) = (0f32, 0f32);
                     for ((d, &v), &gy) in dxg[r.clone()].iter_mut().zip(&xg[r.clone()]).zip(&dyg[r])
                     {
-                        let xh = (v - mean) * rstd;
+                        let xh = (v + off) * rstd;
                         let dz = if op.silu {
                             let z = xh * ga + be;
                             let s = sigmoid(z);
@@ -164,34 +253,80 @@ impl CustomOp3 for GroupNormBwd {
                         } else {
                             gy
                         };
-                        acc_g += (dz * xh) as f64;
-                        acc_b += dz as f64;
-                        let dxh = dz * ga;
-                        sum_dxh += dxh as f64;
-                        sum_dxh_xh += (dxh * xh) as f64;
-                        *d = dxh;
+                        acc_g += dz * xh;
+                        acc_b += dz;
+                        *d = dz * ga;
                     }
-                    dga[ci] = acc_g as f32;
-                    dbe[ci] = acc_b as f32;
+                    // dx̂ = dz·γ, so Σdx̂ = γ·Σdz and Σdx̂·x̂ = γ·Σdz·x̂.
+                    sum_dxh += (acc_b * ga) as f64;
+                    sum_dxh_xh += (acc_g * ga) as f64;
+                    dga[ci] = acc_g;
+                    dbe[ci] = acc_b;
                 }
                 let m = glen.max(1) as f64;
                 let (a, b) = ((sum_dxh / m) as f32, (sum_dxh_xh / m) as f32);
-                for (d, &v) in dxg.iter_mut().zip(xg) {
-                    let xh = (v - mean) * rstd;
-                    *d = rstd * (*d - a - xh * b);
+                let mut dsh = vec![0f32; geo.cg];
+                for ci in 0..geo.cg {
+                    let off = sh[ci] - mean;
+                    let r = ci * geo.s..(ci + 1) * geo.s;
+                    let mut acc = 0f32;
+                    for (d, &v) in dxg[r.clone()].iter_mut().zip(&xg[r]) {
+                        let xh = (v + off) * rstd;
+                        *d = rstd * (*d - a - xh * b);
+                        acc += *d;
+                    }
+                    dsh[ci] = acc;
                 }
-                (c0, dga, dbe)
+                (sample, c0, dga, dbe, dsh)
             })
             .collect();
         let (_, dgb) = out.split_at_mut(x.len());
-        let (dgamma, dbeta) = dgb.split_at_mut(geo.c);
-        for (c0, dga, dbe) in partials {
+        let (dgamma, rest) = dgb.split_at_mut(geo.c);
+        let (dbeta, dshift) = rest.split_at_mut(geo.c);
+        for (sample, c0, dga, dbe, dsh) in partials {
             for ci in 0..geo.cg {
                 dgamma[c0 + ci] += dga[ci];
                 dbeta[c0 + ci] += dbe[ci];
+                dshift[sample * geo.c + c0 + ci] = dsh[ci];
             }
         }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate_over_its_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            let got = fast_exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.01;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert!(fast_exp(-1000.0) >= 0.0 && fast_exp(-1000.0) < 1e-37);
+        assert!(fast_exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn stats_match_two_pass_on_a_shifted_group() {
+        let v: Vec<f32> = (0..1001)
+            .map(|i| 1000.0 + (i as f32 * 0.37).sin())
+            .collect();
+        let mean = v.iter().map(|&a| a as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        let (m, rstd) = stats(&v, 1e-5);
+        assert!((m as f64 - mean).abs() < 1e-3);
+        let want = 1.0 / (var + 1e-5).sqrt();
+        assert!(
+            ((rstd as f64 - want) / want).abs() < 1e-4,
+            "{rstd} vs {want}"
+        );
     }
 }

@@ -1,0 +1,97 @@
+//! Per-channel (or per-sample-and-channel) bias addition whose backward is one parallel pass
+//! over the gradient, instead of candle's single-threaded strided `sum_keepdim` of a broadcast.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::contiguous_f32;
+
+/// `x [n, c, *] + b`, with `b` of shape `[c]` or `[n, c]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AddBias;
+
+fn geom(x: &[usize], b: &[usize]) -> Result<(usize, usize, usize, bool)> {
+    if x.len() < 2 {
+        bail!("add_bias: input must be [n, c, ...], got {x:?}")
+    }
+    let (n, c) = (x[0], x[1]);
+    let s = x[2..].iter().product();
+    let per_sample = match b {
+        [bc] if *bc == c => false,
+        [bn, bc] if *bn == n && *bc == c => true,
+        _ => bail!("add_bias: bias {b:?} fits neither [{c}] nor [{n}, {c}]"),
+    };
+    Ok((n, c, s, per_sample))
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "ddpm-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, s, per_sample) = geom(l1.dims(), l2.dims())?;
+        let x = contiguous_f32(s1, l1, "add_bias input")?;
+        let b = contiguous_f32(s2, l2, "add_bias bias")?;
+        let mut y = x.to_vec();
+        y.par_chunks_mut(s.max(1))
+            .enumerate()
+            .for_each(|(i, plane)| {
+                let v = if per_sample { b[i] } else { b[i % c] };
+                plane.iter_mut().for_each(|p| *p += v);
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let per_sample = b.rank() == 2;
+        let db = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&SumPlanes { per_sample })?;
+        let _ = x;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+/// `g [n, c, *] → Σ over * ([n, c])`, then over n too unless `per_sample` (`[c]`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SumPlanes {
+    pub per_sample: bool,
+}
+
+impl CustomOp1 for SumPlanes {
+    fn name(&self) -> &'static str {
+        "ddpm-sum-planes"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s, l, "bias gradient")?;
+        let dims = l.dims();
+        let (n, c) = (dims[0], dims[1]);
+        let plane: usize = dims[2..].iter().product();
+        let sums: Vec<f32> = g
+            .par_chunks(plane.max(1))
+            .map(|p| p.iter().map(|&v| v as f64).sum::<f64>() as f32)
+            .collect();
+        if self.per_sample {
+            return Ok((CpuStorage::F32(sums), Shape::from((n, c))));
+        }
+        let mut db = vec![0f32; c];
+        for (i, v) in sums.iter().enumerate() {
+            db[i % c] += v;
+        }
+        Ok((CpuStorage::F32(db), Shape::from(c)))
+    }
+}
