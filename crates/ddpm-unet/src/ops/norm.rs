@@ -191,6 +191,9 @@ impl CustomOp2 for GroupNormOp {
     }
 }
 
+/// One group's parameter gradients: sample, first channel, dγ, dβ, dshift.
+type GroupGrads = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// `(x, [γ ‖ β ‖ shift], dy) → [dx (flattened) ‖ dγ ‖ dβ ‖ dshift]`, one flat vector.
 #[derive(Debug, Clone, Copy)]
 struct GroupNormBwd(GroupNormOp);
@@ -227,7 +230,7 @@ impl CustomOp3 for GroupNormBwd {
         let (dx, _) = out.split_at_mut(x.len());
         // Each group writes its dx and returns its channels' partial dγ, dβ (dshift is the
         // per-channel sum of dx, computed after the second pass).
-        let partials: Vec<(usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> = dx
+        let partials: Vec<GroupGrads> = dx
             .par_chunks_mut(glen)
             .zip(x.par_chunks(glen).zip(dy.par_chunks(glen)))
             .enumerate()
