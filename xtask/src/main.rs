@@ -3,17 +3,21 @@
 //! * `ci`: fmt check, clippy (warnings are errors), tests, docs, and a check of the
 //!   optional `hub` feature of ddpm-data;
 //! * `train [ARGS]`: a release build of `ddpm train` with the default recipe; ARGS are
-//!   passed through (e.g. `cargo xtask train --epochs 5 --model small`).
+//!   passed through (e.g. `cargo xtask train --epochs 5 --model small`);
+//! * `bench [OPTIONS]`: speed and memory of each preset, ours against candle's stock kernels
+//!   and the PyTorch reference (`bench/torch_reference.py`), as a table.
+
+mod bench;
 
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn run(mut cmd: Command) -> Result<()> {
+pub(crate) fn run(mut cmd: Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
     let status = cmd
         .status()
@@ -66,12 +70,14 @@ fn main() -> Result<()> {
     match task.as_str() {
         "ci" => ci(),
         "train" => ddpm("train", &rest, &["--out", "runs/default"]),
+        "bench" => bench::bench(&rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
                  ci            fmt, clippy, test, doc, hub-feature check\n  \
-                 train [ARGS]  release `ddpm train` with the default recipe (ARGS pass through)"
+                 train [ARGS]  release `ddpm train` with the default recipe (ARGS pass through)\n  \
+                 bench [OPTS]  speed/memory table: ours, candle stock, PyTorch (--help)"
             );
             if task.is_empty() || task == "help" || task == "--help" {
                 Ok(())

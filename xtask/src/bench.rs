@@ -1,0 +1,290 @@
+//! `cargo xtask bench`: training-step and forward throughput plus peak RSS for each preset,
+//! with our kernels, candle's stock ones and (when `import torch` works) the PyTorch
+//! reference of the identical architecture, side by side, with achieved GFLOP/s against the
+//! machine's GEMM GFLOP/s. Each figure comes from its own process, so peak RSS is its own.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::cargo;
+
+const USAGE: &str = "usage: cargo xtask bench [--presets tiny,small,mnist] [--modes train,forward]
+                         [--iters N] [--warmup N] [--train-batch N] [--forward-batch N]
+                         [--no-stock] [--no-torch] [--torch-compile] [--python PATH]
+                         [--device cpu|cuda] [--out DIR]
+
+Threads: candle uses RAYON_NUM_THREADS (default: physical cores); the PyTorch reference is
+given the same number through torch.set_num_threads.";
+
+struct Opts {
+    presets: Vec<String>,
+    modes: Vec<String>,
+    iters: usize,
+    warmup: usize,
+    train_batch: usize,
+    forward_batch: usize,
+    stock: bool,
+    torch: bool,
+    torch_compile: bool,
+    python: String,
+    device: String,
+    out: PathBuf,
+}
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        presets: vec!["tiny".into(), "small".into(), "mnist".into()],
+        modes: vec!["train".into(), "forward".into()],
+        iters: 3,
+        warmup: 1,
+        train_batch: 128,
+        forward_batch: 256,
+        stock: true,
+        torch: true,
+        torch_compile: false,
+        python: std::env::var("DDPM_BENCH_PYTHON").unwrap_or_else(|_| "python3".into()),
+        device: "cpu".into(),
+        out: PathBuf::from("target/bench"),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{name} needs a value\n\n{USAGE}"))
+        };
+        let num = |v: String, name: &str| -> Result<usize> {
+            v.parse()
+                .with_context(|| format!("{name}: `{v}` is not a number"))
+        };
+        match a.as_str() {
+            "--presets" => o.presets = val(a)?.split(',').map(str::to_string).collect(),
+            "--modes" => o.modes = val(a)?.split(',').map(str::to_string).collect(),
+            "--iters" => o.iters = num(val(a)?, a)?,
+            "--warmup" => o.warmup = num(val(a)?, a)?,
+            "--train-batch" => o.train_batch = num(val(a)?, a)?,
+            "--forward-batch" => o.forward_batch = num(val(a)?, a)?,
+            "--no-stock" => o.stock = false,
+            "--no-torch" => o.torch = false,
+            "--torch-compile" => o.torch_compile = true,
+            "--python" => o.python = val(a)?,
+            "--device" => o.device = val(a)?,
+            "--out" => o.out = PathBuf::from(val(a)?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown option `{other}`\n\n{USAGE}"),
+        }
+    }
+    for m in &o.modes {
+        if m != "train" && m != "forward" {
+            bail!("--modes: `{m}` is neither train nor forward");
+        }
+    }
+    Ok(o)
+}
+
+/// Runs a command that prints one JSON line on stdout; returns it parsed.
+fn json_of(mut cmd: Command) -> Result<Value> {
+    eprintln!("xtask bench: {cmd:?}");
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("{cmd:?} printed no JSON line:\n{stdout}"))?;
+    serde_json::from_str(line).with_context(|| format!("parsing `{line}`"))
+}
+
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+/// Runs the benchmark grid and prints the table.
+pub fn bench(args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "ddpm-cli"]);
+    if o.device == "cuda" {
+        build.args(["--features", "cuda"]);
+    }
+    crate::run(build)?;
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let ddpm = Path::new(&target).join("release/ddpm");
+    let ddpm_cmd = || {
+        let mut c = Command::new(&ddpm);
+        c.env("RUST_LOG", "warn");
+        c
+    };
+    let torch_ok = o.torch
+        && Command::new(&o.python)
+            .args(["-c", "import torch"])
+            .output()
+            .map(|r| r.status.success())
+            .unwrap_or(false);
+    if o.torch && !torch_ok {
+        eprintln!(
+            "xtask bench: `{} -c 'import torch'` failed: no PyTorch column \
+             (set DDPM_BENCH_PYTHON or --python to a Python with torch)",
+            o.python
+        );
+    }
+
+    let mut gemm = ddpm_cmd();
+    gemm.args(["bench", "--mode", "gemm", "--device", &o.device]);
+    let gemm = json_of(gemm)?;
+    let peak = f(&gemm, "gflops");
+    let nthreads = gemm
+        .get("threads")
+        .and_then(Value::as_u64)
+        .unwrap_or(threads() as u64);
+
+    let mut rows: Vec<Value> = Vec::new();
+    for preset in &o.presets {
+        let mut cfg = ddpm_cmd();
+        cfg.args(["bench", "--mode", "config", "--model", preset]);
+        let out = cfg.output().context("ddpm bench --mode config")?;
+        if !out.status.success() {
+            bail!("--presets: `{preset}`: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let config = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        for mode in &o.modes {
+            let batch = if mode == "train" {
+                o.train_batch
+            } else {
+                o.forward_batch
+            };
+            let mut impls = vec!["fast"];
+            if o.stock {
+                impls.push("stock");
+            }
+            let mut ours_params = None;
+            let mut group = Vec::new();
+            for k in impls {
+                let mut c = ddpm_cmd();
+                c.args(["bench", "--mode", mode, "--model", preset, "--kernels", k]);
+                c.args(["--batch", &batch.to_string(), "--device", &o.device]);
+                c.args(["--iters", &o.iters.to_string()]);
+                c.args(["--warmup", &o.warmup.to_string()]);
+                let r = json_of(c)?;
+                ours_params = r.get("params").and_then(Value::as_u64);
+                group.push(r);
+            }
+            if torch_ok {
+                let mut variants = vec![false];
+                if o.torch_compile {
+                    variants.push(true);
+                }
+                for compile in variants {
+                    let mut c = Command::new(&o.python);
+                    c.arg("bench/torch_reference.py");
+                    c.args(["--config", &config, "--mode", mode]);
+                    c.args(["--batch", &batch.to_string()]);
+                    c.args(["--threads", &nthreads.to_string()]);
+                    c.args(["--iters", &o.iters.to_string()]);
+                    c.args(["--warmup", &o.warmup.to_string()]);
+                    c.args(["--device", &o.device]);
+                    if compile {
+                        c.arg("--compile");
+                    }
+                    let r = json_of(c)?;
+                    let tp = r.get("params").and_then(Value::as_u64);
+                    if tp != ours_params {
+                        bail!(
+                            "the PyTorch reference of `{preset}` has {tp:?} parameters, ours \
+                             {ours_params:?}: the architectures differ"
+                        );
+                    }
+                    group.push(r);
+                }
+            }
+            let torch_ips = group
+                .iter()
+                .find(|r| r.get("impl").and_then(Value::as_str) == Some("pytorch"))
+                .map(|r| f(r, "images_per_s"));
+            let fwd_flops = group
+                .iter()
+                .find_map(|r| {
+                    let g = f(r, "gflops");
+                    let ips = f(r, "images_per_s");
+                    (g.is_finite() && ips > 0.0).then(|| g / ips)
+                })
+                .unwrap_or(f64::NAN);
+            for mut r in group {
+                let ips = f(&r, "images_per_s");
+                let gflops = ips * fwd_flops;
+                r["model"] = Value::from(preset.as_str());
+                r["gflops"] = Value::from(gflops);
+                r["pct_of_gemm"] = Value::from(100.0 * gflops / peak);
+                if let Some(t) = torch_ips {
+                    r["vs_torch"] = Value::from(ips / t);
+                }
+                rows.push(r);
+            }
+        }
+    }
+
+    let mut table = String::new();
+    table.push_str(&format!(
+        "Machine GEMM (1024³ f32, {nthreads} threads, {}): {peak:.1} GFLOP/s\n\n",
+        o.device
+    ));
+    table.push_str(
+        "| preset | mode | batch | implementation | images/s | × PyTorch | GFLOP/s | % of GEMM | peak RSS (MiB) |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+        let vs = r
+            .get("vs_torch")
+            .and_then(Value::as_f64)
+            .map(|v| format!("{v:.2}"))
+            .unwrap_or_else(|| "–".into());
+        table.push_str(&format!(
+            "| {} | {} | {} | {} | {:.1} | {} | {:.1} | {:.0} % | {:.0} |\n",
+            s("model"),
+            s("mode"),
+            r.get("batch").and_then(Value::as_u64).unwrap_or(0),
+            s("impl"),
+            f(r, "images_per_s"),
+            vs,
+            f(r, "gflops"),
+            f(r, "pct_of_gemm"),
+            f(r, "peak_rss_mib"),
+        ));
+    }
+    println!("{table}");
+    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let md = o.out.join("bench.md");
+    std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+    let jl = o.out.join("bench.jsonl");
+    let lines: Vec<String> = std::iter::once(&gemm)
+        .chain(rows.iter())
+        .map(Value::to_string)
+        .collect();
+    std::fs::write(&jl, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", jl.display()))?;
+    eprintln!("xtask bench: wrote {} and {}", md.display(), jl.display());
+    Ok(())
+}
