@@ -166,7 +166,10 @@ pub fn bench(args: &[String]) -> Result<()> {
         cfg.args(["bench", "--mode", "config", "--model", preset]);
         let out = cfg.output().context("ddpm bench --mode config")?;
         if !out.status.success() {
-            bail!("--presets: `{preset}`: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "--presets: `{preset}`: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let config = String::from_utf8_lossy(&out.stdout).trim().to_string();
         for mode in &o.modes {
