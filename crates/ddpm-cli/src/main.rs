@@ -7,6 +7,7 @@
 //! ```
 
 mod bench;
+mod eval;
 mod sample;
 mod train;
 
@@ -32,6 +33,10 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Show the forward (noising) process on real digits.
     Noise(sample::NoiseArgs),
+    /// Measure sample quality across guidance weights: class accuracy, fid_mnist, IS.
+    Eval(eval::EvalArgs),
+    /// Train the MNIST classifier `eval` uses (writes assets/mnist-classifier.safetensors).
+    TrainClassifier(eval::TrainClassifierArgs),
     /// Measure training and inference speed and memory (one figure per run, as JSON;
     /// `cargo xtask bench` runs the whole table).
     Bench(bench::BenchArgs),
@@ -109,5 +114,7 @@ fn main() -> Result<()> {
         Command::Sample(a) => sample::run(a),
         Command::Noise(a) => sample::noise(a),
         Command::Bench(a) => bench::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::TrainClassifier(a) => eval::train_classifier(a),
     }
 }

@@ -87,6 +87,22 @@ pub struct SampleArgs {
     no_clip: bool,
 }
 
+/// Builds the sampler named by `--sampler`.
+pub fn make_sampler(
+    kind: SamplerArg,
+    schedule: &ddpm_schedule::Schedule,
+    steps: usize,
+    eta: f64,
+    spacing: Spacing,
+    cfg: SamplerConfig,
+) -> Result<Box<dyn Sampler>> {
+    Ok(match kind {
+        SamplerArg::Ddim => Box::new(Ddim::new(schedule, steps, eta, spacing, cfg)?),
+        SamplerArg::Ddpm => Box::new(Ddpm::new(schedule, PosteriorVariance::BetaTilde, cfg)),
+        SamplerArg::DpmPp => Box::new(DpmSolverPp2M::new(schedule, steps, spacing, cfg)?),
+    })
+}
+
 /// Resolves `--class` against the model's classes: `Ok(None)` for `all`.
 fn parse_class(arg: &str, names: &[String], conditional: bool) -> Result<Option<u32>> {
     if arg == "all" {
@@ -164,16 +180,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         clip_x0: !a.no_clip,
     };
     let spacing = Spacing::from_name(&a.spacing).context("--spacing")?;
-    let mut sampler: Box<dyn Sampler> = match a.sampler {
-        SamplerArg::Ddim => Box::new(Ddim::new(&schedule, a.steps, a.eta, spacing, cfg)?),
-        SamplerArg::Ddpm => Box::new(Ddpm::new(&schedule, PosteriorVariance::BetaTilde, cfg)),
-        SamplerArg::DpmPp => Box::new(DpmSolverPp2M::new(
-            &schedule,
-            a.steps,
-            Spacing::Leading,
-            cfg,
-        )?),
-    };
+    let mut sampler = make_sampler(a.sampler, &schedule, a.steps, a.eta, spacing, cfg)?;
     let labels_t = labels
         .as_ref()
         .map(|l| Tensor::from_vec(l.clone(), n, &device))

@@ -175,6 +175,28 @@ impl NoiseSource for SeededNoise {
     }
 }
 
+/// Writes `bytes` to `path` without ever leaving a partial file there: into `PATH.tmp`, fsync,
+/// then rename over `PATH` (creating parent folders). On error the temp file is removed.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Builds the label tensor for a batch where every sample asks for the null class.
 pub fn null_labels(null_class: u32, batch: usize, device: &Device) -> Result<Tensor> {
     Tensor::full(null_class, batch, device)

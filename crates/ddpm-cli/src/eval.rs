@@ -1,0 +1,400 @@
+//! `ddpm eval` (sample-quality metrics across guidance weights) and `ddpm train-classifier`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use clap::Args;
+use ddpm_core::{NoiseSource, SeededNoise};
+use ddpm_data::{load_dataset, DatasetKind, Split};
+use ddpm_eval::{Classifier, ClassifierTrainConfig, Reference, SetMetrics};
+use ddpm_sampler::{sample, ClassifierFreeGuidance, SamplerConfig, Spacing};
+use ddpm_train::{viz, ModelCard, Weights};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::sample::{make_sampler, SamplerArg};
+use crate::DeviceArg;
+
+/// The shipped classifier, found from the workspace or the current directory.
+fn default_classifier() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let in_tree = root.join(ddpm_eval::SHIPPED_CLASSIFIER);
+    if in_tree.exists() {
+        in_tree
+    } else {
+        PathBuf::from(ddpm_eval::SHIPPED_CLASSIFIER)
+    }
+}
+
+/// Options of `ddpm eval`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Guidance convention: eps = (1+w)*eps(x,t,c) - w*eps(x,t,null); w = 0 is the plain \
+    conditional model. fid_mnist is a Fréchet distance in the features of an MNIST classifier, not \
+    Inception: compare it only with other fid_mnist figures and with the real-data floor printed beside it."
+)]
+pub struct EvalArgs {
+    /// Checkpoint to evaluate (default: as for `sample`).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Samples per guidance weight (classes balanced).
+    #[arg(long, default_value_t = 10_000)]
+    n: usize,
+    /// Guidance weights w to evaluate, comma-separated.
+    #[arg(
+        long,
+        default_value = "0,0.5,1,2,3,5",
+        value_delimiter = ',',
+        allow_negative_numbers = true
+    )]
+    guidance: Vec<f64>,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Sampler.
+    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
+    sampler: SamplerArg,
+    /// Samples generated per batch.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Seed of the sampling noise (the same for every w, so rows differ only by w).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Classifier weights (default: assets/mnist-classifier.safetensors).
+    #[arg(long)]
+    classifier: Option<PathBuf>,
+    /// Folder with the MNIST IDX files (else $DDPM_DATA_DIR, then assets/mnist).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where to write report.json, fid_vs_is.png and accuracy_vs_w.png.
+    #[arg(long, default_value = "runs/eval")]
+    out: PathBuf,
+    /// Evaluate the raw weights instead of the EMA weights.
+    #[arg(long)]
+    raw_weights: bool,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+}
+
+/// One guidance weight's row of the report.
+#[derive(Debug, Serialize)]
+struct Row {
+    w: f64,
+    metrics: SetMetrics,
+    sampling_seconds: f64,
+}
+
+/// The JSON report.
+#[derive(Debug, Serialize)]
+struct Report {
+    checkpoint: String,
+    card: ModelCard,
+    n: usize,
+    steps: usize,
+    sampler: String,
+    classifier: String,
+    classifier_test_accuracy: f64,
+    /// MNIST train images (as many as --n, at most 10,000) against the test set.
+    real_data_floor: SetMetrics,
+    rows: Vec<Row>,
+}
+
+/// Runs `ddpm eval`.
+pub fn run(a: EvalArgs) -> Result<()> {
+    let device = crate::device(a.device)?;
+    if a.n < 2 {
+        bail!("--n {}: the covariance needs at least 2 samples", a.n);
+    }
+    if a.batch == 0 {
+        bail!("--batch 0: use at least 1");
+    }
+    if a.guidance.is_empty() || a.guidance.iter().any(|w| !w.is_finite()) {
+        bail!("--guidance: give finite weights, e.g. 0,1,3");
+    }
+    let ckpt = match a.checkpoint.clone().or_else(crate::default_checkpoint) {
+        Some(p) => p,
+        None => bail!(
+            "no --checkpoint given and no trained model found; train one with `cargo xtask train`"
+        ),
+    };
+    let which = if a.raw_weights {
+        Weights::Raw
+    } else {
+        Weights::Ema
+    };
+    let (unet, card) = ddpm_train::load_unet(&ckpt, which, &device)
+        .with_context(|| format!("--checkpoint {}", ckpt.display()))?;
+    let clf_path = a.classifier.clone().unwrap_or_else(default_classifier);
+    let (clf, info) = Classifier::load(&clf_path, &device)?;
+    let (c, h, w) = (card.data.channels, card.data.height, card.data.width);
+    if c != clf.config().in_channels || h != clf.config().image_size || w != h {
+        bail!(
+            "--checkpoint {}: the model makes {c}×{h}×{w} images but the classifier {} takes {}×{}×{}; \
+             the evaluator is for MNIST-shaped models",
+            ckpt.display(),
+            clf_path.display(),
+            clf.config().in_channels,
+            clf.config().image_size,
+            clf.config().image_size
+        );
+    }
+    let k = card.model.num_classes;
+    if k > 0 && k != clf.config().num_classes {
+        bail!(
+            "the model has {k} classes, the classifier {}",
+            clf.config().num_classes
+        );
+    }
+    let kind = DatasetKind::Mnist;
+    let test = load_dataset(&kind, a.data_dir.as_deref(), Split::Test, (28, 28))
+        .context("loading the MNIST test split (the reference set)")?;
+    let train = load_dataset(&kind, a.data_dir.as_deref(), Split::Train, (28, 28))
+        .context("loading the MNIST train split (the real-data floor)")?;
+    let (tx, _) = test.to_tensors(&device)?;
+    let reference = Reference::new(&clf, &tx)?;
+    let (rx, ry) = train.take(a.n.min(10_000)).to_tensors(&device)?;
+    let floor = reference.evaluate(&clf, &rx, Some(&ry.to_vec1::<u32>()?))?;
+    tracing::info!(
+        fid_mnist = floor.fid_mnist,
+        is = floor.is_mnist,
+        "real-data floor (train vs test)"
+    );
+
+    let schedule = card.schedule.build().context("the checkpoint's schedule")?;
+    let weights: Vec<f64> = if k == 0 {
+        vec![0.0]
+    } else {
+        a.guidance.clone()
+    };
+    let mut rows = Vec::new();
+    for &wt in &weights {
+        let guided = ClassifierFreeGuidance::new(&unet, wt)?;
+        let bar = ProgressBar::new(a.n as u64);
+        bar.set_style(ProgressStyle::with_template(&format!(
+            "w = {wt:<4} [{{bar:30}}] {{pos}}/{{len}} samples {{elapsed_precise}} (eta {{eta}})"
+        ))?);
+        let started = Instant::now();
+        let mut images = Vec::new();
+        let mut targets = Vec::new();
+        let mut noise = SeededNoise::new(a.seed);
+        let mut done = 0;
+        while done < a.n {
+            let len = a.batch.min(a.n - done);
+            let labels: Vec<u32> = (done..done + len).map(|i| (i % k.max(1)) as u32).collect();
+            let lt = (k > 0)
+                .then(|| Tensor::from_vec(labels.clone(), len, &device))
+                .transpose()?;
+            let mut sampler = make_sampler(
+                a.sampler,
+                &schedule,
+                a.steps,
+                0.0,
+                Spacing::Leading,
+                SamplerConfig { clip_x0: true },
+            )?;
+            let x_t = noise.randn(&Shape::from((len, c, h, w)), DType::F32, &device)?;
+            let x0 = sample(
+                &guided,
+                sampler.as_mut(),
+                x_t,
+                lt.as_ref(),
+                &mut noise,
+                &mut |_| Ok(()),
+            )?;
+            images.push(x0.clamp(-1f32, 1f32)?);
+            targets.extend(labels);
+            done += len;
+            bar.set_position(done as u64);
+        }
+        bar.finish_and_clear();
+        let secs = started.elapsed().as_secs_f64();
+        let all = Tensor::cat(&images, 0)?;
+        let metrics = reference.evaluate(&clf, &all, (k > 0).then_some(targets.as_slice()))?;
+        tracing::info!(
+            w = wt,
+            fid_mnist = metrics.fid_mnist,
+            is = metrics.is_mnist,
+            seconds = secs,
+            "evaluated"
+        );
+        rows.push(Row {
+            w: wt,
+            metrics,
+            sampling_seconds: secs,
+        });
+    }
+    let report = Report {
+        checkpoint: ckpt.display().to_string(),
+        card,
+        n: a.n,
+        steps: a.steps,
+        sampler: format!("{:?}", a.sampler).to_lowercase(),
+        classifier: clf_path.display().to_string(),
+        classifier_test_accuracy: info.test_accuracy,
+        real_data_floor: floor,
+        rows,
+    };
+    write_outputs(&report, &a.out, &device)?;
+    Ok(())
+}
+
+fn write_outputs(r: &Report, out: &Path, _dev: &Device) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
+    let json = out.join("report.json");
+    ddpm_core::write_atomic(&json, serde_json::to_string_pretty(r)?.as_bytes())
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!(
+        "{} samples per w, {} {} steps; classifier {} (test accuracy {:.2} %)\n",
+        r.n,
+        r.sampler,
+        r.steps,
+        r.classifier,
+        100.0 * r.classifier_test_accuracy
+    );
+    println!("| w | accuracy | confidence | fid_mnist | IS | class entropy | sampling s |");
+    println!("|---|---|---|---|---|---|---|");
+    let acc = |m: &SetMetrics| {
+        m.accuracy
+            .as_ref()
+            .map(|a| {
+                (
+                    format!("{:.2} %", 100.0 * a.overall),
+                    format!("{:.3}", a.mean_confidence),
+                )
+            })
+            .unwrap_or_else(|| ("–".into(), "–".into()))
+    };
+    let f = &r.real_data_floor;
+    let (fa, fc) = acc(f);
+    println!(
+        "| real (train vs test) | {fa} | {fc} | {:.3} | {:.3} | {:.3} | – |",
+        f.fid_mnist, f.is_mnist, f.class_entropy
+    );
+    for row in &r.rows {
+        let m = &row.metrics;
+        let (ra, rc) = acc(m);
+        println!(
+            "| {} | {ra} | {rc} | {:.3} | {:.3} | {:.3} | {:.1} |",
+            row.w, m.fid_mnist, m.is_mnist, m.class_entropy, row.sampling_seconds
+        );
+    }
+    let curve = viz::Series {
+        label: "samples (one point per w, w rising left to right)".into(),
+        color: [200, 40, 40],
+        points: r
+            .rows
+            .iter()
+            .map(|x| (x.metrics.is_mnist, x.metrics.fid_mnist))
+            .collect(),
+    };
+    let floor = viz::Series {
+        label: "real-data floor (train vs test)".into(),
+        color: [40, 120, 40],
+        points: vec![(f.is_mnist, f.fid_mnist)],
+    };
+    let png = out.join("fid_vs_is.png");
+    viz::plot_lines(
+        &[curve, floor],
+        "fid_mnist against IS across guidance weights",
+        "IS (classifier)",
+        false,
+        &png,
+    )
+    .with_context(|| format!("writing {}", png.display()))?;
+    let accs: Vec<(f64, f64)> = r
+        .rows
+        .iter()
+        .filter_map(|x| {
+            x.metrics
+                .accuracy
+                .as_ref()
+                .map(|a| (x.w, 100.0 * a.overall))
+        })
+        .collect();
+    if !accs.is_empty() {
+        let png2 = out.join("accuracy_vs_w.png");
+        let s = viz::Series {
+            label: "class accuracy (%)".into(),
+            color: [40, 40, 200],
+            points: accs,
+        };
+        viz::plot_lines(
+            &[s],
+            "class accuracy against guidance weight w",
+            "w",
+            false,
+            &png2,
+        )
+        .with_context(|| format!("writing {}", png2.display()))?;
+        println!(
+            "\nwrote {}, {} and {}",
+            json.display(),
+            png.display(),
+            png2.display()
+        );
+    } else {
+        println!("\nwrote {} and {}", json.display(), png.display());
+    }
+    Ok(())
+}
+
+/// Options of `ddpm train-classifier`.
+#[derive(Debug, Args)]
+pub struct TrainClassifierArgs {
+    /// Epochs.
+    #[arg(short = 'e', long, default_value_t = 4)]
+    epochs: usize,
+    /// Batch size.
+    #[arg(short = 'b', long, default_value_t = 128)]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(short = 'l', long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder with the MNIST IDX files (else $DDPM_DATA_DIR, then assets/mnist).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where to write the weights.
+    #[arg(long, default_value = "assets/mnist-classifier.safetensors")]
+    out: PathBuf,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+}
+
+/// Runs `ddpm train-classifier`.
+pub fn train_classifier(a: TrainClassifierArgs) -> Result<()> {
+    let device = crate::device(a.device)?;
+    let kind = DatasetKind::Mnist;
+    let train = load_dataset(&kind, a.data_dir.as_deref(), Split::Train, (28, 28))
+        .context("loading the MNIST train split")?;
+    let test = load_dataset(&kind, a.data_dir.as_deref(), Split::Test, (28, 28))
+        .context("loading the MNIST test split")?;
+    let cfg = ClassifierTrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let (varmap, _, info) =
+        ddpm_eval::train_classifier(&train, &test, &cfg, &device, |e, loss, secs| {
+            tracing::info!(epoch = e + 1, loss, seconds = secs, "classifier epoch");
+        })?;
+    ddpm_eval::save_classifier(&varmap, &info, &a.out)
+        .with_context(|| format!("--out {}", a.out.display()))?;
+    println!(
+        "wrote {}: test accuracy {:.2} % after {} epochs ({:.0} s)",
+        a.out.display(),
+        100.0 * info.test_accuracy,
+        a.epochs,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
