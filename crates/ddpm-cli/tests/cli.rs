@@ -346,3 +346,112 @@ fn checkpoint_card(path: &Path) -> ModelCard {
         .unwrap()
         .card
 }
+
+#[test]
+fn eval_writes_a_report_and_plots_across_guidance_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(dir.path(), 10);
+    let out = dir.path().join("eval");
+    let o = ddpm(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--n",
+        "20",
+        "--guidance",
+        "0,2",
+        "--steps",
+        "2",
+        "--batch",
+        "10",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("| real (train vs test) |"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["w"], 2.0);
+    assert_eq!(rows[0]["metrics"]["count"], 20);
+    assert_eq!(
+        rows[0]["metrics"]["accuracy"]["counts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
+    // An untrained model's samples are far from digits; real train images are close to test.
+    let floor = report["real_data_floor"]["fid_mnist"].as_f64().unwrap();
+    let fid = rows[0]["metrics"]["fid_mnist"].as_f64().unwrap();
+    assert!(fid > floor, "{fid} vs floor {floor}");
+    assert!(report["classifier_test_accuracy"].as_f64().unwrap() > 0.99);
+    for png in ["fid_vs_is.png", "accuracy_vs_w.png"] {
+        assert!(image::open(out.join(png)).is_ok(), "{png}");
+    }
+}
+
+#[test]
+fn eval_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(dir.path(), 10);
+    let c = ckpt.to_str().unwrap();
+    let o = ddpm(&[
+        "eval",
+        "--checkpoint",
+        c,
+        "--classifier",
+        "/nope/clf.safetensors",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("/nope/clf.safetensors") && e.contains("train-classifier"),
+        "{e}"
+    );
+    let o = ddpm(&["eval", "--checkpoint", c, "--n", "1"]);
+    assert!(stderr(&o).contains("--n 1"), "{}", stderr(&o));
+    let o = ddpm(&["eval", "--checkpoint", c, "--guidance", "1,nan"]);
+    assert!(stderr(&o).contains("--guidance"), "{}", stderr(&o));
+}
+
+#[test]
+fn bench_prints_one_json_line_per_measurement() {
+    for mode in ["train", "forward"] {
+        for kernels in ["fast", "stock"] {
+            let o = ddpm(&[
+                "bench",
+                "--mode",
+                mode,
+                "--model",
+                "tiny",
+                "--batch",
+                "2",
+                "--iters",
+                "1",
+                "--warmup",
+                "0",
+                "--kernels",
+                kernels,
+                "--image-size",
+                "8",
+            ]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            let v: serde_json::Value =
+                serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+            assert_eq!(v["mode"], mode);
+            assert_eq!(v["impl"], format!("candle-{kernels}"));
+            assert_eq!(v["params"], 45_321);
+            assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
+            assert!(v["peak_rss_mib"].as_f64().unwrap() > 1.0);
+        }
+    }
+    let o = ddpm(&["bench", "--mode", "config", "--model", "small"]);
+    let cfg: ddpm_unet::UNetConfig =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(cfg, ddpm_unet::UNetConfig::small());
+    let o = ddpm(&["bench", "--mode", "train", "--iters", "0"]);
+    assert!(stderr(&o).contains("--iters"), "{}", stderr(&o));
+}
