@@ -189,22 +189,41 @@ fn fwd_sample(
 
 /// The forward pass over a batch.
 fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>> {
-    let out_len = g.cout * g.l();
-    let mut out = vec![0f32; g.n * out_len];
+    let mut out = vec![0f32; g.n * g.cout * g.l()];
+    per_sample(
+        g,
+        &mut out,
+        g.cout * g.l(),
+        x,
+        g.in_len(),
+        |o, xs, cols, par| fwd_sample(g, w, bias, xs, cols, o, par),
+    )?;
+    Ok(out)
+}
+
+/// Runs `f(out_chunk, in_chunk, column_buffer, parallel_gemm)` for each sample: across samples
+/// on the rayon pool when there is at least one per thread, else one after another with the
+/// GEMM itself parallel. Each worker reuses one column buffer.
+fn per_sample(
+    g: &ConvGeom,
+    out: &mut [f32],
+    out_len: usize,
+    inp: &[f32],
+    in_len: usize,
+    f: impl Fn(&mut [f32], &[f32], &mut Vec<f32>, bool) -> Result<()> + Sync,
+) -> Result<()> {
     if g.across_samples() {
         out.par_chunks_mut(out_len)
-            .zip(x.par_chunks(g.in_len()))
+            .zip(inp.par_chunks(in_len))
             .with_min_len(g.chunk_len())
-            .try_for_each_init(Vec::new, |cols, (o, xs)| {
-                fwd_sample(g, w, bias, xs, cols, o, false)
-            })?;
+            .try_for_each_init(Vec::new, |cols, (o, i)| f(o, i, cols, false))
     } else {
         let mut cols = Vec::new();
-        for (o, xs) in out.chunks_mut(out_len).zip(x.chunks(g.in_len())) {
-            fwd_sample(g, w, bias, xs, &mut cols, o, true)?;
+        for (o, i) in out.chunks_mut(out_len).zip(inp.chunks(in_len)) {
+            f(o, i, &mut cols, true)?;
         }
+        Ok(())
     }
-    Ok(out)
 }
 
 /// Input gradient of one sample: `dcols [K, L] = Wᵀ · g [cout, L]`, then col2im.
@@ -385,21 +404,15 @@ impl CustomOp2 for Conv2dBwdData {
                 l1.dims()
             )
         }
-        let glen = g.cout * g.l();
         let mut dx = vec![0f32; n * g.in_len()];
-        if g.across_samples() {
-            dx.par_chunks_mut(g.in_len())
-                .zip(grad.par_chunks(glen))
-                .with_min_len(g.chunk_len())
-                .try_for_each_init(Vec::new, |cols, (d, gs)| {
-                    bwd_data_sample(&g, w, gs, cols, d, false)
-                })?;
-        } else {
-            let mut cols = Vec::new();
-            for (d, gs) in dx.chunks_mut(g.in_len()).zip(grad.chunks(glen)) {
-                bwd_data_sample(&g, w, gs, &mut cols, d, true)?;
-            }
-        }
+        per_sample(
+            &g,
+            &mut dx,
+            g.in_len(),
+            grad,
+            g.cout * g.l(),
+            |d, gs, cols, par| bwd_data_sample(&g, w, gs, cols, d, par),
+        )?;
         Ok((CpuStorage::F32(dx), Shape::from((n, cin, h, wd))))
     }
 }
