@@ -12,7 +12,7 @@ use ddpm_eval::{Classifier, ClassifierTrainConfig, Reference, SetMetrics};
 use ddpm_sampler::{sample, ClassifierFreeGuidance, SamplerConfig, Spacing};
 use ddpm_train::{viz, ModelCard, Weights};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sample::{make_sampler, SamplerArg};
 use crate::DeviceArg;
@@ -77,10 +77,13 @@ pub struct EvalArgs {
     /// Where to compute.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
+    /// Redraw the table and plots from an earlier report.json into --out, sampling nothing.
+    #[arg(long)]
+    replot: Option<PathBuf>,
 }
 
 /// One guidance weight's row of the report.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Row {
     w: f64,
     metrics: SetMetrics,
@@ -88,7 +91,7 @@ struct Row {
 }
 
 /// The JSON report.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Report {
     checkpoint: String,
     card: ModelCard,
@@ -105,6 +108,13 @@ struct Report {
 /// Runs `ddpm eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
     let device = crate::device(a.device)?;
+    if let Some(path) = &a.replot {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--replot {}", path.display()))?;
+        let report: Report = serde_json::from_str(&text)
+            .with_context(|| format!("--replot {}: not a `ddpm eval` report", path.display()))?;
+        return write_outputs(&report, &a.out, &device);
+    }
     if a.n < 2 {
         bail!("--n {}: the covariance needs at least 2 samples", a.n);
     }
@@ -128,6 +138,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let (unet, card) = ddpm_train::load_unet(&ckpt, which, &device)
         .with_context(|| format!("--checkpoint {}", ckpt.display()))?;
     let clf_path = a.classifier.clone().unwrap_or_else(default_classifier);
+    let clf_path = std::fs::canonicalize(&clf_path).unwrap_or(clf_path);
     let (clf, info) = Classifier::load(&clf_path, &device)?;
     let (c, h, w) = (card.data.channels, card.data.height, card.data.width);
     if c != clf.config().in_channels || h != clf.config().image_size || w != h {
@@ -281,8 +292,9 @@ fn write_outputs(r: &Report, out: &Path, _dev: &Device) -> Result<()> {
             row.w, m.fid_mnist, m.is_mnist, m.class_entropy, row.sampling_seconds
         );
     }
+    let ws: Vec<String> = r.rows.iter().map(|x| x.w.to_string()).collect();
     let curve = viz::Series {
-        label: "samples (one point per w, w rising left to right)".into(),
+        label: format!("w = {}", ws.join(", ")),
         color: [200, 40, 40],
         points: r
             .rows
@@ -290,10 +302,19 @@ fn write_outputs(r: &Report, out: &Path, _dev: &Device) -> Result<()> {
             .map(|x| (x.metrics.is_mnist, x.metrics.fid_mnist))
             .collect(),
     };
+    // The floor as a horizontal line across the plotted IS range.
+    let (lo, hi) = r
+        .rows
+        .iter()
+        .map(|x| x.metrics.is_mnist)
+        .chain(std::iter::once(f.is_mnist))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
     let floor = viz::Series {
-        label: "real-data floor (train vs test)".into(),
+        label: "real data".into(),
         color: [40, 120, 40],
-        points: vec![(f.is_mnist, f.fid_mnist)],
+        points: vec![(lo, f.fid_mnist), (hi, f.fid_mnist)],
     };
     let png = out.join("fid_vs_is.png");
     viz::plot_lines(

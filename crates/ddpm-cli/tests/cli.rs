@@ -391,6 +391,20 @@ fn eval_writes_a_report_and_plots_across_guidance_weights() {
     for png in ["fid_vs_is.png", "accuracy_vs_w.png"] {
         assert!(image::open(out.join(png)).is_ok(), "{png}");
     }
+    // --replot redraws from the report without sampling.
+    let again = dir.path().join("again");
+    let o = ddpm(&[
+        "eval",
+        "--replot",
+        out.join("report.json").to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| 2 |"));
+    assert!(image::open(again.join("fid_vs_is.png")).is_ok());
+    let o = ddpm(&["eval", "--replot", ckpt.to_str().unwrap()]);
+    assert!(stderr(&o).contains("not a `ddpm eval` report") || stderr(&o).contains("--replot"));
 }
 
 #[test]
