@@ -5,9 +5,12 @@
 //! * `train [ARGS]`: a release build of `ddpm train` with the default recipe; ARGS are
 //!   passed through (e.g. `cargo xtask train --epochs 5 --model small`);
 //! * `bench [OPTIONS]`: speed and memory of each preset, ours against candle's stock kernels
-//!   and the PyTorch reference (`bench/torch_reference.py`), as a table.
+//!   and the PyTorch reference (`bench/torch_reference.py`), as a table;
+//! * `gallery [OPTIONS]`: the README's pictures from one checkpoint, with the commands that
+//!   made them (`docs/img/gallery/README.md`).
 
 mod bench;
+mod gallery;
 
 use std::process::Command;
 
@@ -71,13 +74,15 @@ fn main() -> Result<()> {
         "ci" => ci(),
         "train" => ddpm("train", &rest, &["--out", "runs/default"]),
         "bench" => bench::bench(&rest),
+        "gallery" => gallery::gallery(&rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
                  ci            fmt, clippy, test, doc, hub-feature check\n  \
                  train [ARGS]  release `ddpm train` with the default recipe (ARGS pass through)\n  \
-                 bench [OPTS]  speed/memory table: ours, candle stock, PyTorch (--help)"
+                 bench [OPTS]  speed/memory table: ours, candle stock, PyTorch (--help)\n  \
+                 gallery [OPTS] README pictures from a checkpoint, with their commands (--help)"
             );
             if task.is_empty() || task == "help" || task == "--help" {
                 Ok(())

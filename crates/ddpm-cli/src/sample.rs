@@ -46,6 +46,10 @@ pub struct SampleArgs {
     /// diffusers' guidance_scale = 1 + w.
     #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     guidance: f64,
+    /// Guidance sweep: sample the same noise at each of these weights (comma-separated) and
+    /// write the grids side by side into --out, each titled with its w.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true, conflicts_with_all = ["gif", "each"])]
+    sweep: Vec<f64>,
     /// Samples (per class with --class all).
     #[arg(long, default_value_t = 16)]
     n: usize,
@@ -141,6 +145,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if a.n == 0 {
         bail!("--n 0: ask for at least one sample");
     }
+    if a.sweep.iter().any(|w| !w.is_finite()) {
+        bail!(
+            "--sweep {:?}: the guidance weights must be finite numbers",
+            a.sweep
+        );
+    }
     if !a.guidance.is_finite() {
         bail!(
             "--guidance {}: the guidance weight must be a finite number",
@@ -175,18 +185,53 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if !conditional && a.guidance != 0.0 {
         tracing::warn!("the model is unconditional: --guidance is ignored");
     }
-    let guided = ClassifierFreeGuidance::new(&unet, w)?;
     let cfg = SamplerConfig {
         clip_x0: !a.no_clip,
     };
     let spacing = Spacing::from_name(&a.spacing).context("--spacing")?;
-    let mut sampler = make_sampler(a.sampler, &schedule, a.steps, a.eta, spacing, cfg)?;
     let labels_t = labels
         .as_ref()
         .map(|l| Tensor::from_vec(l.clone(), n, &device))
         .transpose()?;
-    let mut noise = SeededNoise::new(a.seed);
     let shape = Shape::from((n, card.data.channels, card.data.height, card.data.width));
+    if !a.sweep.is_empty() {
+        if !conditional {
+            bail!("--sweep: this checkpoint is an unconditional model; guidance needs classes");
+        }
+        let mut panels = Vec::new();
+        let started = std::time::Instant::now();
+        for &sw in &a.sweep {
+            let guided = ClassifierFreeGuidance::new(&unet, sw)?;
+            let mut sampler = make_sampler(a.sampler, &schedule, a.steps, a.eta, spacing, cfg)?;
+            let mut noise = SeededNoise::new(a.seed);
+            let x_t = noise.randn(&shape, DType::F32, &device)?;
+            let x0 = sample(
+                &guided,
+                sampler.as_mut(),
+                x_t,
+                labels_t.as_ref(),
+                &mut noise,
+                &mut |_| Ok(()),
+            )?;
+            panels.push((format!("W = {sw}"), viz::grid_image(&x0, per_row, a.scale)?));
+        }
+        let out = a.out.clone().unwrap_or_else(|| {
+            let c = class.map_or("all".to_string(), |c| c.to_string());
+            PathBuf::from(format!("samples/class-{c}_sweep.png"))
+        });
+        viz::save_panels(&panels, &out).with_context(|| format!("--out {}", out.display()))?;
+        println!(
+            "wrote {} (w = {:?}, {n} samples each, same noise, {:.1} s) from {}",
+            out.display(),
+            a.sweep,
+            started.elapsed().as_secs_f64(),
+            ckpt_path.display()
+        );
+        return Ok(());
+    }
+    let guided = ClassifierFreeGuidance::new(&unet, w)?;
+    let mut sampler = make_sampler(a.sampler, &schedule, a.steps, a.eta, spacing, cfg)?;
+    let mut noise = SeededNoise::new(a.seed);
     let x_t = noise.randn(&shape, DType::F32, &device)?;
     let total = sampler.timesteps().len();
     let bar = ProgressBar::new(total as u64);

@@ -469,3 +469,72 @@ fn bench_prints_one_json_line_per_measurement() {
     let o = ddpm(&["bench", "--mode", "train", "--iters", "0"]);
     assert!(stderr(&o).contains("--iters"), "{}", stderr(&o));
 }
+
+#[test]
+fn sample_sweep_puts_one_titled_grid_per_weight_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(dir.path(), 10);
+    let c = ckpt.to_str().unwrap();
+    let one = dir.path().join("one.png");
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        c,
+        "--class",
+        "3",
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--scale",
+        "1",
+        "--out",
+        one.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sweep = dir.path().join("sweep.png");
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        c,
+        "--class",
+        "3",
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--scale",
+        "1",
+        "--sweep",
+        "0,1,3",
+        "--out",
+        sweep.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let single = image::open(&one).unwrap();
+    let panels = image::open(&sweep).unwrap();
+    // Three panels of the single grid's width plus gaps, and a title strip above them.
+    assert!(
+        panels.width() >= 3 * single.width(),
+        "{} vs {}",
+        panels.width(),
+        single.width()
+    );
+    assert!(panels.height() > single.height());
+    let o = ddpm(&["sample", "--checkpoint", c, "--sweep", "0,nan"]);
+    assert!(!o.status.success());
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        c,
+        "--sweep",
+        "0,1",
+        "--gif",
+        "x.gif",
+    ]);
+    assert!(
+        stderr(&o).contains("--gif") || stderr(&o).contains("cannot be used"),
+        "{}",
+        stderr(&o)
+    );
+}

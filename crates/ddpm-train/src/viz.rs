@@ -62,6 +62,35 @@ pub fn save_grid(images: &Tensor, ncols: usize, scale: usize, path: &Path) -> Re
     img.save(path).map_err(img_err(path))
 }
 
+/// Places `panels` side by side on white, each under its title (drawn with the built-in font),
+/// and saves the PNG: e.g. one sample grid per guidance weight.
+///
+/// ```
+/// use image::{Rgb, RgbImage};
+/// let dir = std::env::temp_dir().join(format!("viz-doc-{}", std::process::id()));
+/// let a = RgbImage::from_pixel(20, 10, Rgb([0, 0, 0]));
+/// let path = dir.join("p.png");
+/// ddpm_train::viz::save_panels(&[("W = 0".into(), a.clone()), ("W = 3".into(), a)], &path)?;
+/// let img = image::open(&path).unwrap();
+/// assert!(img.width() > 40 && img.height() > 10);
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok::<(), ddpm_train::TrainError>(())
+/// ```
+pub fn save_panels(panels: &[(String, RgbImage)], path: &Path) -> Result<()> {
+    let (gap, title_h, s) = (12u32, 22u32, 3i64);
+    let width = panels.iter().map(|(_, p)| p.width() + gap).sum::<u32>() + gap;
+    let height = panels.iter().map(|(_, p)| p.height()).max().unwrap_or(0) + title_h + gap;
+    let mut img = RgbImage::from_pixel(width.max(1), height.max(1), Rgb([255, 255, 255]));
+    let mut x = gap;
+    for (title, p) in panels {
+        draw_text(&mut img, x as i64, 4, title, s, Rgb([20, 20, 20]));
+        image::imageops::replace(&mut img, p, x as i64, title_h as i64);
+        x += p.width() + gap;
+    }
+    ensure_parent(path)?;
+    img.save(path).map_err(img_err(path))
+}
+
 fn ensure_parent(path: &Path) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|source| TrainError::Io {

@@ -1,0 +1,212 @@
+//! `cargo xtask gallery`: regenerates the README's pictures from one checkpoint with the
+//! project's own commands, and writes `docs/gallery.md` listing each picture with the command
+//! that made it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str = "usage: cargo xtask gallery [--checkpoint PATH] [--run DIR] [--out DIR]
+                           [--eval-n N] [--eval-steps S] [--no-eval]
+
+--checkpoint  default: assets/ddpm-mnist.safetensors, else runs/default/checkpoint.safetensors
+--run         the training run whose loss.png to show (default: the checkpoint's folder)
+--out         where the pictures go (default: docs/img/gallery)
+--eval-n      samples per guidance weight for the trade-off plot (default 1000)";
+
+struct Opts {
+    checkpoint: Option<PathBuf>,
+    run: Option<PathBuf>,
+    out: PathBuf,
+    eval_n: usize,
+    eval_steps: usize,
+    eval: bool,
+}
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        checkpoint: None,
+        run: None,
+        out: PathBuf::from("docs/img/gallery"),
+        eval_n: 1000,
+        eval_steps: 50,
+        eval: true,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{a} needs a value\n\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--checkpoint" => o.checkpoint = Some(PathBuf::from(val()?)),
+            "--run" => o.run = Some(PathBuf::from(val()?)),
+            "--out" => o.out = PathBuf::from(val()?),
+            "--eval-n" => o.eval_n = val()?.parse().context("--eval-n")?,
+            "--eval-steps" => o.eval_steps = val()?.parse().context("--eval-steps")?,
+            "--no-eval" => o.eval = false,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown option `{other}`\n\n{USAGE}"),
+        }
+    }
+    Ok(o)
+}
+
+/// Regenerates the gallery.
+pub fn gallery(cli: &[String]) -> Result<()> {
+    let o = parse(cli)?;
+    let ckpt = match o.checkpoint.clone().or_else(|| {
+        [
+            "assets/ddpm-mnist.safetensors",
+            "runs/default/checkpoint.safetensors",
+        ]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    }) {
+        Some(p) => p,
+        None => bail!(
+            "no checkpoint: pass --checkpoint, or train one with `cargo xtask train` \
+             (assets/ddpm-mnist.safetensors and runs/default/checkpoint.safetensors are missing)"
+        ),
+    };
+    if !ckpt.exists() {
+        bail!("--checkpoint {}: no such file", ckpt.display());
+    }
+    let mut build = crate::cargo();
+    build.args(["build", "--release", "-p", "ddpm-cli"]);
+    crate::run(build)?;
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let ddpm = Path::new(&target).join("release/ddpm");
+    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let out = |name: &str| o.out.join(name).display().to_string();
+    let c = ckpt.display().to_string();
+    let mut steps: Vec<(String, Vec<String>, String)> = vec![
+        (
+            "noise.png".into(),
+            args(&[
+                "noise",
+                "--index",
+                "0",
+                "--rows",
+                "4",
+                "--out",
+                &out("noise.png"),
+            ]),
+            "The forward process q(x_t | x_0) on four test digits, t = 0 … 999".into(),
+        ),
+        (
+            "samples-w3.png".into(),
+            args(&[
+                "sample",
+                "--checkpoint",
+                &c,
+                "--class",
+                "all",
+                "--n",
+                "8",
+                "--guidance",
+                "3",
+                "--out",
+                &out("samples-w3.png"),
+            ]),
+            "One row per class at the default guidance w = 3 (DDIM, 50 steps)".into(),
+        ),
+        (
+            "sweep.png".into(),
+            args(&[
+                "sample",
+                "--checkpoint",
+                &c,
+                "--class",
+                "all",
+                "--n",
+                "4",
+                "--sweep",
+                "0,1,3,5",
+                "--scale",
+                "2",
+                "--out",
+                &out("sweep.png"),
+            ]),
+            "The same noise at w = 0, 1, 3, 5".into(),
+        ),
+        (
+            "reverse.gif".into(),
+            args(&[
+                "sample",
+                "--checkpoint",
+                &c,
+                "--class",
+                "all",
+                "--n",
+                "1",
+                "--gif",
+                &out("reverse.gif"),
+                "--out",
+                &out("reverse-final.png"),
+            ]),
+            "Reverse diffusion, one digit per class".into(),
+        ),
+    ];
+    if o.eval {
+        let eval_dir = o.out.join("eval");
+        steps.push((
+            "eval/fid_vs_is.png".into(),
+            args(&[
+                "eval", "--checkpoint", &c, "--n", &o.eval_n.to_string(), "--steps",
+                &o.eval_steps.to_string(), "--out", &eval_dir.display().to_string(),
+            ]),
+            "fid_mnist against IS across w = 0, 0.5, 1, 2, 3, 5 (also eval/accuracy_vs_w.png and eval/report.json)".into(),
+        ));
+    }
+    let mut md = String::from(
+        "# Gallery\n\nMade by `cargo xtask gallery` from one checkpoint; each picture with the \
+         command that made it.\n\n",
+    );
+    md.push_str(&format!("Checkpoint: `{c}`\n\n"));
+    for (file, a, caption) in &steps {
+        let mut cmd = Command::new(&ddpm);
+        cmd.args(a).env("RUST_LOG", "warn");
+        crate::run(cmd)?;
+        md.push_str(&format!(
+            "## {caption}\n\n```bash\nddpm {}\n```\n\n![{caption}]({file})\n\n",
+            a.join(" ")
+        ));
+    }
+    let run_dir = o
+        .run
+        .clone()
+        .or_else(|| ckpt.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let loss = run_dir.join("loss.png");
+    if loss.exists() {
+        std::fs::copy(&loss, o.out.join("loss.png"))
+            .with_context(|| format!("copying {}", loss.display()))?;
+        md.push_str(&format!(
+            "## Loss curves of the training run\n\nWritten by `ddpm train` as `{}`.\n\n![loss](loss.png)\n\n",
+            loss.display()
+        ));
+    } else {
+        eprintln!(
+            "xtask gallery: no loss.png in {} (pass --run DIR): the gallery has no loss curves",
+            run_dir.display()
+        );
+    }
+    let md_path = o.out.join("README.md");
+    std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
+    eprintln!(
+        "xtask gallery: wrote {} and its pictures",
+        md_path.display()
+    );
+    Ok(())
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
