@@ -8,6 +8,7 @@
 
 mod bench;
 mod eval;
+mod export;
 mod sample;
 mod train;
 
@@ -33,6 +34,8 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Show the forward (noising) process on real digits.
     Noise(sample::NoiseArgs),
+    /// Write a sampling-only copy of a checkpoint (EMA weights, f16 by default, with its card).
+    Export(export::ExportArgs),
     /// Measure sample quality across guidance weights: class accuracy, fid_mnist, IS.
     Eval(eval::EvalArgs),
     /// Train the MNIST classifier `eval` uses (writes assets/mnist-classifier.safetensors).
@@ -115,6 +118,7 @@ fn main() -> Result<()> {
         Command::Noise(a) => sample::noise(a),
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Export(a) => export::run(a),
         Command::TrainClassifier(a) => eval::train_classifier(a),
     }
 }

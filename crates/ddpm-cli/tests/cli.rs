@@ -538,3 +538,49 @@ fn sample_sweep_puts_one_titled_grid_per_weight_side_by_side() {
         stderr(&o)
     );
 }
+
+#[test]
+fn export_writes_a_smaller_sampling_only_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(dir.path(), 10);
+    let out = dir.path().join("shipped.safetensors");
+    let o = ddpm(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (full, small) = (
+        std::fs::metadata(&ckpt).unwrap().len(),
+        std::fs::metadata(&out).unwrap().len(),
+    );
+    // The training checkpoint holds weights, EMA and two moments in f32; the export EMA in f16.
+    assert!(small * 6 < full, "{small} vs {full}");
+    assert_eq!(checkpoint_card(&out), checkpoint_card(&ckpt));
+    let png = dir.path().join("s.png");
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--class",
+        "7",
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A missing source is named.
+    let o = ddpm(&[
+        "export",
+        "--checkpoint",
+        "/nope.safetensors",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(stderr(&o).contains("/nope.safetensors"), "{}", stderr(&o));
+}
