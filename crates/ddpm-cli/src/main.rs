@@ -111,9 +111,23 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     tune_allocator();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli =
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Flags the user typed (not defaults), for `train --resume` to report what it ignores.
+    let explicit: Vec<String> = matches
+        .subcommand_matches("train")
+        .map(|m| {
+            m.ids()
+                .filter(|id| {
+                    m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+                })
+                .map(|id| id.as_str().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
     match cli.command {
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(a, &explicit),
         Command::Sample(a) => sample::run(a),
         Command::Noise(a) => sample::noise(a),
         Command::Bench(a) => bench::run(a),

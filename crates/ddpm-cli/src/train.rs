@@ -130,8 +130,46 @@ impl TrainObserver for Progress {
     }
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
+/// Flags whose value a resumed run takes from its checkpoint instead.
+const FIXED_BY_CHECKPOINT: &[&str] = &[
+    "lr",
+    "batch_size",
+    "model",
+    "schedule",
+    "timesteps",
+    "p_uncond",
+    "unconditional",
+    "ema_decay",
+    "dataset",
+    "image_size",
+    "seed",
+    "warmup",
+    "no_cosine",
+    "sample_every",
+    "sample_steps",
+    "checkpoint_every",
+    "log_every",
+    "held_out",
+];
+
+/// Runs `ddpm train`; `explicit` names the flags given on the command line.
+pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
     let device = crate::device(a.device)?;
+    if a.resume {
+        let ignored: Vec<String> = explicit
+            .iter()
+            .filter(|id| FIXED_BY_CHECKPOINT.contains(&id.as_str()))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if !ignored.is_empty() {
+            tracing::warn!(
+                "--resume continues the run exactly as it was started: {} {} taken from the \
+                 checkpoint, not from the command line (only --epochs and --max-steps can change)",
+                ignored.join(", "),
+                if ignored.len() == 1 { "is" } else { "are" }
+            );
+        }
+    }
     let ckpt = ddpm_train::checkpoint_path(&a.out);
     let mut preloaded = None;
     let mut trainer = if a.resume {

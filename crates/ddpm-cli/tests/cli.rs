@@ -94,6 +94,14 @@ fn train_resume_then_sample() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("step 3"));
+    // The flags a resumed run cannot honour are named (the common ones: --model, --timesteps…),
+    // --max-steps is not.
+    let e = stderr(&o);
+    assert!(
+        e.contains("--model") && e.contains("--timesteps") && e.contains("checkpoint"),
+        "{e}"
+    );
+    assert!(!e.contains("--max-steps,"), "{e}");
 
     let png = dir.path().join("s.png");
     let ckpt = out.join("checkpoint.safetensors");
