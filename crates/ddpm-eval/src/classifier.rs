@@ -175,7 +175,7 @@ impl Classifier {
         })
     }
 
-    /// Loads a classifier file written by [`Classifier::save`].
+    /// Loads a classifier file written by [`save_classifier`](crate::save_classifier).
     pub fn load(path: &Path, device: &Device) -> Result<(Self, ClassifierInfo), EvalError> {
         let bad = |why: String| EvalError::Classifier {
             path: path.to_path_buf(),
