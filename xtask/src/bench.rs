@@ -11,13 +11,21 @@ use serde_json::Value;
 
 use crate::cargo;
 
-const USAGE: &str = "usage: cargo xtask bench [--presets tiny,small,mnist] [--modes train,forward]
+const USAGE: &str =
+    "usage: cargo xtask bench [--presets tiny,small,mnist] [--modes train,forward,sample]
                          [--iters N] [--warmup N] [--train-batch N] [--forward-batch N]
+                         [--sample-batch N] [--steps N]
                          [--no-stock] [--no-torch] [--torch-compile] [--python PATH]
-                         [--device cpu|cuda] [--out DIR]
+                         [--device cpu|cuda] [--ddpm PATH] [--out DIR]
 
+Modes: train (full training steps), forward (inference forward passes), sample (guided DDIM,
+w = 3, --steps steps, --sample-batch images; not in the default list because it is slow on a CPU).
 Threads: candle uses RAYON_NUM_THREADS (default: physical cores); the PyTorch reference is
-given the same number through torch.set_num_threads.";
+given the same number through torch.set_num_threads.
+--ddpm PATH: use this ddpm binary instead of building one (e.g. a CUDA build copied to a GPU
+machine without a Rust toolchain). With --device cuda, `fast` is candle's forward with our
+GEMM-based convolution backward and `stock` candle's own, and peak GPU memory is read by
+polling nvidia-smi (the whole process: context included), for every implementation alike.";
 
 struct Opts {
     presets: Vec<String>,
@@ -26,6 +34,9 @@ struct Opts {
     warmup: usize,
     train_batch: usize,
     forward_batch: usize,
+    sample_batch: usize,
+    steps: usize,
+    ddpm: Option<PathBuf>,
     stock: bool,
     torch: bool,
     torch_compile: bool,
@@ -42,6 +53,9 @@ fn parse(args: &[String]) -> Result<Opts> {
         warmup: 1,
         train_batch: 128,
         forward_batch: 256,
+        sample_batch: 1000,
+        steps: 50,
+        ddpm: None,
         stock: true,
         torch: true,
         torch_compile: false,
@@ -67,6 +81,9 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--warmup" => o.warmup = num(val(a)?, a)?,
             "--train-batch" => o.train_batch = num(val(a)?, a)?,
             "--forward-batch" => o.forward_batch = num(val(a)?, a)?,
+            "--sample-batch" => o.sample_batch = num(val(a)?, a)?,
+            "--steps" => o.steps = num(val(a)?, a)?,
+            "--ddpm" => o.ddpm = Some(PathBuf::from(val(a)?)),
             "--no-stock" => o.stock = false,
             "--no-torch" => o.torch = false,
             "--torch-compile" => o.torch_compile = true,
@@ -81,15 +98,61 @@ fn parse(args: &[String]) -> Result<Opts> {
         }
     }
     for m in &o.modes {
-        if m != "train" && m != "forward" {
-            bail!("--modes: `{m}` is neither train nor forward");
+        if !["train", "forward", "sample"].contains(&m.as_str()) {
+            bail!("--modes: `{m}` is not one of train, forward, sample");
         }
+    }
+    if o.device != "cpu" && o.device != "cuda" {
+        bail!("--device: `{}` is neither cpu nor cuda", o.device);
     }
     Ok(o)
 }
 
+/// Polls `nvidia-smi` for the GPU's used memory while a measurement runs.
+struct GpuMemWatch {
+    child: std::process::Child,
+}
+
+impl GpuMemWatch {
+    fn start() -> Option<Self> {
+        Command::new("nvidia-smi")
+            .args([
+                "--query-gpu=memory.used",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "20",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()
+            .map(|child| Self { child })
+    }
+
+    /// The largest reading, in MiB.
+    fn stop(mut self) -> Option<f64> {
+        let _ = self.child.kill();
+        let out = self.child.wait_with_output().ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse::<f64>().ok())
+            .reduce(f64::max)
+    }
+}
+
+/// Runs a command that prints one JSON line on stdout; returns it parsed. With `gpu`, the
+/// peak GPU memory seen by `nvidia-smi` while it ran is added as `peak_gpu_mib`.
+fn json_of_on(cmd: &mut Command, gpu: bool) -> Result<Value> {
+    let watch = if gpu { GpuMemWatch::start() } else { None };
+    let mut v = json_of(cmd)?;
+    if let Some(peak) = watch.and_then(GpuMemWatch::stop) {
+        v["peak_gpu_mib"] = Value::from(peak);
+    }
+    Ok(v)
+}
+
 /// Runs a command that prints one JSON line on stdout; returns it parsed.
-fn json_of(mut cmd: Command) -> Result<Value> {
+fn json_of(cmd: &mut Command) -> Result<Value> {
     eprintln!("xtask bench: {cmd:?}");
     let out = cmd
         .output()
@@ -124,14 +187,20 @@ fn f(v: &Value, key: &str) -> f64 {
 /// Runs the benchmark grid and prints the table.
 pub fn bench(args: &[String]) -> Result<()> {
     let o = parse(args)?;
-    let mut build = cargo();
-    build.args(["build", "--release", "-p", "ddpm-cli"]);
-    if o.device == "cuda" {
-        build.args(["--features", "cuda"]);
-    }
-    crate::run(build)?;
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let ddpm = Path::new(&target).join("release/ddpm");
+    let gpu = o.device == "cuda";
+    let ddpm = match &o.ddpm {
+        Some(p) => p.clone(),
+        None => {
+            let mut build = cargo();
+            build.args(["build", "--release", "-p", "ddpm-cli"]);
+            if gpu {
+                build.args(["--features", "cuda"]);
+            }
+            crate::run(build)?;
+            let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+            Path::new(&target).join("release/ddpm")
+        }
+    };
     let ddpm_cmd = || {
         let mut c = Command::new(&ddpm);
         c.env("RUST_LOG", "warn");
@@ -153,7 +222,7 @@ pub fn bench(args: &[String]) -> Result<()> {
 
     let mut gemm = ddpm_cmd();
     gemm.args(["bench", "--mode", "gemm", "--device", &o.device]);
-    let gemm = json_of(gemm)?;
+    let gemm = json_of(&mut gemm)?;
     let peak = f(&gemm, "gflops");
     let nthreads = gemm
         .get("threads")
@@ -173,10 +242,10 @@ pub fn bench(args: &[String]) -> Result<()> {
         }
         let config = String::from_utf8_lossy(&out.stdout).trim().to_string();
         for mode in &o.modes {
-            let batch = if mode == "train" {
-                o.train_batch
-            } else {
-                o.forward_batch
+            let batch = match mode.as_str() {
+                "train" => o.train_batch,
+                "sample" => o.sample_batch,
+                _ => o.forward_batch,
             };
             let mut impls = vec!["fast"];
             if o.stock {
@@ -190,7 +259,8 @@ pub fn bench(args: &[String]) -> Result<()> {
                 c.args(["--batch", &batch.to_string(), "--device", &o.device]);
                 c.args(["--iters", &o.iters.to_string()]);
                 c.args(["--warmup", &o.warmup.to_string()]);
-                let r = json_of(c)?;
+                c.args(["--steps", &o.steps.to_string()]);
+                let r = json_of_on(&mut c, gpu)?;
                 ours_params = r.get("params").and_then(Value::as_u64);
                 group.push(r);
             }
@@ -208,10 +278,11 @@ pub fn bench(args: &[String]) -> Result<()> {
                     c.args(["--iters", &o.iters.to_string()]);
                     c.args(["--warmup", &o.warmup.to_string()]);
                     c.args(["--device", &o.device]);
+                    c.args(["--steps", &o.steps.to_string()]);
                     if compile {
                         c.arg("--compile");
                     }
-                    let r = json_of(c)?;
+                    let r = json_of_on(&mut c, gpu)?;
                     let tp = r.get("params").and_then(Value::as_u64);
                     if tp != ours_params {
                         bail!(
@@ -249,13 +320,14 @@ pub fn bench(args: &[String]) -> Result<()> {
     }
 
     let mut table = String::new();
+    let n = gemm.get("n").and_then(Value::as_u64).unwrap_or(0);
     table.push_str(&format!(
-        "Machine GEMM (1024³ f32, {nthreads} threads, {}): {peak:.1} GFLOP/s\n\n",
+        "Machine GEMM ({n}³ f32, {nthreads} threads, {}): {peak:.1} GFLOP/s\n\n",
         o.device
     ));
     table.push_str(
-        "| preset | mode | batch | implementation | images/s | × PyTorch | GFLOP/s | % of GEMM | peak RSS (MiB) |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| preset | mode | batch | implementation | images/s | × PyTorch | GFLOP/s | % of GEMM | peak RSS (MiB) | peak GPU (MiB) |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
         let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
@@ -265,7 +337,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             .map(|v| format!("{v:.2}"))
             .unwrap_or_else(|| "–".into());
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {:.1} | {} | {:.1} | {:.0} % | {:.0} |\n",
+            "| {} | {} | {} | {} | {:.1} | {} | {:.1} | {:.0} % | {:.0} | {} |\n",
             s("model"),
             s("mode"),
             r.get("batch").and_then(Value::as_u64).unwrap_or(0),
@@ -275,6 +347,10 @@ pub fn bench(args: &[String]) -> Result<()> {
             f(r, "gflops"),
             f(r, "pct_of_gemm"),
             f(r, "peak_rss_mib"),
+            r.get("peak_gpu_mib")
+                .and_then(Value::as_f64)
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_else(|| "–".into()),
         ));
     }
     println!("{table}");

@@ -8,12 +8,17 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 const USAGE: &str = "usage: cargo xtask gallery [--checkpoint PATH] [--run DIR] [--out DIR]
-                           [--eval-n N] [--eval-steps S] [--no-eval]
+                           [--eval-n N] [--eval-steps S] [--no-eval] [--eval-report PATH]
+                           [--device cpu|cuda] [--ddpm PATH]
 
 --checkpoint  default: assets/ddpm-mnist.safetensors, else runs/default/checkpoint.safetensors
 --run         the training run whose loss.png to show (default: the checkpoint's folder)
 --out         where the pictures go (default: docs/img/gallery)
---eval-n      samples per guidance weight for the trade-off plot (default 1000)";
+--eval-n      samples per guidance weight for the trade-off plot (default 1000)
+--eval-report redraw the trade-off plot from this `ddpm eval` report.json (`ddpm eval
+              --replot`) instead of sampling again: e.g. a 10,000-sample evaluation made on a GPU
+--device      where sample and eval compute (cuda needs a CUDA build; see --ddpm)
+--ddpm        use this ddpm binary instead of building one (a CUDA build on a GPU machine)";
 
 struct Opts {
     checkpoint: Option<PathBuf>,
@@ -22,6 +27,9 @@ struct Opts {
     eval_n: usize,
     eval_steps: usize,
     eval: bool,
+    eval_report: Option<PathBuf>,
+    device: String,
+    ddpm: Option<PathBuf>,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -32,6 +40,9 @@ fn parse(args: &[String]) -> Result<Opts> {
         eval_n: 1000,
         eval_steps: 50,
         eval: true,
+        eval_report: None,
+        device: "cpu".into(),
+        ddpm: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -47,6 +58,9 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--eval-n" => o.eval_n = val()?.parse().context("--eval-n")?,
             "--eval-steps" => o.eval_steps = val()?.parse().context("--eval-steps")?,
             "--no-eval" => o.eval = false,
+            "--eval-report" => o.eval_report = Some(PathBuf::from(val()?)),
+            "--device" => o.device = val()?,
+            "--ddpm" => o.ddpm = Some(PathBuf::from(val()?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -78,11 +92,23 @@ pub fn gallery(cli: &[String]) -> Result<()> {
     if !ckpt.exists() {
         bail!("--checkpoint {}: no such file", ckpt.display());
     }
-    let mut build = crate::cargo();
-    build.args(["build", "--release", "-p", "ddpm-cli"]);
-    crate::run(build)?;
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let ddpm = Path::new(&target).join("release/ddpm");
+    if o.device != "cpu" && o.device != "cuda" {
+        bail!("--device: `{}` is neither cpu nor cuda", o.device);
+    }
+    let ddpm = match &o.ddpm {
+        Some(p) => p.clone(),
+        None => {
+            let mut build = crate::cargo();
+            build.args(["build", "--release", "-p", "ddpm-cli"]);
+            let mut target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+            if o.device == "cuda" {
+                build.args(["--features", "cuda", "--target-dir", "target/cuda"]);
+                target = "target/cuda".into();
+            }
+            crate::run(build)?;
+            Path::new(&target).join("release/ddpm")
+        }
+    };
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let out = |name: &str| o.out.join(name).display().to_string();
     let c = ckpt.display().to_string();
@@ -154,8 +180,25 @@ pub fn gallery(cli: &[String]) -> Result<()> {
             "Reverse diffusion, one digit per class".into(),
         ),
     ];
-    if o.eval {
-        let eval_dir = o.out.join("eval");
+    let eval_dir = o.out.join("eval");
+    if let Some(report) = &o.eval_report {
+        if !report.exists() {
+            bail!("--eval-report {}: no such file", report.display());
+        }
+        steps.push((
+            "eval/fid_vs_is.png".into(),
+            args(&[
+                "eval",
+                "--replot",
+                &report.display().to_string(),
+                "--out",
+                &eval_dir.display().to_string(),
+            ]),
+            "fid_mnist against IS across guidance weights, redrawn from an earlier `ddpm eval` \
+             report (also eval/accuracy_vs_w.png and eval/report.json)"
+                .into(),
+        ));
+    } else if o.eval {
         steps.push((
             "eval/fid_vs_is.png".into(),
             args(&[
@@ -173,10 +216,14 @@ pub fn gallery(cli: &[String]) -> Result<()> {
     for (file, a, caption) in &steps {
         let mut cmd = Command::new(&ddpm);
         cmd.args(a).env("RUST_LOG", "warn");
+        let mut shown = a.join(" ");
+        if o.device == "cuda" && (a[0] == "sample" || (a[0] == "eval" && a[1] != "--replot")) {
+            cmd.args(["--device", "cuda"]);
+            shown.push_str(" --device cuda");
+        }
         crate::run(cmd)?;
         md.push_str(&format!(
-            "## {caption}\n\n```bash\nddpm {}\n```\n\n![{caption}]({file})\n\n",
-            a.join(" ")
+            "## {caption}\n\n```bash\nddpm {shown}\n```\n\n![{caption}]({file})\n\n"
         ));
     }
     let run_dir = o

@@ -7,9 +7,12 @@
 //! * `bench [OPTIONS]`: speed and memory of each preset, ours against candle's stock kernels
 //!   and the PyTorch reference (`bench/torch_reference.py`), as a table;
 //! * `gallery [OPTIONS]`: the README's pictures from one checkpoint, with the commands that
-//!   made them (`docs/img/gallery/README.md`).
+//!   made them (`docs/img/gallery/README.md`);
+//! * `build-cuda [OPTIONS]`: the CUDA build of the CLI, with a CUDA toolkit or from PyPI wheels,
+//!   optionally packed for a GPU machine without a Rust toolchain (docs/cuda.md).
 
 mod bench;
+mod cuda;
 mod gallery;
 
 use std::process::Command;
@@ -57,10 +60,23 @@ fn ci() -> Result<()> {
     run(hub)
 }
 
-/// Spawns a release build of the CLI: `ddpm <sub> <args>`.
+/// Whether `args` ask for `--device cuda`.
+fn wants_cuda(args: &[String]) -> bool {
+    args.iter().any(|a| a == "--device=cuda")
+        || args
+            .windows(2)
+            .any(|w| w[0] == "--device" && w[1] == "cuda")
+}
+
+/// Spawns a release build of the CLI: `ddpm <sub> <args>`. With `--device cuda` in `args`, the
+/// build has the `cuda` feature, in target/cuda (so CPU builds stay valid).
 fn ddpm(sub: &str, args: &[String], defaults: &[&str]) -> Result<()> {
     let mut cmd = cargo();
-    cmd.args(["run", "--release", "-p", "ddpm-cli", "--", sub]);
+    cmd.args(["run", "--release", "-p", "ddpm-cli"]);
+    if wants_cuda(args) {
+        cmd.args(["--features", "cuda", "--target-dir", "target/cuda"]);
+    }
+    cmd.args(["--", sub]);
     // Defaults first: a flag the user repeats overrides them (clap keeps the last one).
     cmd.args(defaults).args(args);
     run(cmd)
@@ -75,6 +91,7 @@ fn main() -> Result<()> {
         "train" => ddpm("train", &rest, &["--out", "runs/default"]),
         "bench" => bench::bench(&rest),
         "gallery" => gallery::gallery(&rest),
+        "build-cuda" => cuda::build_cuda(&rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -82,7 +99,8 @@ fn main() -> Result<()> {
                  ci            fmt, clippy, test, doc, hub-feature check\n  \
                  train [ARGS]  release `ddpm train` with the default recipe (ARGS pass through)\n  \
                  bench [OPTS]  speed/memory table: ours, candle stock, PyTorch (--help)\n  \
-                 gallery [OPTS] README pictures from a checkpoint, with their commands (--help)"
+                 gallery [OPTS] README pictures from a checkpoint, with their commands (--help)\n  \
+                 build-cuda [OPTS] CUDA build of the CLI, packable for a GPU machine (--help)"
             );
             if task.is_empty() || task == "help" || task == "--help" {
                 Ok(())

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use ddpm_core::{Denoiser, SeededNoise};
 use ddpm_data::Batch;
+use ddpm_sampler::{sample, ClassifierFreeGuidance, Ddim, SamplerConfig, Spacing};
 use ddpm_schedule::ScheduleConfig;
 use ddpm_train::{DataInfo, ModelCard, TrainConfig, Trainer};
 use ddpm_unet::{Kernels, UNetConfig};
@@ -21,6 +22,9 @@ pub enum BenchMode {
     Train,
     /// Inference forward passes (no gradients) at --batch.
     Forward,
+    /// Guided sampling: DDIM with --steps steps at guidance w = 3 (one forward of 2×batch a
+    /// step), --batch images per run.
+    Sample,
     /// A 1024×1024×1024 f32 matrix product: the machine's practical ceiling.
     Gemm,
     /// Print the preset's U-Net configuration as JSON (for the PyTorch reference).
@@ -51,6 +55,9 @@ pub struct BenchArgs {
     /// Image side (28 for MNIST).
     #[arg(long, default_value_t = 28)]
     image_size: usize,
+    /// Sampling steps (sample mode).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
     /// Where to compute.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -94,7 +101,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     if a.mode == BenchMode::Gemm {
-        let n = 1024;
+        // 1024³ is already the ceiling of a 2-core CPU; a GPU needs a larger product.
+        let n = if dev.is_cuda() { 8192 } else { 1024 };
         let x = Tensor::ones((n, n), DType::F32, &dev)?;
         let y = Tensor::ones((n, n), DType::F32, &dev)?;
         let iters = a.iters.max(5);
@@ -109,9 +117,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let batch = a
-        .batch
-        .unwrap_or(if a.mode == BenchMode::Train { 128 } else { 256 });
+    let batch = a.batch.unwrap_or(match a.mode {
+        BenchMode::Train => 128,
+        BenchMode::Sample => 1000,
+        _ => 256,
+    });
     let card = ModelCard {
         model: cfg.clone(),
         schedule: ScheduleConfig::default(),
@@ -148,6 +158,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 sync(&dev)
             })?
         }
+        BenchMode::Sample => {
+            let model = trainer.model().clone();
+            let guided = ClassifierFreeGuidance::new(&model, 3.0)?;
+            let schedule = trainer.card().schedule.build()?;
+            time_iters(a.warmup, a.iters, || {
+                let mut sampler = Ddim::new(
+                    &schedule,
+                    a.steps,
+                    0.0,
+                    Spacing::Leading,
+                    SamplerConfig { clip_x0: true },
+                )?;
+                let mut noise = SeededNoise::new(1);
+                sample(
+                    &guided,
+                    &mut sampler,
+                    x.clone(),
+                    Some(&labels),
+                    &mut noise,
+                    &mut |_| Ok(()),
+                )?;
+                sync(&dev)
+            })?
+        }
         _ => {
             let model = trainer.model().clone();
             let t = Tensor::from_vec(rng.uniform_u32(batch, 1000), batch, &dev)?;
@@ -159,16 +193,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let images_per_s = (batch * a.iters) as f64 / secs;
     let fwd = ddpm_unet::forward_flops(&cfg, s, s);
-    let per_image = if a.mode == BenchMode::Train {
-        3.0 * fwd
-    } else {
-        fwd
+    // Training is forward + backward (≈ 2× forward); guided sampling runs 2 forwards a step.
+    let per_image = match a.mode {
+        BenchMode::Train => 3.0 * fwd,
+        BenchMode::Sample => 2.0 * a.steps as f64 * fwd,
+        _ => fwd,
     };
     println!(
         "{}",
         serde_json::json!({
             "impl": format!("candle-{}", kernels.name()),
-            "mode": if a.mode == BenchMode::Train { "train" } else { "forward" },
+            "mode": format!("{:?}", a.mode).to_lowercase(),
             "model": a.model,
             "params": params,
             "batch": batch,
@@ -179,6 +214,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "gflops": images_per_s * per_image / 1e9,
             "peak_rss_mib": peak_rss_mib(),
             "device": format!("{:?}", a.device).to_lowercase(),
+            "steps": (a.mode == BenchMode::Sample).then_some(a.steps),
         })
     );
     Ok(())

@@ -9,7 +9,12 @@
 //! | [`add_channel_bias`] | broadcast add; backward is a single-threaded strided sum | one parallel pass each way |
 //! | [`upsample_nearest2x`] | backward runs one grouped convolution per channel | broadcast + reshape; backward is a reshape-sum |
 //!
-//! The fast kernels run on the CPU in f32; elsewhere (CUDA, f16) the stock path is used.
+//! The fast kernels run on the CPU in f32. On CUDA, [`Kernels::Fast`] keeps candle's
+//! convolution forward (cuDNN with the `cudnn` feature) and replaces its backward: the input
+//! gradient becomes a forward convolution of the dilated, padded upstream gradient with the
+//! flipped kernel, and the kernel gradient an im2col plus one batched matrix product, instead of
+//! candle's one-thread-per-output `conv_transpose2d`. Other ops run candle's stock composition
+//! there.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -28,6 +33,7 @@
 
 pub(crate) mod bias;
 mod conv;
+mod conv_grad;
 mod gemm;
 mod norm;
 
@@ -38,7 +44,9 @@ use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor};
 pub enum Kernels {
     /// candle's own operations (the reference; used by the benchmark for comparison).
     Stock,
-    /// Our CPU kernels for f32 on the CPU; the stock path elsewhere.
+    /// Our CPU kernels for f32 on the CPU. On other devices (CUDA), convolutions keep candle's
+    /// forward but get a backward made of forward convolutions and batched matrix products
+    /// instead of candle's direct `conv_transpose2d` loop; the other ops are candle's.
     #[default]
     Fast,
 }
@@ -100,6 +108,9 @@ pub fn conv2d(
                 .apply_op3(&weight.contiguous()?, &b.contiguous()?, op)
         }
         _ if fast => x.contiguous()?.apply_op2(&weight.contiguous()?, op)?,
+        _ if kernels == Kernels::Fast && !x.device().is_cpu() => {
+            conv_grad::conv2d(x, weight, stride, padding)?
+        }
         _ => x.conv2d(weight, padding, stride, 1, 1)?,
     };
     match bias {
