@@ -14,8 +14,8 @@ target folder, so CPU builds stay valid. When `nvcc` is not on PATH, first sourc
 xtask/cuda-env.sh, which installs the pinned PyPI CUDA 13.0 wheels (and cuDNN with --cudnn)
 into --venv (default ~/.cache/ddpm-cuda-venv) with a stub libcuda for linking; the first
 build takes about 20 minutes on 2 cores (candle's kernels), later ones a few.
---tests   also builds the test binaries of ddpm-unet with CUDA (tests/cuda.rs);
---pack DIR  writes gzipped copies there (ddpm.gz, and the test binaries) plus run.sh, which
+--tests   also builds ddpm-unet's CUDA tests (tests/cuda.rs) and packs them;
+--pack DIR  writes stripped, gzipped copies there (ddpm.gz, cuda-*.gz) plus run.sh, which
           sets the loader path to the PyTorch CUDA wheels and unpacks them on the GPU machine.
 A machine with a normal CUDA install needs none of this: cargo build --release --features cuda.";
 
@@ -93,13 +93,15 @@ fn gzip_into(src: &Path, dir: &Path) -> Result<PathBuf> {
         .to_string_lossy()
         .into_owned();
     let dst = dir.join(format!("{name}.gz"));
+    // Debug info is most of the size: strip a copy (when `strip` exists), then gzip it.
     let status = Command::new("bash")
         .args([
             "-c",
             &format!(
-                "gzip -c {} > {}",
-                quote(&src.to_string_lossy()),
-                quote(&dst.to_string_lossy())
+                "set -e; t=$(mktemp); (strip -o \"$t\" {src} 2>/dev/null || cp {src} \"$t\"); \
+                 gzip -c \"$t\" > {dst}; rm -f \"$t\"",
+                src = quote(&src.to_string_lossy()),
+                dst = quote(&dst.to_string_lossy())
             ),
         ])
         .status()
@@ -175,7 +177,8 @@ pub fn build_cuda(args: &[String]) -> Result<()> {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
-            if v["profile"]["test"].as_bool() == Some(true) {
+            // Only tests/cuda.rs: the other tests are CPU tests that CI runs anyway.
+            if v["profile"]["test"].as_bool() == Some(true) && v["target"]["name"] == "cuda" {
                 if let Some(exe) = v["executable"].as_str() {
                     outputs.push(PathBuf::from(exe));
                 }

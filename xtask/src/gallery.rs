@@ -15,8 +15,9 @@ const USAGE: &str = "usage: cargo xtask gallery [--checkpoint PATH] [--run DIR] 
 --run         the training run whose loss.png to show (default: the checkpoint's folder)
 --out         where the pictures go (default: docs/img/gallery)
 --eval-n      samples per guidance weight for the trade-off plot (default 1000)
---eval-report redraw the trade-off plot from this `ddpm eval` report.json (`ddpm eval
-              --replot`) instead of sampling again: e.g. a 10,000-sample evaluation made on a GPU
+--eval-report redraw the trade-off plot from these `ddpm eval` report.json files (comma-
+              separated, merged by `ddpm eval --replot`) instead of sampling again: e.g. a
+              10,000-sample evaluation made on a GPU
 --device      where sample and eval compute (cuda needs a CUDA build; see --ddpm)
 --ddpm        use this ddpm binary instead of building one (a CUDA build on a GPU machine)";
 
@@ -141,7 +142,7 @@ pub fn gallery(cli: &[String]) -> Result<()> {
                 "--out",
                 &out("samples-w3.png"),
             ]),
-            "One row per class at the default guidance w = 3 (DDIM, 50 steps)".into(),
+            "One row per class at the default guidance w = 3 (DPM-Solver++, 20 steps)".into(),
         ),
         (
             "sweep.png".into(),
@@ -182,8 +183,10 @@ pub fn gallery(cli: &[String]) -> Result<()> {
     ];
     let eval_dir = o.out.join("eval");
     if let Some(report) = &o.eval_report {
-        if !report.exists() {
-            bail!("--eval-report {}: no such file", report.display());
+        for part in report.to_string_lossy().split(',') {
+            if !Path::new(part).exists() {
+                bail!("--eval-report {part}: no such file");
+            }
         }
         steps.push((
             "eval/fid_vs_is.png".into(),

@@ -159,7 +159,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             })?
         }
         BenchMode::Sample => {
-            let model = trainer.model().clone();
+            // Plain (EMA) tensors, as when sampling from a checkpoint: with the trainer's Vars,
+            // every step would keep the autograd graph of the whole chain alive.
+            let model = trainer.ema_model()?.with_kernels(kernels);
             let guided = ClassifierFreeGuidance::new(&model, 3.0)?;
             let schedule = trainer.card().schedule.build()?;
             time_iters(a.warmup, a.iters, || {
@@ -183,7 +185,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             })?
         }
         _ => {
-            let model = trainer.model().clone();
+            let model = trainer.ema_model()?.with_kernels(kernels);
             let t = Tensor::from_vec(rng.uniform_u32(batch, 1000), batch, &dev)?;
             time_iters(a.warmup, a.iters, || {
                 model.predict_noise(&x, &t, Some(&labels))?;

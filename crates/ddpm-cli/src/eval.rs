@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Shape, Tensor};
 use clap::Args;
 use ddpm_core::{NoiseSource, SeededNoise};
 use ddpm_data::{load_dataset, DatasetKind, Split};
@@ -77,9 +77,11 @@ pub struct EvalArgs {
     /// Where to compute.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
-    /// Redraw the table and plots from an earlier report.json into --out, sampling nothing.
-    #[arg(long)]
-    replot: Option<PathBuf>,
+    /// Redraw the table and plots from earlier report.json files into --out, sampling nothing.
+    /// Several reports (comma-separated) of the same checkpoint, --n, --steps and --sampler are
+    /// merged into one, rows sorted by w (e.g. guidance weights evaluated in separate runs).
+    #[arg(long, value_delimiter = ',')]
+    replot: Vec<PathBuf>,
 }
 
 /// One guidance weight's row of the report.
@@ -107,14 +109,11 @@ struct Report {
 
 /// Runs `ddpm eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
-    let device = crate::device(a.device)?;
-    if let Some(path) = &a.replot {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("--replot {}", path.display()))?;
-        let report: Report = serde_json::from_str(&text)
-            .with_context(|| format!("--replot {}: not a `ddpm eval` report", path.display()))?;
-        return write_outputs(&report, &a.out, &device);
+    if !a.replot.is_empty() {
+        let report = merge_reports(&a.replot)?;
+        return write_outputs(&report, &a.out);
     }
+    let device = crate::device(a.device)?;
     if a.n < 2 {
         bail!("--n {}: the covariance needs at least 2 samples", a.n);
     }
@@ -248,11 +247,49 @@ pub fn run(a: EvalArgs) -> Result<()> {
         real_data_floor: floor,
         rows,
     };
-    write_outputs(&report, &a.out, &device)?;
+    write_outputs(&report, &a.out)?;
     Ok(())
 }
 
-fn write_outputs(r: &Report, out: &Path, _dev: &Device) -> Result<()> {
+/// Reads the reports at `paths` and merges their rows (the first report's floor and header).
+fn merge_reports(paths: &[PathBuf]) -> Result<Report> {
+    let mut merged: Option<Report> = None;
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--replot {}", path.display()))?;
+        let r: Report = serde_json::from_str(&text)
+            .with_context(|| format!("--replot {}: not a `ddpm eval` report", path.display()))?;
+        match &mut merged {
+            None => merged = Some(r),
+            Some(m) => {
+                let same = m.checkpoint == r.checkpoint
+                    && m.n == r.n
+                    && m.steps == r.steps
+                    && m.sampler == r.sampler
+                    && serde_json::to_value(&m.card)? == serde_json::to_value(&r.card)?;
+                if !same {
+                    bail!(
+                        "--replot {}: made from another checkpoint or with other --n, --steps or \
+                         --sampler than {}; only reports of one evaluation setting can be merged",
+                        path.display(),
+                        paths[0].display()
+                    );
+                }
+                for row in r.rows {
+                    if m.rows.iter().any(|x| x.w == row.w) {
+                        bail!("--replot {}: w = {} appears twice", path.display(), row.w);
+                    }
+                    m.rows.push(row);
+                }
+            }
+        }
+    }
+    let mut m = merged.context("--replot: no report given")?;
+    m.rows.sort_by(|a, b| a.w.total_cmp(&b.w));
+    Ok(m)
+}
+
+fn write_outputs(r: &Report, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
     let json = out.join("report.json");
     ddpm_core::write_atomic(&json, serde_json::to_string_pretty(r)?.as_bytes())

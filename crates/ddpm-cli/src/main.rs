@@ -24,6 +24,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// On CUDA, run f32 matrix products on TF32 tensor cores (10-bit mantissa products, f32
+    /// accumulation), as JAX does by default and PyTorch does for convolutions. `--tf32 false`
+    /// for full f32 products. No effect on the CPU.
+    #[arg(long, global = true, default_value_t = true, action = clap::ArgAction::Set)]
+    tf32: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +131,7 @@ fn main() -> Result<()> {
                 .collect()
         })
         .unwrap_or_default();
+    candle_core::cuda::set_gemm_reduced_precision_f32(cli.tf32);
     match cli.command {
         Command::Train(a) => train::run(a, &explicit),
         Command::Sample(a) => sample::run(a),

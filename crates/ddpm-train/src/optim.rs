@@ -93,17 +93,23 @@ impl AdamW {
     }
 
     /// Global L2 norm of the gradients.
+    ///
+    /// The per-tensor sums stay on the device and are read back once: on a GPU, reading each
+    /// one back would wait for the queue to drain once per parameter tensor.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut total = 0f64;
+        let mut sums = Vec::with_capacity(self.vars.len());
         for (_, var) in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
-                total += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
+                sums.push(g.sqr()?.sum_all()?);
             }
         }
+        if sums.is_empty() {
+            return Ok(0.0);
+        }
+        let total = Tensor::stack(&sums, 0)?
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         Ok(total.sqrt())
     }
 
@@ -158,7 +164,9 @@ impl Ema {
         }
         let shadow = vars
             .iter()
-            .map(|(_, v)| v.as_tensor().copy())
+            // `copy` of a Var records a backprop op: detach, or everything computed from the
+            // average (sampling before the first update) would keep its autograd graph.
+            .map(|(_, v)| v.as_tensor().copy().map(|t| t.detach()))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self { decay, shadow })
     }

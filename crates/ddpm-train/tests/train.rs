@@ -350,6 +350,12 @@ fn optimizer_and_ema_state_hold_no_autograd_graph() {
     // A state tensor that tracks ops keeps every earlier step's activations alive: memory
     // then grows without bound over a run (seen as an OOM kill at 24 GB).
     let mut t = Trainer::new(card(), config(), &Device::Cpu).unwrap();
+    // Before any step too: sampling from a fresh trainer (`ddpm bench --mode sample`) kept
+    // the graph of the whole sampling chain when the initial average tracked the Vars.
+    assert!(
+        t.ema().weights().iter().all(|x| !x.track_op()),
+        "initial EMA weights track ops"
+    );
     let batch = ddpm_data::Batch {
         images: Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap(),
         labels: Tensor::new(&[1u32, 2], &Device::Cpu).unwrap(),
