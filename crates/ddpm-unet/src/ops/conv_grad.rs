@@ -21,8 +21,9 @@ use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shap
 /// `conv2d(x, w)` (no bias) with the GEMM-based backward described in the module docs.
 pub(crate) fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     let (kh, kw) = (w.dim(2)?, w.dim(3)?);
-    if pad >= kh || pad >= kw || stride == 0 {
-        // Outside what the rewritten backward covers: candle's own path.
+    if pad >= kh || pad >= kw || stride == 0 || !(x.track_op() || w.track_op()) {
+        // Outside what the rewritten backward covers, or no gradient wanted (sampling):
+        // candle's own path, without the pass-through copy.
         return x.conv2d(w, pad, stride, 1, 1);
     }
     let y = x

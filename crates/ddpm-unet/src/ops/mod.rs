@@ -180,7 +180,9 @@ pub fn group_norm(
 /// Nearest-neighbour ×2 upsampling of `x [n, c, h, w]` to `[n, c, 2h, 2w]`.
 pub fn upsample_nearest2x(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    if kernels == Kernels::Stock {
+    // On a GPU without gradients (sampling), candle's upsampling kernel is one pass; ours exists
+    // for its backward.
+    if kernels == Kernels::Stock || (!x.device().is_cpu() && !x.track_op()) {
         return x.upsample_nearest2d(2 * h, 2 * w);
     }
     // Broadcast each pixel over a 2×2 block; the backward of a broadcast is a sum.
