@@ -14,7 +14,9 @@ const USAGE: &str = "usage: cargo xtask gallery [--checkpoint PATH] [--run DIR] 
 --checkpoint  default: assets/ddpm-mnist.safetensors, else runs/default/checkpoint.safetensors
 --run         the training run whose loss.png to show (default: the checkpoint's folder)
 --out         where the pictures go (default: docs/img/gallery)
---eval-n      samples per guidance weight for the trade-off plot (default 1000)
+--eval-n      samples per guidance weight for the trade-off plot (default 1000 with
+              --device cuda; on a CPU the plot needs --eval-n or --eval-report, since
+              evaluating the mnist preset there takes hours per guidance weight)
 --eval-report redraw the trade-off plot from these `ddpm eval` report.json files (comma-
               separated, merged by `ddpm eval --replot`) instead of sampling again: e.g. a
               10,000-sample evaluation made on a GPU
@@ -25,7 +27,7 @@ struct Opts {
     checkpoint: Option<PathBuf>,
     run: Option<PathBuf>,
     out: PathBuf,
-    eval_n: usize,
+    eval_n: Option<usize>,
     eval_steps: usize,
     eval: bool,
     eval_report: Option<PathBuf>,
@@ -38,7 +40,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         checkpoint: None,
         run: None,
         out: PathBuf::from("docs/img/gallery"),
-        eval_n: 1000,
+        eval_n: None,
         eval_steps: 50,
         eval: true,
         eval_report: None,
@@ -56,7 +58,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--checkpoint" => o.checkpoint = Some(PathBuf::from(val()?)),
             "--run" => o.run = Some(PathBuf::from(val()?)),
             "--out" => o.out = PathBuf::from(val()?),
-            "--eval-n" => o.eval_n = val()?.parse().context("--eval-n")?,
+            "--eval-n" => o.eval_n = Some(val()?.parse().context("--eval-n")?),
             "--eval-steps" => o.eval_steps = val()?.parse().context("--eval-steps")?,
             "--no-eval" => o.eval = false,
             "--eval-report" => o.eval_report = Some(PathBuf::from(val()?)),
@@ -201,11 +203,16 @@ pub fn gallery(cli: &[String]) -> Result<()> {
              report (also eval/accuracy_vs_w.png and eval/report.json)"
                 .into(),
         ));
+    } else if o.eval && o.device == "cpu" && o.eval_n.is_none() {
+        eprintln!(
+            "xtask gallery: no trade-off plot: on a CPU pass --eval-report REPORT.json (e.g. \
+             docs/eval/*.json) or --eval-n N (hours per guidance weight for the mnist preset)"
+        );
     } else if o.eval {
         steps.push((
             "eval/fid_vs_is.png".into(),
             args(&[
-                "eval", "--checkpoint", &c, "--n", &o.eval_n.to_string(), "--steps",
+                "eval", "--checkpoint", &c, "--n", &o.eval_n.unwrap_or(1000).to_string(), "--steps",
                 &o.eval_steps.to_string(), "--out", &eval_dir.display().to_string(),
             ]),
             "fid_mnist against IS across w = 0, 0.5, 1, 2, 3, 5 (also eval/accuracy_vs_w.png and eval/report.json)".into(),
