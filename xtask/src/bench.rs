@@ -144,8 +144,11 @@ impl GpuMemWatch {
 /// peak GPU memory seen by `nvidia-smi` while it ran is added as `peak_gpu_mib`.
 fn json_of_on(cmd: &mut Command, gpu: bool) -> Result<Value> {
     let watch = if gpu { GpuMemWatch::start() } else { None };
-    let mut v = json_of(cmd)?;
-    if let Some(peak) = watch.and_then(GpuMemWatch::stop) {
+    let result = json_of(cmd);
+    // Stop the poller whether or not the measurement succeeded.
+    let peak = watch.and_then(GpuMemWatch::stop);
+    let mut v = result?;
+    if let Some(peak) = peak {
         v["peak_gpu_mib"] = Value::from(peak);
     }
     Ok(v)

@@ -8,11 +8,12 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use ddpm_core::{Denoiser, SeededNoise};
 use ddpm_data::Batch;
-use ddpm_sampler::{sample, ClassifierFreeGuidance, Ddim, SamplerConfig, Spacing};
+use ddpm_sampler::{sample, ClassifierFreeGuidance, SamplerConfig, Spacing};
 use ddpm_schedule::ScheduleConfig;
 use ddpm_train::{DataInfo, ModelCard, TrainConfig, Trainer};
 use ddpm_unet::{Kernels, UNetConfig};
 
+use crate::sample::{make_sampler, SamplerArg};
 use crate::DeviceArg;
 
 /// What `ddpm bench` measures.
@@ -165,7 +166,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let guided = ClassifierFreeGuidance::new(&model, 3.0)?;
             let schedule = trainer.card().schedule.build()?;
             time_iters(a.warmup, a.iters, || {
-                let mut sampler = Ddim::new(
+                // The sampler `ddpm eval` uses.
+                let mut sampler = make_sampler(
+                    SamplerArg::Ddim,
                     &schedule,
                     a.steps,
                     0.0,
@@ -175,7 +178,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let mut noise = SeededNoise::new(1);
                 sample(
                     &guided,
-                    &mut sampler,
+                    sampler.as_mut(),
                     x.clone(),
                     Some(&labels),
                     &mut noise,

@@ -195,20 +195,8 @@ fn unet_on_cuda_matches_cpu_in_output_and_weight_gradients() {
         .unwrap();
     let d = max_rel_diff(&out_gpu, &out_cpu);
     assert!(d < 2e-3, "U-Net output differs by {d}");
-    let gc = out_cpu
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let gg = out_gpu
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = |out: &Tensor| out.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    let (gc, gg) = (grads(&out_cpu), grads(&out_gpu));
     let gpu_vars = gpu_map.data().lock().unwrap();
     let mut checked = 0;
     for (name, v) in cpu_map.data().lock().unwrap().iter() {
