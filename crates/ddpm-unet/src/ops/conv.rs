@@ -1,12 +1,21 @@
 //! 2-D convolution as a candle `CustomOp2` whose forward and both gradients are im2col/col2im
-//! plus one GEMM per sample. The column buffer is per thread and never kept for the backward
-//! pass (it is rebuilt there), so memory stays at what stock candle keeps: the input.
+//! plus GEMMs. Samples go through the GEMMs in groups sized so that each product has at least
+//! [`MIN_COLS`] columns (one sample at 28×28, four at 14×14, sixteen at 7×7): on the 196 or 49
+//! columns of a single low-resolution sample the kernel runs far below its peak, and each call
+//! repacks the weights. The column buffer is per thread and never kept for the backward pass (it
+//! is rebuilt there), so memory stays at what stock candle keeps: the input.
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
 use super::gemm::{sgemm, MatRef};
+
+mod implicit;
+use implicit::Padded;
+
+/// The fewest GEMM columns (output positions, over the samples of a group) worth one call.
+const MIN_COLS: usize = 768;
 
 /// The shape of one convolution: input `[n, cin, h, w]`, kernel `[cout, cin, kh, kw]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,13 +76,17 @@ impl ConvGeom {
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
-    /// Parallelise across samples when there are enough of them, else inside each GEMM.
-    fn across_samples(&self) -> bool {
+    /// Per-thread buffers and the GEMM calls are organised by [`ConvGeom::plan`]: samples per
+    /// GEMM, and whether the groups run in parallel (else one after another, each GEMM itself
+    /// parallel).
+    fn plan(&self) -> (usize, bool) {
         let threads = rayon::current_num_threads();
-        threads > 1 && self.n >= threads
-    }
-    fn chunk_len(&self) -> usize {
-        self.n.div_ceil(rayon::current_num_threads()).max(1)
+        let want = MIN_COLS.div_ceil(self.l().max(1));
+        if threads > 1 && self.n >= threads {
+            (want.min(self.n.div_ceil(threads)).max(1), true)
+        } else {
+            (want.min(self.n).max(1), false)
+        }
     }
 }
 
@@ -90,8 +103,9 @@ fn valid_range(k: usize, pad: usize, stride: usize, size: usize, out: usize) -> 
     (lo.min(hi), hi)
 }
 
-/// Unfolds one image `[cin, h, w]` into `cols [cin·kh·kw, oh·ow]`.
-fn im2col(g: &ConvGeom, x: &[f32], cols: &mut [f32]) {
+/// Unfolds one image `[cin, h, w]` into `cols [cin·kh·kw, oh·ow]`, whose rows start `ld` apart
+/// (`ld = oh·ow` for one image; wider when several images share the matrix side by side).
+fn im2col(g: &ConvGeom, x: &[f32], cols: &mut [f32], ld: usize) {
     let l = g.l();
     for c in 0..g.cin {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
@@ -99,7 +113,7 @@ fn im2col(g: &ConvGeom, x: &[f32], cols: &mut [f32]) {
             let (ylo, yhi) = valid_range(ki, g.pad, g.stride, g.h, g.oh);
             for kj in 0..g.kw {
                 let (xlo, xhi) = valid_range(kj, g.pad, g.stride, g.w, g.ow);
-                let row = ((c * g.kh + ki) * g.kw + kj) * l;
+                let row = ((c * g.kh + ki) * g.kw + kj) * ld;
                 let dst = &mut cols[row..row + l];
                 for oy in 0..g.oh {
                     let line = &mut dst[oy * g.ow..(oy + 1) * g.ow];
@@ -125,11 +139,10 @@ fn im2col(g: &ConvGeom, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// Folds `cols [cin·kh·kw, oh·ow]` back into one image `[cin, h, w]`, summing overlaps
-/// (the adjoint of [`im2col`]).
-fn col2im(g: &ConvGeom, cols: &[f32], x: &mut [f32]) {
+/// Folds `cols [cin·kh·kw, oh·ow]` (rows `ld` apart) back into one image `[cin, h, w]`, summing
+/// overlaps (the adjoint of [`im2col`]).
+fn col2im(g: &ConvGeom, cols: &[f32], x: &mut [f32], ld: usize) {
     x.fill(0.0);
-    let l = g.l();
     for c in 0..g.cin {
         let plane = &mut x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..g.kh {
@@ -139,7 +152,7 @@ fn col2im(g: &ConvGeom, cols: &[f32], x: &mut [f32]) {
                 if xlo >= xhi {
                     continue;
                 }
-                let row = ((c * g.kh + ki) * g.kw + kj) * l;
+                let row = ((c * g.kh + ki) * g.kw + kj) * ld;
                 for oy in ylo..yhi {
                     let iy = oy * g.stride + ki - g.pad;
                     let line = &cols[row + oy * g.ow..row + (oy + 1) * g.ow];
@@ -160,28 +173,82 @@ fn col2im(g: &ConvGeom, cols: &[f32], x: &mut [f32]) {
     }
 }
 
-/// Forward of one sample: `out [cout, L] = W [cout, K] · cols [K, L] (+ bias)`.
-fn fwd_sample(
+/// Per-worker buffers: the column matrix of a group, a `[cout, group·L]` staging matrix, and
+/// the padded input of the implicit form with the geometry it was laid out for.
+#[derive(Default)]
+struct Scratch {
+    cols: Vec<f32>,
+    stage: Vec<f32>,
+    q: (Vec<f32>, Option<ConvGeom>),
+}
+
+/// The column matrix `[K, s·L]` of the `s` images in `x`, side by side (the input itself for a
+/// single image under a 1×1 convolution).
+fn columns<'a>(g: &ConvGeom, x: &'a [f32], cols: &'a mut Vec<f32>) -> MatRef<'a> {
+    let (k, l) = (g.k(), g.l());
+    let s = x.len() / g.in_len();
+    if s == 1 && g.pointwise() {
+        return MatRef::row_major(x, k, l);
+    }
+    cols.resize(k * s * l, 0.0);
+    for (i, xs) in x.chunks(g.in_len()).enumerate() {
+        im2col(g, xs, &mut cols[i * l..], s * l);
+    }
+    MatRef::row_major(cols, k, s * l)
+}
+
+/// The output gradients of the `s` samples in `grad` as one `[cout, s·L]` matrix (the gradient
+/// itself for a single sample).
+fn grad_matrix<'a>(g: &ConvGeom, grad: &'a [f32], stage: &'a mut Vec<f32>) -> MatRef<'a> {
+    let l = g.l();
+    let s = grad.len() / (g.cout * l);
+    if s == 1 {
+        return MatRef::row_major(grad, g.cout, l);
+    }
+    stage.resize(g.cout * s * l, 0.0);
+    for (i, gs) in grad.chunks(g.cout * l).enumerate() {
+        for (c, src) in gs.chunks(l).enumerate() {
+            let at = c * s * l + i * l;
+            stage[at..at + l].copy_from_slice(src);
+        }
+    }
+    MatRef::row_major(stage, g.cout, s * l)
+}
+
+/// Forward of a group: `out [cout, s·L] = W [cout, K] · cols [K, s·L] (+ bias)`, written to
+/// the samples' `[cout, L]` planes.
+fn fwd_group(
     g: &ConvGeom,
     w: &[f32],
     bias: Option<&[f32]>,
     x: &[f32],
-    cols: &mut Vec<f32>,
+    sc: &mut Scratch,
     out: &mut [f32],
     par: bool,
 ) -> Result<()> {
     let (k, l) = (g.k(), g.l());
-    let colm = if g.pointwise() {
-        MatRef::row_major(x, k, l)
-    } else {
-        cols.resize(k * l, 0.0);
-        im2col(g, x, cols);
-        MatRef::row_major(cols, k, l)
-    };
-    sgemm(out, MatRef::row_major(w, g.cout, k), colm, false, par)?;
-    if let Some(b) = bias {
-        for (row, &bv) in out.chunks_mut(l.max(1)).zip(b) {
-            row.iter_mut().for_each(|v| *v += bv);
+    let s = x.len() / g.in_len();
+    let Scratch { cols, stage, .. } = sc;
+    let colm = columns(g, x, cols);
+    let wm = MatRef::row_major(w, g.cout, k);
+    if s == 1 {
+        sgemm(out, wm, colm, false, par)?;
+        if let Some(b) = bias {
+            for (row, &bv) in out.chunks_mut(l.max(1)).zip(b) {
+                row.iter_mut().for_each(|v| *v += bv);
+            }
+        }
+        return Ok(());
+    }
+    stage.resize(g.cout * s * l, 0.0);
+    sgemm(stage, wm, colm, false, par)?;
+    for (i, o) in out.chunks_mut(g.cout * l).enumerate() {
+        for (c, dst) in o.chunks_mut(l).enumerate() {
+            let src = &stage[c * s * l + i * l..][..l];
+            match bias {
+                Some(b) => dst.iter_mut().zip(src).for_each(|(d, v)| *d = v + b[c]),
+                None => dst.copy_from_slice(src),
+            }
         }
     }
     Ok(())
@@ -190,81 +257,148 @@ fn fwd_sample(
 /// The forward pass over a batch.
 fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>> {
     let mut out = vec![0f32; g.n * g.cout * g.l()];
-    per_sample(
+    if let Some(p) = Padded::of(g) {
+        let wr = implicit::by_kernel_row(g, w);
+        per_group(
+            g,
+            (1, g.plan().1),
+            &mut out,
+            g.cout * g.l(),
+            x,
+            g.in_len(),
+            |o, xs, sc, par| {
+                implicit::forward(g, &p, &wr, bias, xs, &mut sc.q, &mut sc.stage, o, par)
+            },
+        )?;
+        return Ok(out);
+    }
+    per_group(
         g,
+        g.plan(),
         &mut out,
         g.cout * g.l(),
         x,
         g.in_len(),
-        |o, xs, cols, par| fwd_sample(g, w, bias, xs, cols, o, par),
+        |o, xs, sc, par| fwd_group(g, w, bias, xs, sc, o, par),
     )?;
     Ok(out)
 }
 
-/// Runs `f(out_chunk, in_chunk, column_buffer, parallel_gemm)` for each sample: across samples
-/// on the rayon pool when there is at least one per thread, else one after another with the
-/// GEMM itself parallel. Each worker reuses one column buffer.
-fn per_sample(
+/// Runs `f(out_chunk, in_chunk, scratch, parallel_gemm)` for each group of samples of
+/// [`ConvGeom::plan`]: across groups on the rayon pool, or one after another with the GEMM itself
+/// parallel. Each worker reuses one scratch.
+fn per_group(
     g: &ConvGeom,
+    (s, across): (usize, bool),
     out: &mut [f32],
     out_len: usize,
     inp: &[f32],
     in_len: usize,
-    f: impl Fn(&mut [f32], &[f32], &mut Vec<f32>, bool) -> Result<()> + Sync,
+    f: impl Fn(&mut [f32], &[f32], &mut Scratch, bool) -> Result<()> + Sync,
 ) -> Result<()> {
-    if g.across_samples() {
-        out.par_chunks_mut(out_len)
-            .zip(inp.par_chunks(in_len))
-            .with_min_len(g.chunk_len())
-            .try_for_each_init(Vec::new, |cols, (o, i)| f(o, i, cols, false))
+    if out_len == 0 || in_len == 0 {
+        return Ok(());
+    }
+    let s = s.max(1);
+    if across {
+        let per_thread = g.n.div_ceil(s).div_ceil(rayon::current_num_threads());
+        out.par_chunks_mut(s * out_len)
+            .zip(inp.par_chunks(s * in_len))
+            .with_min_len(per_thread.max(1))
+            .try_for_each_init(Scratch::default, |sc, (o, i)| f(o, i, sc, false))
     } else {
-        let mut cols = Vec::new();
-        for (o, i) in out.chunks_mut(out_len).zip(inp.chunks(in_len)) {
-            f(o, i, &mut cols, true)?;
+        let mut sc = Scratch::default();
+        for (o, i) in out.chunks_mut(s * out_len).zip(inp.chunks(s * in_len)) {
+            f(o, i, &mut sc, true)?;
         }
         Ok(())
     }
 }
 
-/// Input gradient of one sample: `dcols [K, L] = Wᵀ · g [cout, L]`, then col2im.
-fn bwd_data_sample(
+/// `Σ f(x_group, grad_group)` over the groups of [`ConvGeom::plan`] (one sample each on the
+/// implicit path), each call adding into a `len`-long accumulator: one per worker when the
+/// groups run in parallel, summed at the end.
+fn per_sample_sum(
+    g: &ConvGeom,
+    x: &[f32],
+    grad: &[f32],
+    len: usize,
+    f: impl Fn(&[f32], &[f32], &mut Scratch, &mut [f32], bool) -> Result<()> + Sync,
+) -> Result<Vec<f32>> {
+    let (group, across) = g.plan();
+    let group = if Padded::of(g).is_some() { 1 } else { group };
+    let (xlen, glen) = (group * g.in_len(), group * g.cout * g.l());
+    if xlen == 0 || glen == 0 {
+        return Ok(vec![0f32; len]);
+    }
+    if across {
+        let per_thread = g.n.div_ceil(group).div_ceil(rayon::current_num_threads());
+        x.par_chunks(xlen)
+            .zip(grad.par_chunks(glen))
+            .with_min_len(per_thread.max(1))
+            .try_fold(
+                || (vec![0f32; len], Scratch::default()),
+                |(mut acc, mut sc), (xs, gs)| {
+                    f(xs, gs, &mut sc, &mut acc, false)?;
+                    Ok::<_, candle_core::Error>((acc, sc))
+                },
+            )
+            .map(|r| r.map(|(acc, _)| acc))
+            .try_reduce(
+                || vec![0f32; len],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    Ok(a)
+                },
+            )
+    } else {
+        let mut acc = vec![0f32; len];
+        let mut sc = Scratch::default();
+        for (xs, gs) in x.chunks(xlen).zip(grad.chunks(glen)) {
+            f(xs, gs, &mut sc, &mut acc, true)?;
+        }
+        Ok(acc)
+    }
+}
+
+/// Input gradient of a group: `dcols [K, s·L] = Wᵀ · g [cout, s·L]`, then col2im per sample.
+fn bwd_data_group(
     g: &ConvGeom,
     w: &[f32],
     grad: &[f32],
-    cols: &mut Vec<f32>,
+    sc: &mut Scratch,
     dx: &mut [f32],
     par: bool,
 ) -> Result<()> {
     let (k, l) = (g.k(), g.l());
+    let s = grad.len() / (g.cout * l);
+    let Scratch { cols, stage, .. } = sc;
     let wt = MatRef::row_major(w, g.cout, k).t();
-    let gm = MatRef::row_major(grad, g.cout, l);
-    if g.pointwise() {
+    let gm = grad_matrix(g, grad, stage);
+    if s == 1 && g.pointwise() {
         return sgemm(dx, wt, gm, false, par);
     }
-    cols.resize(k * l, 0.0);
+    cols.resize(k * s * l, 0.0);
     sgemm(cols, wt, gm, false, par)?;
-    col2im(g, cols, dx);
+    for (i, d) in dx.chunks_mut(g.in_len()).enumerate() {
+        col2im(g, &cols[i * l..], d, s * l);
+    }
     Ok(())
 }
 
-/// Kernel gradient contribution of one sample: `dW [cout, K] += g [cout, L] · colsᵀ [L, K]`.
-fn bwd_filter_sample(
+/// Kernel gradient contribution of a group: `dW [cout, K] += g [cout, s·L] · colsᵀ [s·L, K]`.
+fn bwd_filter_group(
     g: &ConvGeom,
     x: &[f32],
     grad: &[f32],
-    cols: &mut Vec<f32>,
+    sc: &mut Scratch,
     dw: &mut [f32],
     par: bool,
 ) -> Result<()> {
-    let (k, l) = (g.k(), g.l());
-    let colm = if g.pointwise() {
-        MatRef::row_major(x, k, l)
-    } else {
-        cols.resize(k * l, 0.0);
-        im2col(g, x, cols);
-        MatRef::row_major(cols, k, l)
-    };
-    sgemm(dw, MatRef::row_major(grad, g.cout, l), colm.t(), true, par)
+    let Scratch { cols, stage, .. } = sc;
+    let gm = grad_matrix(g, grad, stage);
+    let colm = columns(g, x, cols);
+    sgemm(dw, gm, colm.t(), true, par)
 }
 
 /// `conv2d(x, w)` without bias: the forward op, differentiable in both arguments.
@@ -405,13 +539,29 @@ impl CustomOp2 for Conv2dBwdData {
             )
         }
         let mut dx = vec![0f32; n * g.in_len()];
-        per_sample(
+        if let Some((gt, p)) = Padded::transposed(&g) {
+            let wr = implicit::flipped_by_kernel_row(&g, &gt, w);
+            per_group(
+                &gt,
+                (1, gt.plan().1),
+                &mut dx,
+                g.in_len(),
+                grad,
+                g.cout * g.l(),
+                |d, gs, sc, par| {
+                    implicit::forward(&gt, &p, &wr, None, gs, &mut sc.q, &mut sc.stage, d, par)
+                },
+            )?;
+            return Ok((CpuStorage::F32(dx), Shape::from((n, cin, h, wd))));
+        }
+        per_group(
             &g,
+            g.plan(),
             &mut dx,
             g.in_len(),
             grad,
             g.cout * g.l(),
-            |d, gs, cols, par| bwd_data_sample(&g, w, gs, cols, d, par),
+            |d, gs, sc, par| bwd_data_group(&g, w, gs, sc, d, par),
         )?;
         Ok((CpuStorage::F32(dx), Shape::from((n, cin, h, wd))))
     }
@@ -448,34 +598,17 @@ impl CustomOp2 for Conv2dBwdFilter {
                 l2.dims()
             )
         }
-        let (wlen, glen) = (cout * g.k(), cout * g.l());
-        let dw = if g.across_samples() {
-            x.par_chunks(g.in_len())
-                .zip(grad.par_chunks(glen))
-                .with_min_len(g.chunk_len())
-                .try_fold(
-                    || (vec![0f32; wlen], Vec::new()),
-                    |(mut dw, mut cols), (xs, gs)| {
-                        bwd_filter_sample(&g, xs, gs, &mut cols, &mut dw, false)?;
-                        Ok::<_, candle_core::Error>((dw, cols))
-                    },
-                )
-                .map(|r| r.map(|(dw, _)| dw))
-                .try_reduce(
-                    || vec![0f32; wlen],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                        Ok(a)
-                    },
-                )?
-        } else {
-            let mut dw = vec![0f32; wlen];
-            let mut cols = Vec::new();
-            for (xs, gs) in x.chunks(g.in_len()).zip(grad.chunks(glen)) {
-                bwd_filter_sample(&g, xs, gs, &mut cols, &mut dw, true)?;
-            }
-            dw
-        };
+        let wlen = cout * g.k();
+        if let Some(p) = Padded::of(&g) {
+            let dwr = per_sample_sum(&g, x, grad, wlen, |xs, gs, sc, dwr, par| {
+                implicit::filter_grad(&g, &p, xs, gs, &mut sc.q, &mut sc.stage, dwr, par)
+            })?;
+            let dw = implicit::from_kernel_rows(&g, &dwr);
+            return Ok((CpuStorage::F32(dw), Shape::from((cout, cin, kh, kw))));
+        }
+        let dw = per_sample_sum(&g, x, grad, wlen, |xs, gs, sc, dw, par| {
+            bwd_filter_group(&g, xs, gs, sc, dw, par)
+        })?;
         Ok((CpuStorage::F32(dw), Shape::from((cout, cin, kh, kw))))
     }
 }
@@ -501,9 +634,9 @@ mod tests {
             let x: Vec<f32> = (0..g.in_len()).map(|i| (i as f32 * 0.7).sin()).collect();
             let c: Vec<f32> = (0..g.k() * g.l()).map(|i| (i as f32 * 0.3).cos()).collect();
             let mut cols = vec![0.0; g.k() * g.l()];
-            im2col(&g, &x, &mut cols);
+            im2col(&g, &x, &mut cols, g.l());
             let mut back = vec![0.0; g.in_len()];
-            col2im(&g, &c, &mut back);
+            col2im(&g, &c, &mut back, g.l());
             let lhs: f64 = cols.iter().zip(&c).map(|(a, b)| (a * b) as f64).sum();
             let rhs: f64 = x.iter().zip(&back).map(|(a, b)| (a * b) as f64).sum();
             assert!(

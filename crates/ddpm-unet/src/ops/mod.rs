@@ -7,7 +7,7 @@
 //! | [`conv2d`] | im2col forward; input gradient by a direct `conv_transpose2d` loop | im2col/col2im + one GEMM per sample for the forward, the input gradient and the kernel gradient; no column buffer kept between passes |
 //! | [`group_norm`] | about ten ops forward and backward, SiLU separate | one pass forward, one backward, affine and SiLU fused |
 //! | [`add_channel_bias`] | broadcast add; backward is a single-threaded strided sum | one parallel pass each way |
-//! | [`upsample_nearest2x`] | backward runs one grouped convolution per channel | broadcast + reshape; backward is a reshape-sum |
+//! | [`upsample_nearest2x`] | backward runs one grouped convolution per channel | one parallel pass each way (on CUDA with gradients: a broadcast, whose backward is a reshape-sum) |
 //!
 //! The fast kernels run on the CPU in f32. On CUDA, [`Kernels::Fast`] keeps candle's
 //! convolution forward (cuDNN with the `cudnn` feature) and replaces its backward: the input
@@ -36,6 +36,7 @@ mod conv;
 mod conv_grad;
 mod gemm;
 mod norm;
+mod resample;
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor};
 
@@ -184,6 +185,9 @@ pub fn upsample_nearest2x(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
     // for its backward.
     if kernels == Kernels::Stock || (!x.device().is_cpu() && !x.track_op()) {
         return x.upsample_nearest2d(2 * h, 2 * w);
+    }
+    if kernels.fast_for(x) {
+        return x.contiguous()?.apply_op1(resample::Upsample2x);
     }
     // Broadcast each pixel over a 2×2 block; the backward of a broadcast is a sum.
     x.reshape((n, c, h, 1, w, 1))?

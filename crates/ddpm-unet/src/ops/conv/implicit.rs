@@ -1,0 +1,321 @@
+//! Stride-1 convolutions without a column matrix ("implicit GEMM").
+//!
+//! Each input plane is zero-padded into a row of `Q`, once per kernel column `kj` shifted left
+//! by `kj`, so `Q [(kj, c), p] = padded_c[p + kj]` with `p = oy·wp + ox` over the padded width
+//! `wp`. For kernel row `ki`, the window of `Q` that starts at `ki·wp` is then exactly the
+//! `kw·cin` rows of the im2col matrix that belong to that kernel row, computed at every padded
+//! position: a strided view the GEMM reads in place. The convolution is `kh` accumulating
+//! products `out_ext [cout, m] += W_ki [cout, kw·cin] · Q_ki [kw·cin, m]`, and the `kw − 1`
+//! extra columns per output row are dropped on the way out. `Q` is `kw` copies of the input
+//! instead of im2col's `kh·kw`, and the GEMM reads it without packing, so this runs about
+//! 1.2–1.45× faster than im2col + GEMM on the U-Net's 3×3 layers.
+//!
+//! The input gradient of a stride-1 convolution is itself one of these (of the output gradient
+//! with the flipped, transposed kernel and padding `k − 1 − pad`), so it needs no col2im; the
+//! kernel gradient uses the same `Q` with the output gradient spread over the padded positions.
+
+use candle_core::Result;
+
+use super::super::gemm::{sgemm, MatRef};
+use super::ConvGeom;
+
+/// Positions of the padded layout.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Padded {
+    /// Padded row width, `w + 2·pad`.
+    wp: usize,
+    /// GEMM columns: `oh·wp`, rounded up to a multiple of 16 (the kernel's row block, so the
+    /// view needs no packing).
+    m: usize,
+    /// Length of one `Q` row.
+    row: usize,
+}
+
+impl Padded {
+    /// The layout for `g`, or `None` when `g` is not a stride-1 convolution this form handles
+    /// (1×1 unpadded convolutions need no columns at all and go elsewhere).
+    pub(super) fn of(g: &ConvGeom) -> Option<Self> {
+        if g.stride != 1 || g.pointwise() || g.pad >= g.kh || g.pad >= g.kw {
+            return None;
+        }
+        let wp = g.w + 2 * g.pad;
+        let m = (g.oh * wp).div_ceil(16) * 16;
+        let row = ((g.h + 2 * g.pad) * wp).max(m + (g.kh - 1) * wp + g.kw - 1);
+        Some(Self { wp, m, row })
+    }
+
+    /// The geometry and layout of the input gradient of `g` as a forward convolution: of the
+    /// output gradient `[n, cout, oh, ow]` with the flipped kernel and padding `k − 1 − pad`.
+    pub(super) fn transposed(g: &ConvGeom) -> Option<(ConvGeom, Self)> {
+        if g.stride != 1 || g.kh != g.kw || g.pad >= g.kh {
+            return None;
+        }
+        let gt = ConvGeom::new(
+            &[g.n, g.cout, g.oh, g.ow],
+            &[g.cin, g.cout, g.kh, g.kw],
+            1,
+            g.kh - 1 - g.pad,
+        )
+        .ok()?;
+        (gt.oh == g.h && gt.ow == g.w).then_some(())?;
+        Some((gt, Self::of(&gt)?))
+    }
+
+    /// Fills `q` (`[kw·cin, row]`) from one image `[cin, h, w]`. The padding positions are
+    /// the same for every image of a geometry, so the buffer is zeroed only when `q.1` says it
+    /// last held another geometry.
+    fn fill_q(&self, g: &ConvGeom, x: &[f32], q: &mut (Vec<f32>, Option<ConvGeom>)) {
+        let (q, holds) = q;
+        if *holds != Some(*g) {
+            q.clear();
+            q.resize(g.kw * g.cin * self.row, 0.0);
+            *holds = Some(*g);
+        }
+        for kj in 0..g.kw {
+            for c in 0..g.cin {
+                let dst = &mut q[(kj * g.cin + c) * self.row..][..self.row];
+                let plane = &x[c * g.h * g.w..][..g.h * g.w];
+                for (y, src) in plane.chunks(g.w).enumerate() {
+                    // padded index (y + pad)·wp + pad + xx, shifted left by kj
+                    let at = (y + g.pad) * self.wp + g.pad;
+                    let skip = kj.saturating_sub(at);
+                    let d0 = at + skip - kj;
+                    dst[d0..d0 + g.w - skip].copy_from_slice(&src[skip..]);
+                }
+            }
+        }
+    }
+
+    /// `Q`'s window for kernel row `ki`: `[kw·cin, m]`, rows `row` apart.
+    fn window<'a>(&self, g: &ConvGeom, q: &'a [f32], ki: usize) -> MatRef<'a> {
+        MatRef {
+            data: &q[ki * self.wp..],
+            rows: g.kw * g.cin,
+            cols: self.m,
+            rs: self.row,
+            cs: 1,
+        }
+    }
+}
+
+/// The kernel `[cout, cin, kh, kw]` regrouped per kernel row: `[kh][cout][kw·cin]`.
+pub(super) fn by_kernel_row(g: &ConvGeom, w: &[f32]) -> Vec<f32> {
+    let kc = g.kw * g.cin;
+    let mut out = vec![0f32; g.kh * g.cout * kc];
+    for co in 0..g.cout {
+        for c in 0..g.cin {
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    out[(ki * g.cout + co) * kc + kj * g.cin + c] =
+                        w[((co * g.cin + c) * g.kh + ki) * g.kw + kj];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The input-gradient kernel of `g` (`[cout, cin, kh, kw]`, flipped and transposed to
+/// `[cin, cout, kh, kw]`), regrouped per kernel row for the transposed geometry `gt`.
+pub(super) fn flipped_by_kernel_row(g: &ConvGeom, gt: &ConvGeom, w: &[f32]) -> Vec<f32> {
+    let mut wt = vec![0f32; w.len()];
+    let (kh, kw) = (g.kh, g.kw);
+    for co in 0..g.cout {
+        for c in 0..g.cin {
+            for ki in 0..kh {
+                for kj in 0..kw {
+                    wt[((c * g.cout + co) * kh + kh - 1 - ki) * kw + kw - 1 - kj] =
+                        w[((co * g.cin + c) * kh + ki) * kw + kj];
+                }
+            }
+        }
+    }
+    by_kernel_row(gt, &wt)
+}
+
+/// Forward of one image: `out [cout, oh, ow] = conv(x) (+ bias)`, with `wr` from
+/// [`by_kernel_row`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward(
+    g: &ConvGeom,
+    p: &Padded,
+    wr: &[f32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    q: &mut (Vec<f32>, Option<ConvGeom>),
+    stage: &mut Vec<f32>,
+    out: &mut [f32],
+    par: bool,
+) -> Result<()> {
+    p.fill_q(g, x, q);
+    let q = &q.0;
+    stage.resize(g.cout * p.m, 0.0);
+    let kc = g.kw * g.cin;
+    for ki in 0..g.kh {
+        let a = MatRef::row_major(&wr[ki * g.cout * kc..][..g.cout * kc], g.cout, kc);
+        sgemm(stage, a, p.window(g, q, ki), ki > 0, par)?;
+    }
+    let l = g.oh * g.ow;
+    for (co, o) in out.chunks_mut(l).enumerate() {
+        let b = bias.map_or(0.0, |b| b[co]);
+        let ext = &stage[co * p.m..][..g.oh * p.wp];
+        for (dst, src) in o.chunks_mut(g.ow).zip(ext.chunks(p.wp)) {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d = s + b);
+        }
+    }
+    Ok(())
+}
+
+/// Kernel-gradient contribution of one image, per kernel row: `dwr [kh][cout][kw·cin] +=
+/// g_ext [cout, m] · Q_kiᵀ`, where `g_ext` is the output gradient at the padded positions
+/// (zero at the extra ones).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn filter_grad(
+    g: &ConvGeom,
+    p: &Padded,
+    x: &[f32],
+    grad: &[f32],
+    q: &mut (Vec<f32>, Option<ConvGeom>),
+    stage: &mut Vec<f32>,
+    dwr: &mut [f32],
+    par: bool,
+) -> Result<()> {
+    p.fill_q(g, x, q);
+    let q = &q.0;
+    stage.resize(g.cout * p.m, 0.0);
+    let l = g.oh * g.ow;
+    for (co, gs) in grad.chunks(l).enumerate() {
+        let (ext, tail) = stage[co * p.m..][..p.m].split_at_mut(g.oh * p.wp);
+        for (dst, src) in ext.chunks_mut(p.wp).zip(gs.chunks(g.ow)) {
+            let (valid, extra) = dst.split_at_mut(g.ow);
+            valid.copy_from_slice(src);
+            extra.fill(0.0);
+        }
+        tail.fill(0.0);
+    }
+    let kc = g.kw * g.cin;
+    let gm = MatRef::row_major(stage, g.cout, p.m);
+    for ki in 0..g.kh {
+        let d = &mut dwr[ki * g.cout * kc..][..g.cout * kc];
+        sgemm(d, gm, p.window(g, q, ki).t(), true, par)?;
+    }
+    Ok(())
+}
+
+/// `dwr [kh][cout][kw·cin]` back to the kernel layout `[cout, cin, kh, kw]`.
+pub(super) fn from_kernel_rows(g: &ConvGeom, dwr: &[f32]) -> Vec<f32> {
+    let kc = g.kw * g.cin;
+    let mut dw = vec![0f32; g.cout * g.cin * g.kh * g.kw];
+    for co in 0..g.cout {
+        for c in 0..g.cin {
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    dw[((co * g.cin + c) * g.kh + ki) * g.kw + kj] =
+                        dwr[(ki * g.cout + co) * kc + kj * g.cin + c];
+                }
+            }
+        }
+    }
+    dw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{bwd_data_group, bwd_filter_group, fwd_group, Scratch};
+    use super::*;
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn matches_im2col_on_odd_geometries() {
+        // (cin, h, w, cout, kh, kw, pad): square and non-square kernels, every padding the
+        // form accepts, widths that are and are not multiples of 16 after padding.
+        for (cin, h, w, cout, kh, kw, pad) in [
+            (3, 7, 5, 4, 3, 3, 1),
+            (2, 6, 9, 3, 3, 3, 0),
+            (4, 5, 5, 2, 5, 5, 2),
+            (2, 8, 6, 3, 3, 2, 1),
+            (3, 4, 4, 5, 2, 2, 1),
+            (1, 14, 14, 6, 3, 3, 2),
+        ] {
+            let g = ConvGeom::new(&[1, cin, h, w], &[cout, cin, kh, kw], 1, pad).unwrap();
+            let Some(p) = Padded::of(&g) else {
+                panic!("{g:?} should take the implicit form")
+            };
+            let x: Vec<f32> = (0..g.in_len()).map(|i| (i as f32 * 0.37).sin()).collect();
+            let wt: Vec<f32> = (0..cout * g.k()).map(|i| (i as f32 * 0.11).cos()).collect();
+            let b: Vec<f32> = (0..cout).map(|i| i as f32 * 0.5 - 1.0).collect();
+            let gr: Vec<f32> = (0..cout * g.l()).map(|i| (i as f32 * 0.23).cos()).collect();
+            let mut sc = Scratch::default();
+
+            let mut want = vec![0f32; cout * g.l()];
+            fwd_group(&g, &wt, Some(&b), &x, &mut sc, &mut want, false).unwrap();
+            let mut got = vec![0f32; cout * g.l()];
+            let wr = by_kernel_row(&g, &wt);
+            // twice through the same scratch: the padding must survive reuse
+            for _ in 0..2 {
+                forward(
+                    &g,
+                    &p,
+                    &wr,
+                    Some(&b),
+                    &x,
+                    &mut sc.q,
+                    &mut sc.stage,
+                    &mut got,
+                    false,
+                )
+                .unwrap();
+                assert!(max_diff(&got, &want) < 1e-4, "forward {g:?}");
+            }
+
+            let mut want = vec![0f32; cout * g.k()];
+            bwd_filter_group(&g, &x, &gr, &mut sc, &mut want, false).unwrap();
+            let mut dwr = vec![0f32; cout * g.k()];
+            filter_grad(&g, &p, &x, &gr, &mut sc.q, &mut sc.stage, &mut dwr, false).unwrap();
+            let got = from_kernel_rows(&g, &dwr);
+            assert!(max_diff(&got, &want) < 1e-3, "kernel gradient {g:?}");
+
+            let mut want = vec![0f32; g.in_len()];
+            bwd_data_group(&g, &wt, &gr, &mut sc, &mut want, false).unwrap();
+            if let Some((gt, pt)) = Padded::transposed(&g) {
+                let mut got = vec![0f32; g.in_len()];
+                let wr = flipped_by_kernel_row(&g, &gt, &wt);
+                forward(
+                    &gt,
+                    &pt,
+                    &wr,
+                    None,
+                    &gr,
+                    &mut sc.q,
+                    &mut sc.stage,
+                    &mut got,
+                    false,
+                )
+                .unwrap();
+                assert!(max_diff(&got, &want) < 1e-4, "input gradient {g:?}");
+            } else {
+                assert_ne!(
+                    kh, kw,
+                    "only non-square kernels fall back for the input gradient"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn declines_what_it_does_not_handle() {
+        let strided = ConvGeom::new(&[1, 2, 8, 8], &[2, 2, 3, 3], 2, 1).unwrap();
+        let pointwise = ConvGeom::new(&[1, 2, 8, 8], &[2, 2, 1, 1], 1, 0).unwrap();
+        let overpadded = ConvGeom::new(&[1, 2, 8, 8], &[2, 2, 3, 3], 1, 3).unwrap();
+        for g in [strided, pointwise, overpadded] {
+            assert!(Padded::of(&g).is_none(), "{g:?}");
+        }
+    }
+}

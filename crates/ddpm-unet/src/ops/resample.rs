@@ -1,0 +1,83 @@
+//! Nearest-neighbour ×2 upsampling whose forward and backward are each one parallel pass over
+//! the planes (candle's backward of the equivalent broadcast is a single-threaded strided sum).
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::contiguous_f32;
+
+fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
+    match l.dims() {
+        &[n, c, h, w] => Ok((n, c, h, w)),
+        d => bail!("{what}: expected a 4-D tensor, got {d:?}"),
+    }
+}
+
+/// `x [n, c, h, w] → [n, c, 2h, 2w]`, each pixel repeated over a 2×2 block.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Upsample2x;
+
+impl CustomOp1 for Upsample2x {
+    fn name(&self) -> &'static str {
+        "ddpm-upsample2x"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = dims4(l, "upsample input")?;
+        let x = contiguous_f32(s, l, "upsample input")?;
+        let mut y = vec![0f32; n * c * 4 * h * w];
+        if h * w > 0 {
+            y.par_chunks_mut(4 * h * w)
+                .zip(x.par_chunks(h * w))
+                .for_each(|(dst, src)| {
+                    for (rows, line) in dst.chunks_mut(4 * w).zip(src.chunks(w)) {
+                        let (top, bottom) = rows.split_at_mut(2 * w);
+                        for (pair, &v) in top.chunks_mut(2).zip(line) {
+                            pair[0] = v;
+                            pair[1] = v;
+                        }
+                        bottom.copy_from_slice(top);
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(y), Shape::from((n, c, 2 * h, 2 * w))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&SumBlocks2x)?))
+    }
+}
+
+/// The adjoint of [`Upsample2x`]: `g [n, c, 2h, 2w] → [n, c, h, w]`, summing each 2×2 block.
+#[derive(Debug, Clone, Copy)]
+struct SumBlocks2x;
+
+impl CustomOp1 for SumBlocks2x {
+    fn name(&self) -> &'static str {
+        "ddpm-sum-blocks2x"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h2, w2) = dims4(l, "upsample gradient")?;
+        if h2 % 2 != 0 || w2 % 2 != 0 {
+            bail!("upsample gradient: {h2}x{w2} is not twice an input size")
+        }
+        let (h, w) = (h2 / 2, w2 / 2);
+        let g = contiguous_f32(s, l, "upsample gradient")?;
+        let mut dx = vec![0f32; n * c * h * w];
+        if h * w > 0 {
+            dx.par_chunks_mut(h * w)
+                .zip(g.par_chunks(4 * h * w))
+                .for_each(|(dst, src)| {
+                    for (line, rows) in dst.chunks_mut(w).zip(src.chunks(4 * w)) {
+                        let (top, bottom) = rows.split_at(2 * w);
+                        for ((d, t), b) in line.iter_mut().zip(top.chunks(2)).zip(bottom.chunks(2))
+                        {
+                            *d = (t[0] + t[1]) + (b[0] + b[1]);
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
+    }
+}
