@@ -386,19 +386,20 @@ fn bwd_data_group(
     Ok(())
 }
 
-/// Kernel gradient contribution of a group: `dW [cout, K] += g [cout, s·L] · colsᵀ [s·L, K]`.
+/// Kernel gradient contribution of a group, transposed: `dWᵀ [K, cout] += cols [K, s·L] ·
+/// gᵀ [s·L, cout]` (in this orientation the GEMM reads the column matrix unpacked).
 fn bwd_filter_group(
     g: &ConvGeom,
     x: &[f32],
     grad: &[f32],
     sc: &mut Scratch,
-    dw: &mut [f32],
+    dwt: &mut [f32],
     par: bool,
 ) -> Result<()> {
     let Scratch { cols, stage, .. } = sc;
     let gm = grad_matrix(g, grad, stage);
     let colm = columns(g, x, cols);
-    sgemm(dw, gm, colm.t(), true, par)
+    sgemm(dwt, colm, gm.t(), true, par)
 }
 
 /// `conv2d(x, w)` without bias: the forward op, differentiable in both arguments.
@@ -606,9 +607,16 @@ impl CustomOp2 for Conv2dBwdFilter {
             let dw = implicit::from_kernel_rows(&g, &dwr);
             return Ok((CpuStorage::F32(dw), Shape::from((cout, cin, kh, kw))));
         }
-        let dw = per_sample_sum(&g, x, grad, wlen, |xs, gs, sc, dw, par| {
-            bwd_filter_group(&g, xs, gs, sc, dw, par)
+        let dwt = per_sample_sum(&g, x, grad, wlen, |xs, gs, sc, dwt, par| {
+            bwd_filter_group(&g, xs, gs, sc, dwt, par)
         })?;
+        let k = g.k();
+        let mut dw = vec![0f32; wlen];
+        for (co, row) in dw.chunks_mut(k.max(1)).enumerate() {
+            for (r, v) in row.iter_mut().enumerate() {
+                *v = dwt[r * cout + co];
+            }
+        }
         Ok((CpuStorage::F32(dw), Shape::from((cout, cin, kh, kw))))
     }
 }
