@@ -13,13 +13,17 @@ use crate::cargo;
 
 const USAGE: &str =
     "usage: cargo xtask bench [--presets tiny,small,mnist] [--modes train,forward,sample]
-                         [--iters N] [--warmup N] [--train-batch N] [--forward-batch N]
+                         [--iters N] [--warmup N] [--rounds N]
+                         [--train-batch N] [--forward-batch N]
                          [--sample-batch N] [--steps N]
                          [--no-stock] [--no-torch] [--torch-compile] [--python PATH]
                          [--device cpu|cuda] [--ddpm PATH] [--out DIR]
 
 Modes: train (full training steps), forward (inference forward passes), sample (guided DDIM,
 w = 3, --steps steps, --sample-batch images; not in the default list because it is slow on a CPU).
+--rounds N: run every implementation N times, taking turns (ours, stock, PyTorch, ours, ...),
+and report each one's median images/s with its range: on a shared machine the speed drifts by
+10-20 % within minutes, and alternating exposes both sides to the same drift.
 Threads: candle uses RAYON_NUM_THREADS (default: physical cores); the PyTorch reference is
 given the same number through torch.set_num_threads.
 --ddpm PATH: use this ddpm binary instead of building one (e.g. a CUDA build copied to a GPU
@@ -32,6 +36,7 @@ struct Opts {
     modes: Vec<String>,
     iters: usize,
     warmup: usize,
+    rounds: usize,
     train_batch: usize,
     forward_batch: usize,
     sample_batch: usize,
@@ -51,6 +56,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         modes: vec!["train".into(), "forward".into()],
         iters: 3,
         warmup: 1,
+        rounds: 1,
         train_batch: 128,
         forward_batch: 256,
         sample_batch: 1000,
@@ -79,6 +85,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--modes" => o.modes = val(a)?.split(',').map(str::to_string).collect(),
             "--iters" => o.iters = num(val(a)?, a)?,
             "--warmup" => o.warmup = num(val(a)?, a)?,
+            "--rounds" => o.rounds = num(val(a)?, a)?.max(1),
             "--train-batch" => o.train_batch = num(val(a)?, a)?,
             "--forward-batch" => o.forward_batch = num(val(a)?, a)?,
             "--sample-batch" => o.sample_batch = num(val(a)?, a)?,
@@ -187,6 +194,32 @@ fn f(v: &Value, key: &str) -> f64 {
     v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }
 
+/// The run with the median images/s of one implementation's rounds, annotated with the number
+/// of rounds, the range of images/s, and the largest peak memory of any round.
+fn median_run(mut runs: Vec<Value>) -> Value {
+    runs.sort_by(|a, b| f(a, "images_per_s").total_cmp(&f(b, "images_per_s")));
+    let lo = runs.first().map_or(f64::NAN, |r| f(r, "images_per_s"));
+    let hi = runs.last().map_or(f64::NAN, |r| f(r, "images_per_s"));
+    let max_of = |key: &str| {
+        runs.iter()
+            .filter_map(|r| r.get(key).and_then(Value::as_f64))
+            .reduce(f64::max)
+    };
+    let (rss, gpu) = (max_of("peak_rss_mib"), max_of("peak_gpu_mib"));
+    let n = runs.len();
+    let mut m = runs.swap_remove(n.saturating_sub(1) / 2);
+    m["rounds"] = Value::from(n);
+    m["images_per_s_min"] = Value::from(lo);
+    m["images_per_s_max"] = Value::from(hi);
+    if let Some(v) = rss {
+        m["peak_rss_mib"] = Value::from(v);
+    }
+    if let Some(v) = gpu {
+        m["peak_gpu_mib"] = Value::from(v);
+    }
+    m
+}
+
 /// Runs the benchmark grid and prints the table.
 pub fn bench(args: &[String]) -> Result<()> {
     let o = parse(args)?;
@@ -254,46 +287,61 @@ pub fn bench(args: &[String]) -> Result<()> {
             if o.stock {
                 impls.push("stock");
             }
-            let mut ours_params = None;
-            let mut group = Vec::new();
-            for k in impls {
+            let mut torch_variants = Vec::new();
+            if torch_ok {
+                torch_variants.push(false);
+                if o.torch_compile {
+                    torch_variants.push(true);
+                }
+            }
+            let ours = |k: &str| {
                 let mut c = ddpm_cmd();
                 c.args(["bench", "--mode", mode, "--model", preset, "--kernels", k]);
                 c.args(["--batch", &batch.to_string(), "--device", &o.device]);
                 c.args(["--iters", &o.iters.to_string()]);
                 c.args(["--warmup", &o.warmup.to_string()]);
                 c.args(["--steps", &o.steps.to_string()]);
-                let r = json_of_on(&mut c, gpu)?;
-                ours_params = r.get("params").and_then(Value::as_u64);
-                group.push(r);
-            }
-            if torch_ok {
-                let mut variants = vec![false];
-                if o.torch_compile {
-                    variants.push(true);
+                c
+            };
+            let torch = |compile: bool| {
+                let mut c = Command::new(&o.python);
+                c.arg("bench/torch_reference.py");
+                c.args(["--config", &config, "--mode", mode]);
+                c.args(["--batch", &batch.to_string()]);
+                c.args(["--threads", &nthreads.to_string()]);
+                c.args(["--iters", &o.iters.to_string()]);
+                c.args(["--warmup", &o.warmup.to_string()]);
+                c.args(["--device", &o.device]);
+                c.args(["--steps", &o.steps.to_string()]);
+                if compile {
+                    c.arg("--compile");
                 }
-                for compile in variants {
-                    let mut c = Command::new(&o.python);
-                    c.arg("bench/torch_reference.py");
-                    c.args(["--config", &config, "--mode", mode]);
-                    c.args(["--batch", &batch.to_string()]);
-                    c.args(["--threads", &nthreads.to_string()]);
-                    c.args(["--iters", &o.iters.to_string()]);
-                    c.args(["--warmup", &o.warmup.to_string()]);
-                    c.args(["--device", &o.device]);
-                    c.args(["--steps", &o.steps.to_string()]);
-                    if compile {
-                        c.arg("--compile");
-                    }
-                    let r = json_of_on(&mut c, gpu)?;
-                    let tp = r.get("params").and_then(Value::as_u64);
-                    if tp != ours_params {
-                        bail!(
-                            "the PyTorch reference of `{preset}` has {tp:?} parameters, ours \
-                             {ours_params:?}: the architectures differ"
-                        );
-                    }
-                    group.push(r);
+                c
+            };
+            // runs[i]: every round's result of implementation i, in the order ours, stock,
+            // PyTorch (eager, compiled).
+            let n_impl = impls.len() + torch_variants.len();
+            let mut runs: Vec<Vec<Value>> = vec![Vec::new(); n_impl];
+            for _ in 0..o.rounds {
+                for (i, k) in impls.iter().enumerate() {
+                    runs[i].push(json_of_on(&mut ours(k), gpu)?);
+                }
+                for (j, &compile) in torch_variants.iter().enumerate() {
+                    runs[impls.len() + j].push(json_of_on(&mut torch(compile), gpu)?);
+                }
+            }
+            let group: Vec<Value> = runs.into_iter().map(median_run).collect();
+            let ours_params = group
+                .first()
+                .and_then(|r| r.get("params"))
+                .and_then(Value::as_u64);
+            for r in &group[impls.len()..] {
+                let tp = r.get("params").and_then(Value::as_u64);
+                if tp != ours_params {
+                    bail!(
+                        "the PyTorch reference of `{preset}` has {tp:?} parameters, ours \
+                         {ours_params:?}: the architectures differ"
+                    );
                 }
             }
             let torch_ips = group
@@ -329,8 +377,8 @@ pub fn bench(args: &[String]) -> Result<()> {
         o.device
     ));
     table.push_str(
-        "| preset | mode | batch | implementation | images/s | × PyTorch | GFLOP/s | % of GEMM | peak RSS (MiB) | peak GPU (MiB) |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| preset | mode | batch | implementation | images/s | range (rounds) | × PyTorch | GFLOP/s | % of GEMM | peak RSS (MiB) | peak GPU (MiB) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
         let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
@@ -340,12 +388,15 @@ pub fn bench(args: &[String]) -> Result<()> {
             .map(|v| format!("{v:.2}"))
             .unwrap_or_else(|| "–".into());
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {:.1} | {} | {:.1} | {:.0} % | {:.0} | {} |\n",
+            "| {} | {} | {} | {} | {:.1} | {:.1}–{:.1} ({}) | {} | {:.1} | {:.0} % | {:.0} | {} |\n",
             s("model"),
             s("mode"),
             r.get("batch").and_then(Value::as_u64).unwrap_or(0),
             s("impl"),
             f(r, "images_per_s"),
+            f(r, "images_per_s_min"),
+            f(r, "images_per_s_max"),
+            r.get("rounds").and_then(Value::as_u64).unwrap_or(1),
             vs,
             f(r, "gflops"),
             f(r, "pct_of_gemm"),
@@ -369,4 +420,32 @@ pub fn bench(args: &[String]) -> Result<()> {
         .with_context(|| format!("writing {}", jl.display()))?;
     eprintln!("xtask bench: wrote {} and {}", md.display(), jl.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_run_keeps_the_middle_round_and_the_extremes() {
+        let runs = [150.0, 120.0, 140.0]
+            .iter()
+            .zip([900.0, 950.0, 910.0])
+            .map(|(ips, rss)| serde_json::json!({"images_per_s": ips, "peak_rss_mib": rss}))
+            .collect();
+        let m = median_run(runs);
+        assert_eq!(f(&m, "images_per_s"), 140.0);
+        assert_eq!(f(&m, "images_per_s_min"), 120.0);
+        assert_eq!(f(&m, "images_per_s_max"), 150.0);
+        assert_eq!(f(&m, "peak_rss_mib"), 950.0);
+        assert_eq!(m["rounds"], 3);
+        // an even count takes the lower middle; a single run is its own median
+        let two = vec![
+            serde_json::json!({"images_per_s": 2.0}),
+            serde_json::json!({"images_per_s": 1.0}),
+        ];
+        assert_eq!(f(&median_run(two), "images_per_s"), 1.0);
+        let one = vec![serde_json::json!({"images_per_s": 7.0})];
+        assert_eq!(f(&median_run(one), "images_per_s"), 7.0);
+    }
 }
