@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::contiguous_f32;
 use super::gemm::{sgemm, MatRef};
+use super::uninit::filled;
 
 mod implicit;
 use implicit::Padded;
@@ -256,22 +257,23 @@ fn fwd_group(
 
 /// The forward pass over a batch.
 fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>> {
-    let mut out = vec![0f32; g.n * g.cout * g.l()];
     if let Some(p) = Padded::of(g) {
         let wr = implicit::by_kernel_row(g, w);
-        per_group(
-            g,
-            (1, g.plan().1),
-            &mut out,
-            g.cout * g.l(),
-            x,
-            g.in_len(),
-            |o, xs, sc, par| {
-                implicit::forward(g, &p, &wr, bias, xs, &mut sc.q, &mut sc.stage, o, par)
-            },
-        )?;
-        return Ok(out);
+        return filled(g.n * g.cout * g.l(), "conv2d", |out| {
+            per_group(
+                g,
+                (1, g.plan().1),
+                out,
+                g.cout * g.l(),
+                x,
+                g.in_len(),
+                |o, xs, sc, par| {
+                    implicit::forward(g, &p, &wr, bias, xs, &mut sc.q, &mut sc.stage, o, par)
+                },
+            )
+        });
     }
+    let mut out = vec![0f32; g.n * g.cout * g.l()];
     per_group(
         g,
         g.plan(),
@@ -287,14 +289,14 @@ fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Res
 /// Runs `f(out_chunk, in_chunk, scratch, parallel_gemm)` for each group of samples of
 /// [`ConvGeom::plan`]: across groups on the rayon pool, or one after another with the GEMM itself
 /// parallel. Each worker reuses one scratch.
-fn per_group(
+fn per_group<T: Send>(
     g: &ConvGeom,
     (s, across): (usize, bool),
-    out: &mut [f32],
+    out: &mut [T],
     out_len: usize,
     inp: &[f32],
     in_len: usize,
-    f: impl Fn(&mut [f32], &[f32], &mut Scratch, bool) -> Result<()> + Sync,
+    f: impl Fn(&mut [T], &[f32], &mut Scratch, bool) -> Result<()> + Sync,
 ) -> Result<()> {
     if out_len == 0 || in_len == 0 {
         return Ok(());
@@ -539,22 +541,24 @@ impl CustomOp2 for Conv2dBwdData {
                 l1.dims()
             )
         }
-        let mut dx = vec![0f32; n * g.in_len()];
         if let Some((gt, p)) = Padded::transposed(&g) {
             let wr = implicit::flipped_by_kernel_row(&g, &gt, w);
-            per_group(
-                &gt,
-                (1, gt.plan().1),
-                &mut dx,
-                g.in_len(),
-                grad,
-                g.cout * g.l(),
-                |d, gs, sc, par| {
-                    implicit::forward(&gt, &p, &wr, None, gs, &mut sc.q, &mut sc.stage, d, par)
-                },
-            )?;
+            let dx = filled(n * g.in_len(), "conv2d backward", |dx| {
+                per_group(
+                    &gt,
+                    (1, gt.plan().1),
+                    dx,
+                    g.in_len(),
+                    grad,
+                    g.cout * g.l(),
+                    |d, gs, sc, par| {
+                        implicit::forward(&gt, &p, &wr, None, gs, &mut sc.q, &mut sc.stage, d, par)
+                    },
+                )
+            })?;
             return Ok((CpuStorage::F32(dx), Shape::from((n, cin, h, wd))));
         }
+        let mut dx = vec![0f32; n * g.in_len()];
         per_group(
             &g,
             g.plan(),

@@ -5,6 +5,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use rayon::prelude::*;
 
 use super::contiguous_f32;
+use super::uninit::{filled, Slot};
 
 /// `y = act(γ · (v − μ_g)/σ_g + β)` with `v = x + shift` over `x [n, c, *]`; the second input
 /// packs `[γ (c) ‖ β (c) ‖ shift (n·c)]` into one vector (so one backward op returns all
@@ -137,6 +138,29 @@ fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-z))
 }
 
+/// Forward over one channel plane: `y = act(x·a + b)`, in blocks of [`LANES`] so it vectorises.
+#[inline(always)]
+fn fwd_plane<const SILU: bool>(y: &mut [Slot], x: &[f32], a: f32, b: f32) {
+    let one = |v: f32| {
+        let z = v * a + b;
+        if SILU {
+            z * sigmoid(z)
+        } else {
+            z
+        }
+    };
+    let mut ych = y.chunks_exact_mut(LANES);
+    let mut xch = x.chunks_exact(LANES);
+    for (yv, xv) in (&mut ych).zip(&mut xch) {
+        for i in 0..LANES {
+            yv[i] = Slot::new(one(xv[i]));
+        }
+    }
+    for (o, &v) in ych.into_remainder().iter_mut().zip(xch.remainder()) {
+        *o = Slot::new(one(v));
+    }
+}
+
 /// Lanes of the partial sums in the backward passes: a float sum may not be reordered, so a
 /// single accumulator keeps the loop scalar; `LANES` independent ones let it vectorise.
 const LANES: usize = 16;
@@ -228,24 +252,31 @@ impl CustomOp2 for GroupNormOp {
         let (gamma, rest) = gb.split_at(geo.c);
         let (beta, shift) = rest.split_at(geo.c);
         let glen = geo.cg * geo.s;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(glen)
-            .zip(x.par_chunks(glen))
-            .enumerate()
-            .for_each(|(i, (yg, xg))| {
-                let c0 = (i % self.groups) * geo.cg;
-                let sh = &shift[(i / self.groups) * geo.c + c0..][..geo.cg];
-                let (mean, rstd) = shifted_stats(xg, sh, geo.s, self.eps);
-                for ci in 0..geo.cg {
-                    let (ga, be) = (gamma[c0 + ci] * rstd, beta[c0 + ci]);
-                    let off = sh[ci] - mean;
-                    let r = ci * geo.s..(ci + 1) * geo.s;
-                    for (o, &v) in yg[r.clone()].iter_mut().zip(&xg[r]) {
-                        let z = (v + off) * ga + be;
-                        *o = if self.silu { z * sigmoid(z) } else { z };
+        let y = filled(x.len(), "group_norm", |y| {
+            if glen == 0 {
+                return Ok(());
+            }
+            y.par_chunks_mut(glen)
+                .zip(x.par_chunks(glen))
+                .enumerate()
+                .for_each(|(i, (yg, xg))| {
+                    let c0 = (i % self.groups) * geo.cg;
+                    let sh = &shift[(i / self.groups) * geo.c + c0..][..geo.cg];
+                    let (mean, rstd) = shifted_stats(xg, sh, geo.s, self.eps);
+                    for ci in 0..geo.cg {
+                        let (ga, be) = (gamma[c0 + ci] * rstd, beta[c0 + ci]);
+                        // y = (v + off)·ga + be = v·ga + (off·ga + be)
+                        let bias = (sh[ci] - mean) * ga + be;
+                        let r = ci * geo.s..(ci + 1) * geo.s;
+                        if self.silu {
+                            fwd_plane::<true>(&mut yg[r.clone()], &xg[r], ga, bias);
+                        } else {
+                            fwd_plane::<false>(&mut yg[r.clone()], &xg[r], ga, bias);
+                        }
                     }
-                }
-            });
+                });
+            Ok(())
+        })?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -5,6 +5,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
+use super::uninit::{filled, Slot};
 
 fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
     match l.dims() {
@@ -25,21 +26,23 @@ impl CustomOp1 for Upsample2x {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = dims4(l, "upsample input")?;
         let x = contiguous_f32(s, l, "upsample input")?;
-        let mut y = vec![0f32; n * c * 4 * h * w];
-        if h * w > 0 {
-            y.par_chunks_mut(4 * h * w)
-                .zip(x.par_chunks(h * w))
-                .for_each(|(dst, src)| {
-                    for (rows, line) in dst.chunks_mut(4 * w).zip(src.chunks(w)) {
-                        let (top, bottom) = rows.split_at_mut(2 * w);
-                        for (pair, &v) in top.chunks_mut(2).zip(line) {
-                            pair[0] = v;
-                            pair[1] = v;
+        let y = filled(n * c * 4 * h * w, "upsample", |y: &mut [Slot]| {
+            if h * w > 0 {
+                y.par_chunks_mut(4 * h * w)
+                    .zip(x.par_chunks(h * w))
+                    .for_each(|(dst, src)| {
+                        for (rows, line) in dst.chunks_mut(4 * w).zip(src.chunks(w)) {
+                            let (top, bottom) = rows.split_at_mut(2 * w);
+                            for (pair, &v) in top.chunks_mut(2).zip(line) {
+                                pair[0] = Slot::new(v);
+                                pair[1] = Slot::new(v);
+                            }
+                            bottom.copy_from_slice(top);
                         }
-                        bottom.copy_from_slice(top);
-                    }
-                });
-        }
+                    });
+            }
+            Ok(())
+        })?;
         Ok((CpuStorage::F32(y), Shape::from((n, c, 2 * h, 2 * w))))
     }
 
@@ -64,20 +67,23 @@ impl CustomOp1 for SumBlocks2x {
         }
         let (h, w) = (h2 / 2, w2 / 2);
         let g = contiguous_f32(s, l, "upsample gradient")?;
-        let mut dx = vec![0f32; n * c * h * w];
-        if h * w > 0 {
-            dx.par_chunks_mut(h * w)
-                .zip(g.par_chunks(4 * h * w))
-                .for_each(|(dst, src)| {
-                    for (line, rows) in dst.chunks_mut(w).zip(src.chunks(4 * w)) {
-                        let (top, bottom) = rows.split_at(2 * w);
-                        for ((d, t), b) in line.iter_mut().zip(top.chunks(2)).zip(bottom.chunks(2))
-                        {
-                            *d = (t[0] + t[1]) + (b[0] + b[1]);
+        let dx = filled(n * c * h * w, "upsample backward", |dx: &mut [Slot]| {
+            if h * w > 0 {
+                dx.par_chunks_mut(h * w)
+                    .zip(g.par_chunks(4 * h * w))
+                    .for_each(|(dst, src)| {
+                        for (line, rows) in dst.chunks_mut(w).zip(src.chunks(4 * w)) {
+                            let (top, bottom) = rows.split_at(2 * w);
+                            for ((d, t), b) in
+                                line.iter_mut().zip(top.chunks(2)).zip(bottom.chunks(2))
+                            {
+                                *d = Slot::new((t[0] + t[1]) + (b[0] + b[1]));
+                            }
                         }
-                    }
-                });
-        }
+                    });
+            }
+            Ok(())
+        })?;
         Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
     }
 }

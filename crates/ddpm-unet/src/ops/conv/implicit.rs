@@ -17,6 +17,7 @@
 use candle_core::Result;
 
 use super::super::gemm::{sgemm, MatRef};
+use super::super::uninit::Slot;
 use super::ConvGeom;
 
 /// Positions of the padded layout.
@@ -35,7 +36,9 @@ impl Padded {
     /// The layout for `g`, or `None` when `g` is not a stride-1 convolution this form handles
     /// (1×1 unpadded convolutions need no columns at all and go elsewhere).
     pub(super) fn of(g: &ConvGeom) -> Option<Self> {
-        if g.stride != 1 || g.pointwise() || g.pad >= g.kh || g.pad >= g.kw {
+        // (An empty input with a non-empty output, possible with padding, goes elsewhere
+        // too: the implicit form writes each output from the input planes.)
+        if g.stride != 1 || g.pointwise() || g.pad >= g.kh || g.pad >= g.kw || g.in_len() == 0 {
             return None;
         }
         let wp = g.w + 2 * g.pad;
@@ -144,7 +147,7 @@ pub(super) fn forward(
     x: &[f32],
     q: &mut (Vec<f32>, Option<ConvGeom>),
     stage: &mut Vec<f32>,
-    out: &mut [f32],
+    out: &mut [Slot],
     par: bool,
 ) -> Result<()> {
     p.fill_q(g, x, q);
@@ -160,7 +163,9 @@ pub(super) fn forward(
         let b = bias.map_or(0.0, |b| b[co]);
         let ext = &stage[co * p.m..][..g.oh * p.wp];
         for (dst, src) in o.chunks_mut(g.ow).zip(ext.chunks(p.wp)) {
-            dst.iter_mut().zip(src).for_each(|(d, s)| *d = s + b);
+            dst.iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = Slot::new(s + b));
         }
     }
     Ok(())
@@ -223,6 +228,7 @@ pub(super) fn from_kernel_rows(g: &ConvGeom, dwt: &[f32]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::uninit::filled;
     use super::super::{bwd_data_group, bwd_filter_group, fwd_group, Scratch};
     use super::*;
 
@@ -258,21 +264,22 @@ mod tests {
 
             let mut want = vec![0f32; cout * g.l()];
             fwd_group(&g, &wt, Some(&b), &x, &mut sc, &mut want, false).unwrap();
-            let mut got = vec![0f32; cout * g.l()];
             let wr = by_kernel_row(&g, &wt);
             // twice through the same scratch: the padding must survive reuse
             for _ in 0..2 {
-                forward(
-                    &g,
-                    &p,
-                    &wr,
-                    Some(&b),
-                    &x,
-                    &mut sc.q,
-                    &mut sc.stage,
-                    &mut got,
-                    false,
-                )
+                let got = filled(cout * g.l(), "forward", |o| {
+                    forward(
+                        &g,
+                        &p,
+                        &wr,
+                        Some(&b),
+                        &x,
+                        &mut sc.q,
+                        &mut sc.stage,
+                        o,
+                        false,
+                    )
+                })
                 .unwrap();
                 assert!(max_diff(&got, &want) < 1e-4, "forward {g:?}");
             }
@@ -291,19 +298,10 @@ mod tests {
             let mut want = vec![0f32; g.in_len()];
             bwd_data_group(&g, &wt, &gr, &mut sc, &mut want, false).unwrap();
             if let Some((gt, pt)) = Padded::transposed(&g) {
-                let mut got = vec![0f32; g.in_len()];
                 let wr = flipped_by_kernel_row(&g, &gt, &wt);
-                forward(
-                    &gt,
-                    &pt,
-                    &wr,
-                    None,
-                    &gr,
-                    &mut sc.q,
-                    &mut sc.stage,
-                    &mut got,
-                    false,
-                )
+                let got = filled(g.in_len(), "input gradient", |o| {
+                    forward(&gt, &pt, &wr, None, &gr, &mut sc.q, &mut sc.stage, o, false)
+                })
                 .unwrap();
                 assert!(max_diff(&got, &want) < 1e-4, "input gradient {g:?}");
             } else {
