@@ -5,6 +5,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use rayon::prelude::*;
 
 use super::contiguous_f32;
+use super::simd::simd_fn;
 
 /// `x [n, c, *] + b`, with `b` of shape `[c]` or `[n, c]`.
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +45,7 @@ impl CustomOp2 for AddBias {
             .enumerate()
             .for_each(|(i, plane)| {
                 let v = if per_sample { b[i] } else { b[i % c] };
-                plane.iter_mut().for_each(|p| *p += v);
+                add_scalar(plane, v);
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -65,6 +66,28 @@ impl CustomOp2 for AddBias {
     }
 }
 
+simd_fn! {
+    /// `plane += v`.
+    pub(crate) fn add_scalar(plane: &mut [f32], v: f32) {
+        plane.iter_mut().for_each(|p| *p += v);
+    }
+}
+
+simd_fn! {
+    /// Σ plane: f32 partial sums in 16 lanes (so the loop vectorises), combined in f64.
+    fn plane_sum(plane: &[f32]) -> f32 {
+        let mut acc = [0f32; 16];
+        let chunks = plane.chunks_exact(16);
+        let rest: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] += c[i];
+            }
+        }
+        (acc.iter().map(|&v| v as f64).sum::<f64>() + rest) as f32
+    }
+}
+
 /// `g [n, c, *] → Σ over * ([n, c])`, then over n too unless `per_sample` (`[c]`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SumPlanes {
@@ -81,10 +104,7 @@ impl CustomOp1 for SumPlanes {
         let dims = l.dims();
         let (n, c) = (dims[0], dims[1]);
         let plane: usize = dims[2..].iter().product();
-        let sums: Vec<f32> = g
-            .par_chunks(plane.max(1))
-            .map(|p| p.iter().map(|&v| v as f64).sum::<f64>() as f32)
-            .collect();
+        let sums: Vec<f32> = g.par_chunks(plane.max(1)).map(plane_sum).collect();
         if self.per_sample {
             return Ok((CpuStorage::F32(sums), Shape::from((n, c))));
         }

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::contiguous_f32;
 use super::gemm::{sgemm, MatRef};
+use super::simd::simd_fn;
 use super::uninit::filled;
 
 mod implicit;
@@ -104,6 +105,7 @@ fn valid_range(k: usize, pad: usize, stride: usize, size: usize, out: usize) -> 
     (lo.min(hi), hi)
 }
 
+simd_fn! {
 /// Unfolds one image `[cin, h, w]` into `cols [cin·kh·kw, oh·ow]`, whose rows start `ld` apart
 /// (`ld = oh·ow` for one image; wider when several images share the matrix side by side).
 fn im2col(g: &ConvGeom, x: &[f32], cols: &mut [f32], ld: usize) {
@@ -139,7 +141,9 @@ fn im2col(g: &ConvGeom, x: &[f32], cols: &mut [f32], ld: usize) {
         }
     }
 }
+}
 
+simd_fn! {
 /// Folds `cols [cin·kh·kw, oh·ow]` (rows `ld` apart) back into one image `[cin, h, w]`, summing
 /// overlaps (the adjoint of [`im2col`]).
 fn col2im(g: &ConvGeom, cols: &[f32], x: &mut [f32], ld: usize) {
@@ -172,6 +176,7 @@ fn col2im(g: &ConvGeom, cols: &[f32], x: &mut [f32], ld: usize) {
             }
         }
     }
+}
 }
 
 /// Per-worker buffers: the column matrix of a group, a `[cout, group·L]` staging matrix, and
@@ -236,7 +241,7 @@ fn fwd_group(
         sgemm(out, wm, colm, false, par)?;
         if let Some(b) = bias {
             for (row, &bv) in out.chunks_mut(l.max(1)).zip(b) {
-                row.iter_mut().for_each(|v| *v += bv);
+                super::bias::add_scalar(row, bv);
             }
         }
         return Ok(());

@@ -37,6 +37,7 @@ mod conv_grad;
 mod gemm;
 mod norm;
 mod resample;
+mod simd;
 mod uninit;
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor};

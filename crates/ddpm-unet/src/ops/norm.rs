@@ -5,6 +5,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use rayon::prelude::*;
 
 use super::contiguous_f32;
+use super::simd::simd_fn;
 use super::uninit::{filled, Slot};
 
 /// `y = act(γ · (v − μ_g)/σ_g + β)` with `v = x + shift` over `x [n, c, *]`; the second input
@@ -53,24 +54,25 @@ impl GroupNormOp {
     }
 }
 
-/// Mean and 1/σ of one group's values: f32 partial sums in 8 lanes (vectorised), combined in
+simd_fn! {
+/// Mean and 1/σ of one group's values: f32 partial sums in 16 lanes (vectorised), combined in
 /// f64, shifted by the first value to avoid cancellation in E[x²] − E[x]².
 fn stats(v: &[f32], eps: f32) -> (f32, f32) {
     let Some(&shift) = v.first() else {
         return (0.0, 1.0 / eps.sqrt());
     };
-    let (mut s1, mut s2) = ([0f32; 8], [0f32; 8]);
-    let chunks = v.chunks_exact(8);
+    let (mut s1, mut s2) = ([0f32; 16], [0f32; 16]);
+    let chunks = v.chunks_exact(16);
     let rest = chunks.remainder();
     for c in chunks {
-        for i in 0..8 {
+        for i in 0..16 {
             let d = c[i] - shift;
             s1[i] += d;
             s2[i] += d * d;
         }
     }
     let (mut t1, mut t2) = (0f64, 0f64);
-    for i in 0..8 {
+    for i in 0..16 {
         t1 += s1[i] as f64;
         t2 += s2[i] as f64;
     }
@@ -86,6 +88,7 @@ fn stats(v: &[f32], eps: f32) -> (f32, f32) {
         (shift as f64 + m) as f32,
         (1.0 / (var + eps as f64).sqrt()) as f32,
     )
+}
 }
 
 /// [`stats`] of a group of `cg` planes of `s` values, plane `i` shifted by `shift[i]`.
@@ -138,8 +141,8 @@ fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-z))
 }
 
+simd_fn! {
 /// Forward over one channel plane: `y = act(x·a + b)`, in blocks of [`LANES`] so it vectorises.
-#[inline(always)]
 fn fwd_plane<const SILU: bool>(y: &mut [Slot], x: &[f32], a: f32, b: f32) {
     let one = |v: f32| {
         let z = v * a + b;
@@ -160,14 +163,15 @@ fn fwd_plane<const SILU: bool>(y: &mut [Slot], x: &[f32], a: f32, b: f32) {
         *o = Slot::new(one(v));
     }
 }
+}
 
 /// Lanes of the partial sums in the backward passes: a float sum may not be reordered, so a
 /// single accumulator keeps the loop scalar; `LANES` independent ones let it vectorise.
 const LANES: usize = 16;
 
+simd_fn! {
 /// First backward pass over one channel plane: writes dz·γ into `dx` and returns
 /// (Σ dz·x̂, Σ dz), where dz is the gradient before the affine (through SiLU when `SILU`).
-#[inline(always)]
 fn bwd_pass1<const SILU: bool>(
     dx: &mut [f32],
     x: &[f32],
@@ -212,9 +216,10 @@ fn bwd_pass1<const SILU: bool>(
     }
     (ag.iter().sum(), ab.iter().sum())
 }
+}
 
+simd_fn! {
 /// Second backward pass over one channel plane: dx = rstd·(dx̂ − a − x̂·b) in place; returns Σ dx.
-#[inline(always)]
 fn bwd_pass2(dx: &mut [f32], x: &[f32], off: f32, rstd: f32, a: f32, b: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut dch = dx.chunks_exact_mut(LANES);
@@ -232,6 +237,7 @@ fn bwd_pass2(dx: &mut [f32], x: &[f32], off: f32, rstd: f32, a: f32, b: f32) -> 
         acc[0] += *d;
     }
     acc.iter().sum()
+}
 }
 
 impl CustomOp2 for GroupNormOp {

@@ -17,6 +17,7 @@
 use candle_core::Result;
 
 use super::super::gemm::{sgemm, MatRef};
+use super::super::simd::simd_fn;
 use super::super::uninit::Slot;
 use super::ConvGeom;
 
@@ -162,13 +163,19 @@ pub(super) fn forward(
     for (co, o) in out.chunks_mut(l).enumerate() {
         let b = bias.map_or(0.0, |b| b[co]);
         let ext = &stage[co * p.m..][..g.oh * p.wp];
-        for (dst, src) in o.chunks_mut(g.ow).zip(ext.chunks(p.wp)) {
-            dst.iter_mut()
-                .zip(src)
-                .for_each(|(d, s)| *d = Slot::new(s + b));
-        }
+        compact(o, ext, g.ow, p.wp, b);
     }
     Ok(())
+}
+
+simd_fn! {
+    /// `out` (rows of `ow`) from the rows of `ext` (`wp` apart; the extra columns dropped), plus
+    /// `b`.
+    fn compact(out: &mut [Slot], ext: &[f32], ow: usize, wp: usize, b: f32) {
+        for (dst, src) in out.chunks_mut(ow).zip(ext.chunks(wp)) {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d = Slot::new(s + b));
+        }
+    }
 }
 
 /// Kernel-gradient contribution of one image, per kernel row and transposed:
