@@ -5,12 +5,39 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
+use super::simd::simd_fn;
 use super::uninit::{filled, Slot};
 
 fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
     match l.dims() {
         &[n, c, h, w] => Ok((n, c, h, w)),
         d => bail!("{what}: expected a 4-D tensor, got {d:?}"),
+    }
+}
+
+simd_fn! {
+    /// One plane of [`Upsample2x`]: rows of `w` in `src`, rows of `2w` in `dst`.
+    fn up_plane(dst: &mut [Slot], src: &[f32], w: usize) {
+        for (rows, line) in dst.chunks_mut(4 * w).zip(src.chunks(w)) {
+            let (top, bottom) = rows.split_at_mut(2 * w);
+            for (pair, &v) in top.chunks_mut(2).zip(line) {
+                pair[0] = Slot::new(v);
+                pair[1] = Slot::new(v);
+            }
+            bottom.copy_from_slice(top);
+        }
+    }
+}
+
+simd_fn! {
+    /// One plane of [`SumBlocks2x`]: each output the sum of a 2×2 block of `src`.
+    fn sum_plane(dst: &mut [Slot], src: &[f32], w: usize) {
+        for (line, rows) in dst.chunks_mut(w).zip(src.chunks(4 * w)) {
+            let (top, bottom) = rows.split_at(2 * w);
+            for ((d, t), b) in line.iter_mut().zip(top.chunks(2)).zip(bottom.chunks(2)) {
+                *d = Slot::new((t[0] + t[1]) + (b[0] + b[1]));
+            }
+        }
     }
 }
 
@@ -30,16 +57,7 @@ impl CustomOp1 for Upsample2x {
             if h * w > 0 {
                 y.par_chunks_mut(4 * h * w)
                     .zip(x.par_chunks(h * w))
-                    .for_each(|(dst, src)| {
-                        for (rows, line) in dst.chunks_mut(4 * w).zip(src.chunks(w)) {
-                            let (top, bottom) = rows.split_at_mut(2 * w);
-                            for (pair, &v) in top.chunks_mut(2).zip(line) {
-                                pair[0] = Slot::new(v);
-                                pair[1] = Slot::new(v);
-                            }
-                            bottom.copy_from_slice(top);
-                        }
-                    });
+                    .for_each(|(dst, src)| up_plane(dst, src, w));
             }
             Ok(())
         })?;
@@ -71,16 +89,7 @@ impl CustomOp1 for SumBlocks2x {
             if h * w > 0 {
                 dx.par_chunks_mut(h * w)
                     .zip(g.par_chunks(4 * h * w))
-                    .for_each(|(dst, src)| {
-                        for (line, rows) in dst.chunks_mut(w).zip(src.chunks(4 * w)) {
-                            let (top, bottom) = rows.split_at(2 * w);
-                            for ((d, t), b) in
-                                line.iter_mut().zip(top.chunks(2)).zip(bottom.chunks(2))
-                            {
-                                *d = Slot::new((t[0] + t[1]) + (b[0] + b[1]));
-                            }
-                        }
-                    });
+                    .for_each(|(dst, src)| sum_plane(dst, src, w));
             }
             Ok(())
         })?;
