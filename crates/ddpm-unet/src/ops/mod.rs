@@ -4,12 +4,13 @@
 //!
 //! | op | stock candle | [`Kernels::Fast`] |
 //! |---|---|---|
-//! | [`conv2d`] | im2col forward; input gradient by a direct `conv_transpose2d` loop | im2col/col2im + one GEMM per sample for the forward, the input gradient and the kernel gradient; no column buffer kept between passes |
+//! | [`conv2d`] | im2col forward; input gradient by a direct `conv_transpose2d` loop | stride 1: implicit GEMM over a padded, column-shifted input for the forward, the input gradient (a flipped-kernel forward) and the kernel gradient; stride 2 and 1×1: im2col/col2im + GEMMs over groups of samples; no buffer kept between passes |
 //! | [`group_norm`] | about ten ops forward and backward, SiLU separate | one pass forward, one backward, affine and SiLU fused |
 //! | [`add_channel_bias`] | broadcast add; backward is a single-threaded strided sum | one parallel pass each way |
 //! | [`upsample_nearest2x`] | backward runs one grouped convolution per channel | one parallel pass each way (on CUDA with gradients: a broadcast, whose backward is a reshape-sum) |
 //!
-//! The fast kernels run on the CPU in f32. On CUDA, [`Kernels::Fast`] keeps candle's
+//! The fast kernels run on the CPU in f32, their element-wise loops compiled for AVX-512, AVX2 +
+//! FMA and baseline x86-64 and picked at run time. On CUDA, [`Kernels::Fast`] keeps candle's
 //! convolution forward (cuDNN with the `cudnn` feature) and replaces its backward: the input
 //! gradient becomes a forward convolution of the dilated, padded upstream gradient with the
 //! flipped kernel, and the kernel gradient an im2col plus one batched matrix product, instead of
