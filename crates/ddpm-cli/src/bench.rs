@@ -44,8 +44,9 @@ pub struct BenchArgs {
     /// Batch size (default: 128 for train, 256 for forward).
     #[arg(short = 'b', long)]
     batch: Option<usize>,
-    /// Kernel implementation: fast (ours) or stock (candle's).
-    #[arg(long, default_value = "fast", value_parser = ["fast", "stock"])]
+    /// Kernel implementation: fast (ours), stock (candle's), or fused (fast plus our CUDA kernels
+    /// for GroupNorm, bias and upsampling on a GPU; the same as fast on the CPU).
+    #[arg(long, default_value = "fast", value_parser = ["fast", "stock", "fused"])]
     kernels: String,
     /// Timed iterations.
     #[arg(long, default_value_t = 5)]

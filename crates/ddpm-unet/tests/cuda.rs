@@ -105,7 +105,7 @@ fn conv2d_on_cuda_matches_cpu_with_both_kernel_sets() {
         let x = randn(&mut rng, &[n, ci, h, w]);
         let wt = randn(&mut rng, &[co, ci, k, k]);
         let b = randn(&mut rng, &[co]);
-        for kernels in [Kernels::Fast, Kernels::Stock] {
+        for kernels in [Kernels::Fast, Kernels::Stock, Kernels::Fused] {
             compare(
                 &dev,
                 &mut rng,
@@ -130,30 +130,48 @@ fn norm_bias_and_upsample_on_cuda_match_cpu() {
         randn(&mut rng, &[8]),
         randn(&mut rng, &[3, 8]),
     );
-    compare(
-        &dev,
-        &mut rng,
-        &[x.clone(), g, b, s.clone()],
-        Kernels::Fast,
-        |t, k| group_norm(&t[0], &t[1], &t[2], Some(&t[3]), 4, 1e-5, true, k),
-        "group_norm+shift+silu",
-    );
-    compare(
-        &dev,
-        &mut rng,
-        &[x.clone(), s],
-        Kernels::Fast,
-        |t, k| add_channel_bias(&t[0], &t[1], k),
-        "add_channel_bias",
-    );
-    compare(
-        &dev,
-        &mut rng,
-        &[x],
-        Kernels::Fast,
-        |t, k| upsample_nearest2x(&t[0], k),
-        "upsample_nearest2x",
-    );
+    // Fast: candle's composition on the GPU; Fused: our kernels (kernels/ops.cu). Odd sizes, and
+    // a plane larger than one block so the kernels' strided loops wrap.
+    let big = randn(&mut rng, &[2, 8, 40, 33]);
+    let big_shift = randn(&mut rng, &[2, 8]);
+    for kernels in [Kernels::Fast, Kernels::Fused] {
+        for silu in [true, false] {
+            compare(
+                &dev,
+                &mut rng,
+                &[x.clone(), g.clone(), b.clone(), s.clone()],
+                kernels,
+                |t, k| group_norm(&t[0], &t[1], &t[2], Some(&t[3]), 4, 1e-5, silu, k),
+                &format!("group_norm+shift silu={silu} {kernels:?}"),
+            );
+        }
+        compare(
+            &dev,
+            &mut rng,
+            &[big.clone(), g.clone(), b.clone(), big_shift.clone()],
+            kernels,
+            |t, k| group_norm(&t[0], &t[1], &t[2], Some(&t[3]), 2, 1e-5, true, k),
+            &format!("group_norm 40x33 {kernels:?}"),
+        );
+        for bias in [s.clone(), b.clone()] {
+            compare(
+                &dev,
+                &mut rng,
+                &[x.clone(), bias],
+                kernels,
+                |t, k| add_channel_bias(&t[0], &t[1], k),
+                &format!("add_channel_bias {kernels:?}"),
+            );
+        }
+        compare(
+            &dev,
+            &mut rng,
+            std::slice::from_ref(&x),
+            kernels,
+            |t, k| upsample_nearest2x(&t[0], k),
+            &format!("upsample_nearest2x {kernels:?}"),
+        );
+    }
 }
 
 #[test]
@@ -168,8 +186,17 @@ fn unet_on_cuda_matches_cpu_in_output_and_weight_gradients() {
         VarBuilder::from_varmap(&cpu_map, DType::F32, &Device::Cpu),
     )
     .unwrap();
+    for kernels in [Kernels::Fast, Kernels::Fused] {
+        unet_case(&dev, &cfg, &cpu, &cpu_map, kernels);
+    }
+}
+
+fn unet_case(dev: &Device, cfg: &UNetConfig, cpu: &UNet, cpu_map: &VarMap, kernels: Kernels) {
+    let dev = dev.clone();
     let gpu_map = VarMap::new();
-    let gpu = UNet::new(&cfg, VarBuilder::from_varmap(&gpu_map, DType::F32, &dev)).unwrap();
+    let gpu = UNet::new(cfg, VarBuilder::from_varmap(&gpu_map, DType::F32, &dev))
+        .unwrap()
+        .with_kernels(kernels);
     for (name, v) in cpu_map.data().lock().unwrap().iter() {
         let g = gpu_map
             .data()
@@ -194,7 +221,7 @@ fn unet_on_cuda_matches_cpu_in_output_and_weight_gradients() {
         )
         .unwrap();
     let d = max_rel_diff(&out_gpu, &out_cpu);
-    assert!(d < 2e-3, "U-Net output differs by {d}");
+    assert!(d < 2e-3, "U-Net ({kernels:?}) output differs by {d}");
     let grads = |out: &Tensor| out.sqr().unwrap().mean_all().unwrap().backward().unwrap();
     let (gc, gg) = (grads(&out_cpu), grads(&out_gpu));
     let gpu_vars = gpu_map.data().lock().unwrap();
@@ -204,7 +231,7 @@ fn unet_on_cuda_matches_cpu_in_output_and_weight_gradients() {
             continue;
         };
         let d = max_rel_diff(b, a);
-        assert!(d < 5e-3, "gradient of {name} differs by {d}");
+        assert!(d < 5e-3, "{kernels:?}: gradient of {name} differs by {d}");
         checked += 1;
     }
     assert!(checked > 20, "only {checked} weight gradients compared");

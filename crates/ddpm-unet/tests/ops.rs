@@ -311,3 +311,25 @@ fn unet_fast_and_stock_kernels_agree_in_output_and_weight_gradients() {
         assert!(d < 1e-3, "{name}: gradient differs by {d}");
     }
 }
+
+#[test]
+fn fused_is_fast_on_the_cpu_and_every_kernel_set_has_a_name() {
+    for k in [Kernels::Stock, Kernels::Fast, Kernels::Fused] {
+        assert_eq!(Kernels::from_name(k.name()), Some(k));
+    }
+    assert_eq!(Kernels::from_name("cudnn"), None);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let unet = UNet::new(&UNetConfig::tiny(), vb).unwrap();
+    let mut rng = SeededNoise::new(9);
+    let x = var(&mut rng, &[2, 1, 12, 12]).as_tensor().clone();
+    let t = Tensor::new(&[3u32, 700], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[4u32, 10], &Device::Cpu).unwrap();
+    let fast = unet.forward_t(&x, &t, Some(&y), false).unwrap();
+    let fused = unet
+        .clone()
+        .with_kernels(Kernels::Fused)
+        .forward_t(&x, &t, Some(&y), false)
+        .unwrap();
+    assert_eq!(max_rel_diff(&fused, &fast), 0.0);
+}

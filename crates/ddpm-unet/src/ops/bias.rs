@@ -50,6 +50,19 @@ impl CustomOp2 for AddBias {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, s, per_sample) = geom(l1.dims(), l2.dims())?;
+        let y = super::cuda::add_bias(s1, l1, s2, l2, (n, c, s), per_sample)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -113,5 +126,26 @@ impl CustomOp1 for SumPlanes {
             db[i % c] += v;
         }
         Ok((CpuStorage::F32(db), Shape::from(c)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        st: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = l.dims();
+        if dims.len() < 2 {
+            bail!("bias gradient: expected [n, c, ...], got {dims:?}")
+        }
+        let (n, c) = (dims[0], dims[1]);
+        let plane: usize = dims[2..].iter().product();
+        let out = super::cuda::sum_planes(st, l, (n, c, plane), self.per_sample)?;
+        let shape = if self.per_sample {
+            Shape::from((n, c))
+        } else {
+            Shape::from(c)
+        };
+        Ok((out, shape))
     }
 }

@@ -35,6 +35,8 @@
 pub(crate) mod bias;
 mod conv;
 mod conv_grad;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod gemm;
 mod norm;
 mod resample;
@@ -53,6 +55,12 @@ pub enum Kernels {
     /// instead of candle's direct `conv_transpose2d` loop; the other ops are candle's.
     #[default]
     Fast,
+    /// [`Kernels::Fast`], plus our own CUDA kernels on a GPU for the ops `Fast` leaves to candle
+    /// there: GroupNorm with its shift and SiLU, the bias add and the ×2 upsampling, forward and
+    /// backward (`kernels/ops.cu`, built with the `cuda` feature). On the CPU it is `Fast`.
+    /// Opt-in until `tests/cuda.rs` has passed on a GPU (they were written on a machine without
+    /// one; see docs/cuda.md).
+    Fused,
 }
 
 impl Kernels {
@@ -61,6 +69,7 @@ impl Kernels {
         match name {
             "stock" | "candle" => Some(Self::Stock),
             "fast" => Some(Self::Fast),
+            "fused" => Some(Self::Fused),
             _ => None,
         }
     }
@@ -70,12 +79,27 @@ impl Kernels {
         match self {
             Self::Stock => "stock",
             Self::Fast => "fast",
+            Self::Fused => "fused",
         }
     }
 
-    /// Whether our kernels handle a tensor like `t` (f32 on the CPU).
+    /// Whether our CPU kernels handle a tensor like `t` (f32 on the CPU).
     fn fast_for(self, t: &Tensor) -> bool {
-        self == Self::Fast && t.device().is_cpu() && t.dtype() == DType::F32
+        self != Self::Stock && t.device().is_cpu() && t.dtype() == DType::F32
+    }
+
+    /// Whether our CUDA kernels handle a tensor like `t` (f32 on a GPU, under `Fused`, in a
+    /// build with the `cuda` feature).
+    fn cuda_for(self, t: &Tensor) -> bool {
+        cfg!(feature = "cuda")
+            && self == Self::Fused
+            && t.device().is_cuda()
+            && t.dtype() == DType::F32
+    }
+
+    /// Either of the two: the custom op (with its CPU or CUDA forward) runs.
+    fn ours_for(self, t: &Tensor) -> bool {
+        self.fast_for(t) || self.cuda_for(t)
     }
 }
 
@@ -112,7 +136,7 @@ pub fn conv2d(
                 .apply_op3(&weight.contiguous()?, &b.contiguous()?, op)
         }
         _ if fast => x.contiguous()?.apply_op2(&weight.contiguous()?, op)?,
-        _ if kernels == Kernels::Fast && !x.device().is_cpu() => {
+        _ if kernels != Kernels::Stock && !x.device().is_cpu() => {
             conv_grad::conv2d(x, weight, stride, padding)?
         }
         _ => x.conv2d(weight, padding, stride, 1, 1)?,
@@ -126,7 +150,7 @@ pub fn conv2d(
 /// `x [n, c, h, w] + b`, with `b` `[c]` (one value per channel) or `[n, c]` (per sample and
 /// channel, e.g. a projected time embedding).
 pub fn add_channel_bias(x: &Tensor, b: &Tensor, kernels: Kernels) -> Result<Tensor> {
-    if kernels.fast_for(x) && b.dtype() == DType::F32 {
+    if kernels.ours_for(x) && b.dtype() == DType::F32 {
         return x.contiguous()?.apply_op2(&b.contiguous()?, bias::AddBias);
     }
     let (n, c) = (x.dim(0)?, x.dim(1)?);
@@ -153,7 +177,7 @@ pub fn group_norm(
     kernels: Kernels,
 ) -> Result<Tensor> {
     let (n, c) = (x.dim(0)?, x.dim(1)?);
-    if kernels.fast_for(x) && gamma.dtype() == DType::F32 {
+    if kernels.ours_for(x) && gamma.dtype() == DType::F32 {
         let shift = match shift {
             Some(s) => s.reshape(n * c)?,
             None => Tensor::zeros(n * c, DType::F32, x.device())?,
@@ -184,13 +208,13 @@ pub fn group_norm(
 /// Nearest-neighbour ×2 upsampling of `x [n, c, h, w]` to `[n, c, 2h, 2w]`.
 pub fn upsample_nearest2x(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    // On a GPU without gradients (sampling), candle's upsampling kernel is one pass; ours exists
-    // for its backward.
+    if kernels.ours_for(x) {
+        return x.contiguous()?.apply_op1(resample::Upsample2x);
+    }
+    // On a GPU without gradients (sampling), candle's upsampling kernel is one pass; the
+    // broadcast below exists for its backward.
     if kernels == Kernels::Stock || (!x.device().is_cpu() && !x.track_op()) {
         return x.upsample_nearest2d(2 * h, 2 * w);
-    }
-    if kernels.fast_for(x) {
-        return x.contiguous()?.apply_op1(resample::Upsample2x);
     }
     // Broadcast each pixel over a 2×2 block; the backward of a broadcast is a sum.
     x.reshape((n, c, h, 1, w, 1))?

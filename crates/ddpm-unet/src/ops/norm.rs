@@ -286,6 +286,21 @@ impl CustomOp2 for GroupNormOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let geo = self.geom(l1, l2)?;
+        let dims = (l1.dims()[0], geo.c, geo.s);
+        let y =
+            super::cuda::group_norm_fwd(s1, l1, s2, l2, dims, self.groups, self.eps, self.silu)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -390,6 +405,31 @@ impl CustomOp3 for GroupNormBwd {
         }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let op = self.0;
+        let geo = op.geom(l1, l2)?;
+        if l3.dims() != l1.dims() {
+            bail!(
+                "group_norm backward: gradient shape {:?} differs",
+                l3.dims()
+            )
+        }
+        let dims = (l1.dims()[0], geo.c, geo.s);
+        let out =
+            super::cuda::group_norm_bwd(s1, l1, s2, l2, s3, l3, dims, op.groups, op.eps, op.silu)?;
+        let len = l1.shape().elem_count() + geo.np;
+        Ok((out, Shape::from(len)))
     }
 }
 

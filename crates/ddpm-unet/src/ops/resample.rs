@@ -64,6 +64,17 @@ impl CustomOp1 for Upsample2x {
         Ok((CpuStorage::F32(y), Shape::from((n, c, 2 * h, 2 * w))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        st: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = dims4(l, "upsample input")?;
+        let y = super::cuda::resample2x(st, l, n * c, (h, w), true)?;
+        Ok((y, Shape::from((n, c, 2 * h, 2 * w))))
+    }
+
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&SumBlocks2x)?))
     }
@@ -94,5 +105,20 @@ impl CustomOp1 for SumBlocks2x {
             Ok(())
         })?;
         Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        st: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h2, w2) = dims4(l, "upsample gradient")?;
+        if h2 % 2 != 0 || w2 % 2 != 0 {
+            bail!("upsample gradient: {h2}x{w2} is not twice an input size")
+        }
+        let (h, w) = (h2 / 2, w2 / 2);
+        let dx = super::cuda::resample2x(st, l, n * c, (h, w), false)?;
+        Ok((dx, Shape::from((n, c, h, w))))
     }
 }
