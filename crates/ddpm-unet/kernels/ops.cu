@@ -39,24 +39,43 @@ __device__ void group_stats(const float* x, const float* shift, int c0, int s, i
     *rstd_out = rsqrtf(var + eps);
 }
 
-// y = act(γ·(x + shift − μ)/σ + β) over x [n, c, s]; gb = [γ (c) ‖ β (c) ‖ shift (n·c)].
-// One block per (sample, group).
+// The (sample, group) a GroupNorm block handles: its channels, its packed parameters
+// (gb = [γ (c) ‖ β (c) ‖ shift (n·c)]), the offset of its values in x [n, c, s], and their
+// mean and 1/σ.
+struct GnBlock {
+    int sample, c0, cg, len;
+    const float* gamma;
+    const float* beta;
+    const float* shift;  // this sample's, indexed by channel
+    size_t base;
+    float mean, rstd;
+};
+
+__device__ GnBlock gn_block(const float* x, const float* gb, int c, int groups, int s, float eps,
+                            float* scratch) {
+    GnBlock b;
+    b.sample = blockIdx.x / groups;
+    b.cg = c / groups;
+    b.c0 = (blockIdx.x % groups) * b.cg;
+    b.len = b.cg * s;
+    b.gamma = gb;
+    b.beta = gb + c;
+    b.shift = gb + 2 * (size_t)c + (size_t)b.sample * c;
+    b.base = ((size_t)b.sample * c + b.c0) * (size_t)s;
+    group_stats(x + b.base, b.shift, b.c0, s, b.len, eps, scratch, &b.mean, &b.rstd);
+    return b;
+}
+
+// y = act(γ·(x + shift − μ)/σ + β) over x [n, c, s]. One block per (sample, group).
 extern "C" __global__ void ddpm_gn_fwd(const float* x, const float* gb, float* y, int n, int c,
                                        int groups, int s, float eps, int silu) {
     __shared__ float scratch[32];
-    const int sample = blockIdx.x / groups, grp = blockIdx.x % groups;
-    if (sample >= n) return;
-    const int cg = c / groups, c0 = grp * cg, len = cg * s;
-    const float* gamma = gb;
-    const float* beta = gb + c;
-    const float* shift = gb + 2 * (size_t)c + (size_t)sample * c;
-    const size_t base = ((size_t)sample * c + c0) * (size_t)s;
-    float mean, rstd;
-    group_stats(x + base, shift, c0, s, len, eps, scratch, &mean, &rstd);
-    for (int i = threadIdx.x; i < len; i += blockDim.x) {
-        const int ch = c0 + i / s;
-        const float z = (x[base + i] + shift[ch] - mean) * rstd * gamma[ch] + beta[ch];
-        y[base + i] = silu ? z * ddpm_sigmoid(z) : z;
+    if ((int)blockIdx.x >= n * groups) return;
+    const GnBlock b = gn_block(x, gb, c, groups, s, eps, scratch);
+    for (int i = threadIdx.x; i < b.len; i += blockDim.x) {
+        const int ch = b.c0 + i / s;
+        const float z = (x[b.base + i] + b.shift[ch] - b.mean) * b.rstd * b.gamma[ch] + b.beta[ch];
+        y[b.base + i] = silu ? z * ddpm_sigmoid(z) : z;
     }
 }
 
@@ -66,19 +85,16 @@ extern "C" __global__ void ddpm_gn_bwd(const float* x, const float* gb, const fl
                                        float* out, int n, int c, int groups, int s, float eps,
                                        int silu) {
     __shared__ float scratch[32];
-    const int sample = blockIdx.x / groups, grp = blockIdx.x % groups;
-    if (sample >= n) return;
-    const int cg = c / groups, c0 = grp * cg, len = cg * s;
-    const float* gamma = gb;
-    const float* beta = gb + c;
-    const float* shift = gb + 2 * (size_t)c + (size_t)sample * c;
-    const size_t base = ((size_t)sample * c + c0) * (size_t)s;
+    if ((int)blockIdx.x >= n * groups) return;
+    const GnBlock gn = gn_block(x, gb, c, groups, s, eps, scratch);
+    const int sample = gn.sample, cg = gn.cg, c0 = gn.c0, len = gn.len;
+    const float *gamma = gn.gamma, *beta = gn.beta, *shift = gn.shift;
+    const size_t base = gn.base;
+    const float mean = gn.mean, rstd = gn.rstd;
     float* dx = out;
     float* dgamma = out + (size_t)n * c * s;
     float* dbeta = dgamma + c;
     float* dshift = dbeta + c;
-    float mean, rstd;
-    group_stats(x + base, shift, c0, s, len, eps, scratch, &mean, &rstd);
     // Pass 1, per channel: dz (the gradient before the affine, through SiLU), dx̂ = dz·γ,
     // Σdz·x̂ → dγ, Σdz → dβ; the group sums Σdx̂ and Σdx̂·x̂ for pass 2.
     float sum_dxh = 0.0f, sum_dxh_xh = 0.0f;

@@ -79,11 +79,15 @@ impl ConvGeom {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
     /// Per-thread buffers and the GEMM calls are organised by [`ConvGeom::plan`]: samples per
-    /// GEMM, and whether the groups run in parallel (else one after another, each GEMM itself
-    /// parallel).
+    /// GEMM (always one on the implicit path, whose GEMMs read one padded image), and whether
+    /// the groups run in parallel (else one after another, each GEMM itself parallel).
     fn plan(&self) -> (usize, bool) {
         let threads = rayon::current_num_threads();
-        let want = MIN_COLS.div_ceil(self.l().max(1));
+        let want = if Padded::of(self).is_some() {
+            1
+        } else {
+            MIN_COLS.div_ceil(self.l().max(1))
+        };
         if threads > 1 && self.n >= threads {
             (want.min(self.n.div_ceil(threads)).max(1), true)
         } else {
@@ -267,7 +271,7 @@ fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Res
         return filled(g.n * g.cout * g.l(), "conv2d", |out| {
             per_group(
                 g,
-                (1, g.plan().1),
+                g.plan(),
                 out,
                 g.cout * g.l(),
                 x,
@@ -322,9 +326,8 @@ fn per_group<T: Send>(
     }
 }
 
-/// `Σ f(x_group, grad_group)` over the groups of [`ConvGeom::plan`] (one sample each on the
-/// implicit path), each call adding into a `len`-long accumulator: one per worker when the
-/// groups run in parallel, summed at the end.
+/// `Σ f(x_group, grad_group)` over the groups of [`ConvGeom::plan`], each call adding into a
+/// `len`-long accumulator: one per worker when the groups run in parallel, summed at the end.
 fn per_sample_sum(
     g: &ConvGeom,
     x: &[f32],
@@ -333,7 +336,6 @@ fn per_sample_sum(
     f: impl Fn(&[f32], &[f32], &mut Scratch, &mut [f32], bool) -> Result<()> + Sync,
 ) -> Result<Vec<f32>> {
     let (group, across) = g.plan();
-    let group = if Padded::of(g).is_some() { 1 } else { group };
     let (xlen, glen) = (group * g.in_len(), group * g.cout * g.l());
     if xlen == 0 || glen == 0 {
         return Ok(vec![0f32; len]);
@@ -551,7 +553,7 @@ impl CustomOp2 for Conv2dBwdData {
             let dx = filled(n * g.in_len(), "conv2d backward", |dx| {
                 per_group(
                     &gt,
-                    (1, gt.plan().1),
+                    gt.plan(),
                     dx,
                     g.in_len(),
                     grad,
