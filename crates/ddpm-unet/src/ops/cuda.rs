@@ -1,53 +1,16 @@
-//! The `cuda_fwd` halves of the custom ops: launches of the kernels in `kernels/ops.cu`, which
-//! `build.rs` compiles to PTX with nvcc. Each kernel mirrors the CPU loop of the same op, and
-//! `tests/cuda.rs` compares the two on a GPU under [`super::Kernels::Fused`].
+//! The `cuda_fwd` halves of the custom ops: launches of the kernels in ddpm-kernels'
+//! `kernels/unet.cu`, which its `build.rs` compiles to PTX with nvcc. Each kernel mirrors the CPU
+//! loop of the same op, and `tests/cuda.rs` compares the two on a GPU under
+//! [`super::Kernels::Fused`].
 //!
 //! Kernel launches are foreign calls, so this module allows `unsafe`: each launch passes device
 //! buffers whose lengths the caller checked against the shapes the kernel indexes with.
 #![allow(unsafe_code)]
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, CudaStorage, Layout, Result};
-
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ops.ptx"));
-const MODULE: &str = "ddpm_unet_ops";
-const THREADS: u32 = 256;
-
-/// The f32 contents of a contiguous CUDA storage, or an error naming `what`.
-fn view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("{what}: expected a contiguous tensor")
-    };
-    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
-}
-
-/// One block of [`THREADS`] per item.
-fn per_block(items: usize) -> Result<LaunchConfig> {
-    let Ok(blocks) = u32::try_from(items) else {
-        bail!("cuda kernel: {items} blocks exceed the grid limit")
-    };
-    Ok(LaunchConfig {
-        grid_dim: (blocks.max(1), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    })
-}
-
-/// A grid-stride launch over `total` elements.
-fn elementwise(total: usize) -> LaunchConfig {
-    let blocks = total.div_ceil(THREADS as usize).clamp(1, 65_535) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn int(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v).or_else(|_| bail!("cuda kernel: {what} = {v} does not fit an i32"))
-}
+use ddpm_kernels::cuda::{elementwise, int, per_block, view, UNET};
+use ddpm_kernels::launch;
 
 /// GroupNorm forward over `x [n, c, s]` with packed `[γ ‖ β ‖ shift]`.
 #[allow(clippy::too_many_arguments)]
@@ -78,19 +41,9 @@ pub(crate) fn group_norm_fwd(
         int(s, "s")?,
     );
     let silu = i32::from(silu);
-    let func = dev.get_or_load_custom_func("ddpm_gn_fwd", MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&xv)
-        .arg(&gv)
-        .arg(&y)
-        .arg(&ni)
-        .arg(&ci)
-        .arg(&gi)
-        .arg(&si)
-        .arg(&eps)
-        .arg(&silu);
     // SAFETY: argument types and order match `ddpm_gn_fwd`; lengths checked above.
-    unsafe { b.launch(per_block(n * groups)?) }.w()?;
+    launch!(dev, UNET, "ddpm_gn_fwd", per_block(n * groups)?;
+        &xv, &gv, &y, &ni, &ci, &gi, &si, &eps, &silu);
     Ok(CudaStorage::wrap_cuda_slice(y, dev))
 }
 
@@ -123,12 +76,9 @@ pub(crate) fn group_norm_bwd(
         int(s, "s")?,
     );
     let silu = i32::from(silu);
-    let func = dev.get_or_load_custom_func("ddpm_gn_bwd", MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&xv).arg(&gv).arg(&dv).arg(&out);
-    b.arg(&ni).arg(&ci).arg(&gi).arg(&si).arg(&eps).arg(&silu);
     // SAFETY: argument types and order match `ddpm_gn_bwd`; lengths checked above.
-    unsafe { b.launch(per_block(n * groups)?) }.w()?;
+    launch!(dev, UNET, "ddpm_gn_bwd", per_block(n * groups)?;
+        &xv, &gv, &dv, &out, &ni, &ci, &gi, &si, &eps, &silu);
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -154,17 +104,9 @@ pub(crate) fn add_bias(
     // SAFETY: the grid-stride loop writes every element.
     let y = unsafe { dev.alloc::<f32>(total)? };
     let (ci, si, ps) = (int(c, "c")?, int(s.max(1), "s")?, i32::from(per_sample));
-    let func = dev.get_or_load_custom_func("ddpm_add_bias", MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&xv)
-        .arg(&bv)
-        .arg(&y)
-        .arg(&total)
-        .arg(&ci)
-        .arg(&si)
-        .arg(&ps);
     // SAFETY: argument types and order match `ddpm_add_bias`; lengths checked above.
-    unsafe { b.launch(elementwise(total)) }.w()?;
+    launch!(dev, UNET, "ddpm_add_bias", elementwise(total);
+        &xv, &bv, &y, &total, &ci, &si, &ps);
     Ok(CudaStorage::wrap_cuda_slice(y, dev))
 }
 
@@ -187,11 +129,8 @@ pub(crate) fn sum_planes(
         int(s, "s")?,
         i32::from(per_sample),
     );
-    let func = dev.get_or_load_custom_func("ddpm_sum_planes", MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&gv).arg(&out).arg(&pi).arg(&ci).arg(&si).arg(&ps);
     // SAFETY: argument types and order match `ddpm_sum_planes`; lengths checked above.
-    unsafe { b.launch(per_block(n * c)?) }.w()?;
+    launch!(dev, UNET, "ddpm_sum_planes", per_block(n * c)?; &gv, &out, &pi, &ci, &si, &ps);
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -218,15 +157,11 @@ pub(crate) fn resample2x(
     // SAFETY: the grid-stride loop writes every element.
     let y = unsafe { dev.alloc::<f32>(total)? };
     let (hi, wi) = (int(h, "h")?, int(w, "w")?);
-    let name = if up {
-        "ddpm_upsample2x"
+    // SAFETY: argument types and order match both kernels; lengths checked above.
+    if up {
+        launch!(dev, UNET, "ddpm_upsample2x", elementwise(total); &xv, &y, &total, &hi, &wi);
     } else {
-        "ddpm_sum_blocks2x"
-    };
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&xv).arg(&y).arg(&total).arg(&hi).arg(&wi);
-    // SAFETY: argument types and order match the kernel; lengths checked above.
-    unsafe { b.launch(elementwise(total)) }.w()?;
+        launch!(dev, UNET, "ddpm_sum_blocks2x", elementwise(total); &xv, &y, &total, &hi, &wi);
+    }
     Ok(CudaStorage::wrap_cuda_slice(y, dev))
 }

@@ -1,7 +1,7 @@
 // CUDA versions of ddpm_unet::ops' CPU kernels (GroupNorm with shift and SiLU, forward and
 // backward; per-channel bias add and its gradient; nearest-neighbour ×2 upsampling and its
-// gradient). f32 only. Compiled to PTX by build.rs when the `cuda` feature is on, loaded by
-// src/ops/cuda.rs. Each kernel mirrors the CPU loop of the same name in src/ops.
+// gradient). f32 only. Compiled to PTX by ddpm-kernels' build.rs when the `cuda` feature is on,
+// launched by ddpm-unet's src/ops/cuda.rs. Each kernel mirrors the CPU loop of the same op there.
 
 #include <stddef.h>
 
