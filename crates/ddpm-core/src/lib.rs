@@ -76,6 +76,39 @@ pub trait Denoiser {
     /// The label that means "no class" (classifier-free guidance), `None` for an
     /// unconditional model.
     fn null_class(&self) -> Option<u32>;
+    /// For classifier-free guidance: the conditional and unconditional predictions of one
+    /// batched forward pass, stacked as `[2B, C, H, W]` (the `B` conditional ones first), with
+    /// the guidance weight w, so a sampler can combine them inside its own update, in the same
+    /// pass (see `ddpm_sampler::Sampler::step_guided`).
+    ///
+    /// `None`, the default, means "call [`Denoiser::predict_noise`]": a plain network, or a
+    /// guidance wrapper with nothing to combine (w = 0, no labels).
+    fn predict_guidance_pair(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Result<Option<GuidancePair>> {
+        let _ = (x_t, t, labels);
+        Ok(None)
+    }
+}
+
+/// The two halves classifier-free guidance combines as ε̂ = (1 + w)·ε_cond − w·ε_uncond.
+#[derive(Debug, Clone)]
+pub struct GuidancePair {
+    /// `[2B, …]`: ε(x, t, c) for the `B` samples, then ε(x, t, ∅).
+    pub pair: Tensor,
+    /// The guidance weight w.
+    pub w: f64,
+}
+
+impl GuidancePair {
+    /// ε̂ = (1 + w)·ε_cond − w·ε_uncond, composed from candle ops.
+    pub fn combine(&self) -> Result<Tensor> {
+        let b = self.pair.dim(0)? / 2;
+        (self.pair.narrow(0, 0, b)? * (1.0 + self.w))? - (self.pair.narrow(0, b, b)? * self.w)?
+    }
 }
 
 impl<D: Denoiser + ?Sized> Denoiser for &D {
@@ -85,6 +118,14 @@ impl<D: Denoiser + ?Sized> Denoiser for &D {
     fn null_class(&self) -> Option<u32> {
         (**self).null_class()
     }
+    fn predict_guidance_pair(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Result<Option<GuidancePair>> {
+        (**self).predict_guidance_pair(x_t, t, labels)
+    }
 }
 
 impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
@@ -93,6 +134,14 @@ impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
     }
     fn null_class(&self) -> Option<u32> {
         (**self).null_class()
+    }
+    fn predict_guidance_pair(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Result<Option<GuidancePair>> {
+        (**self).predict_guidance_pair(x_t, t, labels)
     }
 }
 

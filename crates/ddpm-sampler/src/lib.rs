@@ -36,7 +36,8 @@
 //! ```
 
 use candle_core::{bail, DType, Result, Tensor};
-use ddpm_core::{Denoiser, NoiseSchedule, NoiseSource, PosteriorVariance};
+use ddpm_core::{Denoiser, GuidancePair, NoiseSchedule, NoiseSource, PosteriorVariance};
+use ddpm_kernels::{reverse_step, Eps, StepRule};
 use serde::{Deserialize, Serialize};
 
 /// The result of one reverse step.
@@ -62,6 +63,10 @@ impl Default for SamplerConfig {
 }
 
 /// A reverse-diffusion sampler: a descending list of timesteps and a step rule.
+///
+/// The built-in samplers run each step as one fused pass ([`ddpm_kernels::reverse_step`]: one
+/// kernel on a GPU), guidance's combination included when they get the two halves through
+/// [`Sampler::step_guided`].
 pub trait Sampler {
     /// The timesteps visited, descending, each in `0..T`.
     fn timesteps(&self) -> &[usize];
@@ -73,6 +78,20 @@ pub trait Sampler {
         x_t: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Step>;
+    /// Takes step `index` from classifier-free guidance's two halves (what
+    /// [`Denoiser::predict_guidance_pair`] returns). The default combines them with candle ops
+    /// and calls [`Sampler::step`]; the built-in samplers fold the combination into their
+    /// fused update.
+    fn step_guided(
+        &mut self,
+        index: usize,
+        guidance: &GuidancePair,
+        x_t: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Step> {
+        let eps = guidance.combine()?;
+        self.step(index, &eps, x_t, noise)
+    }
     /// Forgets any history kept between steps (multistep solvers); call before a new run.
     fn reset(&mut self) {}
 }
@@ -153,31 +172,47 @@ impl Tables {
     }
 }
 
-/// x̂_0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t, clipped if asked; returns (x̂_0, ε consistent with it).
-fn predict_x0(x_t: &Tensor, eps: &Tensor, ac: f64, clip: bool) -> Result<(Tensor, Tensor)> {
-    let x0 = ((x_t - (eps * (1.0 - ac).sqrt())?)? * (1.0 / ac.sqrt()))?;
-    if !clip {
-        return Ok((x0, eps.clone()));
-    }
-    let x0 = x0.clamp(-1f32, 1f32)?;
-    let eps = ((x_t - (&x0 * ac.sqrt())?)? * (1.0 / (1.0 - ac).sqrt()))?;
-    Ok((x0, eps))
-}
-
-fn check_step(index: usize, ts: &[usize], eps: &Tensor, x_t: &Tensor) -> Result<usize> {
-    if eps.shape() != x_t.shape() {
-        bail!(
-            "sampler: ε {:?} and x_t {:?} differ in shape",
-            eps.shape(),
-            x_t.shape()
-        );
-    }
+/// The timestep of step `index`, or an error.
+fn timestep(index: usize, ts: &[usize]) -> Result<usize> {
     ts.get(index).copied().ok_or_else(|| {
         candle_core::Error::Msg(format!(
             "sampler: step {index} out of range 0..{}",
             ts.len()
         ))
     })
+}
+
+/// The guidance halves as the fused step's input.
+fn guided(g: &GuidancePair) -> Eps<'_> {
+    Eps::Guided {
+        pair: &g.pair,
+        w: g.w,
+    }
+}
+
+/// Implements [`Sampler::step`] and [`Sampler::step_guided`] through one `fused_step` that
+/// takes either kind of ε.
+macro_rules! fused_steps {
+    () => {
+        fn step(
+            &mut self,
+            index: usize,
+            eps: &Tensor,
+            x_t: &Tensor,
+            noise: &mut dyn NoiseSource,
+        ) -> Result<Step> {
+            self.fused_step(index, Eps::Plain(eps), x_t, noise)
+        }
+        fn step_guided(
+            &mut self,
+            index: usize,
+            guidance: &GuidancePair,
+            x_t: &Tensor,
+            noise: &mut dyn NoiseSource,
+        ) -> Result<Step> {
+            self.fused_step(index, guided(guidance), x_t, noise)
+        }
+    };
 }
 
 fn randn_like(noise: &mut dyn NoiseSource, x: &Tensor) -> Result<Tensor> {
@@ -211,39 +246,51 @@ impl Ddpm {
     }
 }
 
-impl Sampler for Ddpm {
-    fn timesteps(&self) -> &[usize] {
-        &self.timesteps
-    }
-    fn step(
+impl Ddpm {
+    fn fused_step(
         &mut self,
         index: usize,
-        eps: &Tensor,
+        eps: Eps<'_>,
         x_t: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Step> {
-        let t = check_step(index, &self.timesteps, eps, x_t)?;
+        let t = timestep(index, &self.timesteps)?;
         let tb = &self.tables;
         let (ac, ac_prev) = (tb.ac(Some(t)), tb.ac(t.checked_sub(1)));
         let beta = tb.betas[t];
-        let (x0, _) = predict_x0(x_t, eps, ac, self.config.clip_x0)?;
+        // Posterior mean c1·x̂₀ + c2·x_t, plus σ·z except at t = 0.
         let c1 = beta * ac_prev.sqrt() / (1.0 - ac);
         let c2 = (1.0 - ac_prev) * (1.0 - beta).sqrt() / (1.0 - ac);
-        let mean = ((&x0 * c1)? + (x_t * c2)?)?;
-        let prev_sample = if t == 0 {
-            mean
+        let (z, sigma) = if t == 0 {
+            (None, 0.0)
         } else {
             let var = match self.variance {
                 PosteriorVariance::BetaTilde => beta * (1.0 - ac_prev) / (1.0 - ac),
                 PosteriorVariance::Beta => beta,
             };
-            (mean + (randn_like(noise, x_t)? * var.sqrt())?)?
+            (Some(randn_like(noise, x_t)?), var.sqrt())
         };
+        let rule = StepRule {
+            alpha_bar: ac,
+            clip_x0: self.config.clip_x0,
+            c_x0: c1,
+            c_eps: 0.0,
+            c_x: c2,
+            c_extra: sigma,
+        };
+        let (prev_sample, pred_x0) = reverse_step(x_t, eps, z.as_ref(), &rule)?;
         Ok(Step {
             prev_sample,
-            pred_x0: x0,
+            pred_x0,
         })
     }
+}
+
+impl Sampler for Ddpm {
+    fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+    fused_steps!();
 }
 
 /// DDIM (Song et al. 2021): `steps` timesteps, stochasticity η (0: deterministic,
@@ -279,32 +326,45 @@ impl Ddim {
     }
 }
 
+impl Ddim {
+    fn fused_step(
+        &mut self,
+        index: usize,
+        eps: Eps<'_>,
+        x_t: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Step> {
+        let t = timestep(index, &self.timesteps)?;
+        let prev = self.timesteps.get(index + 1).copied();
+        let (ac, ac_prev) = (self.tables.ac(Some(t)), self.tables.ac(prev));
+        let sigma2 = self.eta.powi(2) * (1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev);
+        let z = if sigma2 > 0.0 {
+            Some(randn_like(noise, x_t)?)
+        } else {
+            None
+        };
+        // √ᾱ_prev·x̂₀ + √(1 − ᾱ_prev − σ²)·ε̂ + σ·z, with ε̂ consistent with the clipped x̂₀.
+        let rule = StepRule {
+            alpha_bar: ac,
+            clip_x0: self.config.clip_x0,
+            c_x0: ac_prev.sqrt(),
+            c_eps: (1.0 - ac_prev - sigma2).max(0.0).sqrt(),
+            c_x: 0.0,
+            c_extra: if z.is_some() { sigma2.sqrt() } else { 0.0 },
+        };
+        let (prev_sample, pred_x0) = reverse_step(x_t, eps, z.as_ref(), &rule)?;
+        Ok(Step {
+            prev_sample,
+            pred_x0,
+        })
+    }
+}
+
 impl Sampler for Ddim {
     fn timesteps(&self) -> &[usize] {
         &self.timesteps
     }
-    fn step(
-        &mut self,
-        index: usize,
-        eps: &Tensor,
-        x_t: &Tensor,
-        noise: &mut dyn NoiseSource,
-    ) -> Result<Step> {
-        let t = check_step(index, &self.timesteps, eps, x_t)?;
-        let prev = self.timesteps.get(index + 1).copied();
-        let (ac, ac_prev) = (self.tables.ac(Some(t)), self.tables.ac(prev));
-        let (x0, eps) = predict_x0(x_t, eps, ac, self.config.clip_x0)?;
-        let sigma2 = self.eta.powi(2) * (1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev);
-        let dir = (1.0 - ac_prev - sigma2).max(0.0).sqrt();
-        let mut prev_sample = ((&x0 * ac_prev.sqrt())? + (&eps * dir)?)?;
-        if sigma2 > 0.0 {
-            prev_sample = (prev_sample + (randn_like(noise, x_t)? * sigma2.sqrt())?)?;
-        }
-        Ok(Step {
-            prev_sample,
-            pred_x0: x0,
-        })
-    }
+    fused_steps!();
 }
 
 /// DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order data-prediction solver,
@@ -340,6 +400,65 @@ fn lambda(ac: f64) -> f64 {
     0.5 * (ac / (1.0 - ac)).ln()
 }
 
+impl DpmSolverPp2M {
+    fn fused_step(
+        &mut self,
+        index: usize,
+        eps: Eps<'_>,
+        x_t: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<Step> {
+        let t = timestep(index, &self.timesteps)?;
+        if index == 0 {
+            self.last = None;
+        }
+        let ac_s = self.tables.ac(Some(t));
+        let lam_s = lambda(ac_s);
+        let mut rule = StepRule {
+            alpha_bar: ac_s,
+            clip_x0: self.config.clip_x0,
+            c_x0: 1.0,
+            c_eps: 0.0,
+            c_x: 0.0,
+            c_extra: 0.0,
+        };
+        let Some(prev) = self.timesteps.get(index + 1).copied() else {
+            // Final step to ᾱ = 1 (σ = 0): the solution is the data prediction itself.
+            self.last = None;
+            let (prev_sample, pred_x0) = reverse_step(x_t, eps, None, &rule)?;
+            return Ok(Step {
+                prev_sample,
+                pred_x0,
+            });
+        };
+        let ac_t = self.tables.ac(Some(prev));
+        let (alpha_t, sigma_t, sigma_s) = (ac_t.sqrt(), (1.0 - ac_t).sqrt(), (1.0 - ac_s).sqrt());
+        let h = lambda(ac_t) - lam_s;
+        let phi = (-h).exp() - 1.0; // e^{−h} − 1
+                                    // x_prev = (σ_t/σ_s)·x − α_t·φ·D, with D = x̂₀ (first order) or
+                                    // D = (1 + 1/(2r))·x̂₀ − 1/(2r)·x̂₀_prev (second order).
+        rule.c_x = sigma_t / sigma_s;
+        let extra = match &self.last {
+            Some((x0_prev, lam_prev)) => {
+                let k = 0.5 / ((lam_s - lam_prev) / h);
+                rule.c_x0 = -alpha_t * phi * (1.0 + k);
+                rule.c_extra = alpha_t * phi * k;
+                Some(x0_prev)
+            }
+            None => {
+                rule.c_x0 = -alpha_t * phi;
+                None
+            }
+        };
+        let (prev_sample, pred_x0) = reverse_step(x_t, eps, extra, &rule)?;
+        self.last = Some((pred_x0.clone(), lam_s));
+        Ok(Step {
+            prev_sample,
+            pred_x0,
+        })
+    }
+}
+
 impl Sampler for DpmSolverPp2M {
     fn timesteps(&self) -> &[usize] {
         &self.timesteps
@@ -347,47 +466,7 @@ impl Sampler for DpmSolverPp2M {
     fn reset(&mut self) {
         self.last = None;
     }
-    fn step(
-        &mut self,
-        index: usize,
-        eps: &Tensor,
-        x_t: &Tensor,
-        _noise: &mut dyn NoiseSource,
-    ) -> Result<Step> {
-        let t = check_step(index, &self.timesteps, eps, x_t)?;
-        if index == 0 {
-            self.last = None;
-        }
-        let ac_s = self.tables.ac(Some(t));
-        let (x0, _) = predict_x0(x_t, eps, ac_s, self.config.clip_x0)?;
-        let lam_s = lambda(ac_s);
-        let Some(prev) = self.timesteps.get(index + 1).copied() else {
-            // Final step to ᾱ = 1 (σ = 0): the solution is the data prediction itself.
-            self.last = None;
-            return Ok(Step {
-                prev_sample: x0.clone(),
-                pred_x0: x0,
-            });
-        };
-        let ac_t = self.tables.ac(Some(prev));
-        let (alpha_t, sigma_t, sigma_s) = (ac_t.sqrt(), (1.0 - ac_t).sqrt(), (1.0 - ac_s).sqrt());
-        let h = lambda(ac_t) - lam_s;
-        let phi = (-h).exp() - 1.0; // e^{−h} − 1
-        let d = match &self.last {
-            Some((x0_prev, lam_prev)) => {
-                let r = (lam_s - lam_prev) / h;
-                let d1 = ((&x0 - x0_prev)? * (1.0 / r))?;
-                (&x0 + (d1 * 0.5)?)?
-            }
-            None => x0.clone(),
-        };
-        let prev_sample = ((x_t * (sigma_t / sigma_s))? - (d * (alpha_t * phi))?)?;
-        self.last = Some((x0.clone(), lam_s));
-        Ok(Step {
-            prev_sample,
-            pred_x0: x0,
-        })
-    }
+    fused_steps!();
 }
 
 /// Classifier-free guidance as a [`Denoiser`] wrapper:
@@ -425,23 +504,35 @@ impl<D: Denoiser> ClassifierFreeGuidance<D> {
 
 impl<D: Denoiser> Denoiser for ClassifierFreeGuidance<D> {
     fn predict_noise(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        match self.predict_guidance_pair(x, t, labels)? {
+            Some(g) => g.combine(),
+            None => self.inner.predict_noise(x, t, labels),
+        }
+    }
+    fn null_class(&self) -> Option<u32> {
+        self.inner.null_class()
+    }
+    /// The `[2B]` batch of conditional then unconditional predictions, from one forward pass;
+    /// `None` when there is nothing to combine (w = 0, no labels, or an unconditional model).
+    fn predict_guidance_pair(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Result<Option<GuidancePair>> {
         let (Some(labels), Some(null)) = (labels, self.inner.null_class()) else {
-            return self.inner.predict_noise(x, t, labels);
+            return Ok(None);
         };
         if self.w == 0.0 {
-            return self.inner.predict_noise(x, t, Some(labels));
+            return Ok(None);
         }
         let b = x.dim(0)?;
         let nulls = Tensor::full(null, b, labels.device())?;
         let xx = Tensor::cat(&[x, x], 0)?;
         let tt = Tensor::cat(&[t, t], 0)?;
         let yy = Tensor::cat(&[&labels.to_dtype(DType::U32)?, &nulls], 0)?;
-        let eps = self.inner.predict_noise(&xx, &tt, Some(&yy))?;
-        let (cond, uncond) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
-        (cond * (1.0 + self.w))? - (uncond * self.w)?
-    }
-    fn null_class(&self) -> Option<u32> {
-        self.inner.null_class()
+        let pair = self.inner.predict_noise(&xx, &tt, Some(&yy))?;
+        Ok(Some(GuidancePair { pair, w: self.w }))
     }
 }
 
@@ -462,6 +553,9 @@ pub struct StepInfo<'a> {
 
 /// The sampling loop: from `x_t` (pure noise at the sampler's first timestep) down to x_0.
 ///
+/// A guided denoiser ([`ClassifierFreeGuidance`]) hands over its two halves
+/// ([`Denoiser::predict_guidance_pair`]) and the sampler combines them inside its step.
+///
 /// `labels` are `[B]` u32 or `None` (unconditional). `on_step` runs after every step
 /// (progress bars, GIF frames, tracing); an error from it stops sampling.
 pub fn sample(
@@ -478,8 +572,13 @@ pub fn sample(
     let mut x = x_t;
     for (index, &t) in ts.iter().enumerate() {
         let tt = Tensor::full(t as u32, b, x.device())?;
-        let eps = denoiser.predict_noise(&x, &tt, labels)?;
-        let step = sampler.step(index, &eps, &x, noise)?;
+        let step = match denoiser.predict_guidance_pair(&x, &tt, labels)? {
+            Some(g) => sampler.step_guided(index, &g, &x, noise)?,
+            None => {
+                let eps = denoiser.predict_noise(&x, &tt, labels)?;
+                sampler.step(index, &eps, &x, noise)?
+            }
+        };
         x = step.prev_sample;
         on_step(StepInfo {
             index,

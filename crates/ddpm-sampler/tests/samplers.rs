@@ -383,3 +383,199 @@ fn callback_sees_every_step_and_can_stop() {
     });
     assert!(r.is_err());
 }
+
+fn host(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect()
+}
+
+fn close(got: &Tensor, want: &[f64], what: &str) {
+    let got = host(got);
+    assert_eq!(got.len(), want.len());
+    let d = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(d < 2e-5, "{what}: max error {d}");
+}
+
+/// x̂₀ and the ε consistent with it, clipped if asked, in f64 (the textbook formula).
+fn x0_eps(x: &[f64], e: &[f64], ac: f64, clip: bool) -> (Vec<f64>, Vec<f64>) {
+    let x0: Vec<f64> = x
+        .iter()
+        .zip(e)
+        .map(|(x, e)| (x - (1.0 - ac).sqrt() * e) / ac.sqrt())
+        .map(|v| if clip { v.clamp(-1.0, 1.0) } else { v })
+        .collect();
+    let e = x
+        .iter()
+        .zip(&x0)
+        .map(|(x, x0)| (x - ac.sqrt() * x0) / (1.0 - ac).sqrt())
+        .collect();
+    (x0, e)
+}
+
+/// Each built-in sampler's fused step against its paper's formula, computed in f64 on the
+/// host, with the guidance combination done by hand, so the coefficients handed to the fused
+/// op are checked, not only the op.
+#[test]
+fn fused_steps_match_the_textbook_formulas() {
+    let s = schedule(100);
+    let (ac, betas) = (s.alphas_cumprod().to_vec(), s.betas().to_vec());
+    let mut rng = SeededNoise::new(11);
+    let dev = Device::Cpu;
+    let x = (rng
+        .randn(&Shape::from((2, 1, 3, 3)), DType::F32, &dev)
+        .unwrap()
+        * 1.7)
+        .unwrap();
+    let pair = rng
+        .randn(&Shape::from((4, 1, 3, 3)), DType::F32, &dev)
+        .unwrap();
+    let w = 2.5;
+    let g = ddpm_core::GuidancePair {
+        pair: pair.clone(),
+        w,
+    };
+    let (xh, ph) = (host(&x), host(&pair));
+    let eps: Vec<f64> = (0..18)
+        .map(|i| (1.0 + w) * ph[i] - w * ph[18 + i])
+        .collect();
+    let z_of = |seed: u64| {
+        host(
+            &SeededNoise::new(seed)
+                .randn(x.shape(), DType::F32, &dev)
+                .unwrap(),
+        )
+    };
+
+    // DDPM at t = 57, β̃ variance.
+    let mut ddpm = Ddpm::new(&s, PosteriorVariance::BetaTilde, SamplerConfig::default());
+    let idx = ddpm.timesteps().iter().position(|&t| t == 57).unwrap();
+    let step = ddpm
+        .step_guided(idx, &g, &x, &mut SeededNoise::new(3))
+        .unwrap();
+    let (a, ap, b) = (ac[57], ac[56], betas[57]);
+    let (x0, _) = x0_eps(&xh, &eps, a, true);
+    let var = b * (1.0 - ap) / (1.0 - a);
+    let z = z_of(3);
+    let want: Vec<f64> = (0..18)
+        .map(|i| {
+            b * ap.sqrt() / (1.0 - a) * x0[i]
+                + (1.0 - ap) * (1.0 - b).sqrt() / (1.0 - a) * xh[i]
+                + var.sqrt() * z[i]
+        })
+        .collect();
+    close(&step.prev_sample, &want, "ddpm");
+    close(&step.pred_x0, &x0, "ddpm x0");
+
+    // DDIM, 10 steps, η = 0.7, step 3.
+    let mut ddim = Ddim::new(&s, 10, 0.7, Spacing::Leading, SamplerConfig::default()).unwrap();
+    let (t, tp) = (ddim.timesteps()[3], ddim.timesteps()[4]);
+    let step = ddim
+        .step_guided(3, &g, &x, &mut SeededNoise::new(4))
+        .unwrap();
+    let (a, ap) = (ac[t], ac[tp]);
+    let (x0, e) = x0_eps(&xh, &eps, a, true);
+    let s2 = 0.49 * (1.0 - ap) / (1.0 - a) * (1.0 - a / ap);
+    let z = z_of(4);
+    let want: Vec<f64> = (0..18)
+        .map(|i| ap.sqrt() * x0[i] + (1.0 - ap - s2).sqrt() * e[i] + s2.sqrt() * z[i])
+        .collect();
+    close(&step.prev_sample, &want, "ddim");
+
+    // DPM-Solver++(2M): two steps (the second is second order), guided, unclipped (at high
+    // noise levels clipping would make both x̂₀ ±1 and hide the second-order term).
+    let unclipped = SamplerConfig { clip_x0: false };
+    let mut dpm = DpmSolverPp2M::new(&s, 5, Spacing::Leading, unclipped).unwrap();
+    let ts = dpm.timesteps().to_vec();
+    let mut n = SeededNoise::new(0);
+    let first = dpm.step_guided(0, &g, &x, &mut n).unwrap();
+    // A different prediction at the second step (with a constant ε, x̂₀ would not change).
+    let pair2 = rng
+        .randn(&Shape::from((4, 1, 3, 3)), DType::F32, &dev)
+        .unwrap();
+    let g2 = ddpm_core::GuidancePair {
+        pair: pair2.clone(),
+        w,
+    };
+    let p2 = host(&pair2);
+    let eps2: Vec<f64> = (0..18)
+        .map(|i| (1.0 + w) * p2[i] - w * p2[18 + i])
+        .collect();
+    let second = dpm.step_guided(1, &g2, &first.prev_sample, &mut n).unwrap();
+    let lam = |a: f64| 0.5 * (a / (1.0 - a)).ln();
+    let (x0a, _) = x0_eps(&xh, &eps, ac[ts[0]], false);
+    let x1 = host(&first.prev_sample);
+    let (x0b, _) = x0_eps(&x1, &eps2, ac[ts[1]], false);
+    let (a_s, a_t) = (ac[ts[1]], ac[ts[2]]);
+    let h = lam(a_t) - lam(a_s);
+    let r = (lam(a_s) - lam(ac[ts[0]])) / h;
+    let want: Vec<f64> = (0..18)
+        .map(|i| {
+            let d = x0b[i] + 0.5 / r * (x0b[i] - x0a[i]);
+            ((1.0 - a_t) / (1.0 - a_s)).sqrt() * x1[i] - a_t.sqrt() * ((-h).exp() - 1.0) * d
+        })
+        .collect();
+    close(&second.prev_sample, &want, "dpm++ second order");
+    assert!(
+        x0a.iter().zip(&x0b).any(|(a, b)| (a - b).abs() > 0.1),
+        "the second-order term must matter in this test"
+    );
+}
+
+/// A guided denoiser that hides its halves: `sample` must then combine before the step.
+struct Opaque<D>(D);
+
+impl<D: Denoiser> Denoiser for Opaque<D> {
+    fn predict_noise(&self, x: &Tensor, t: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        self.0.predict_noise(x, t, y)
+    }
+    fn null_class(&self) -> Option<u32> {
+        self.0.null_class()
+    }
+}
+
+#[test]
+fn guidance_fused_into_the_step_samples_as_combining_first() {
+    let mock = || Mock {
+        calls: RefCell::default(),
+    };
+    let s = schedule(50);
+    let labels = Tensor::new(&[1u32, 4], &Device::Cpu).unwrap();
+    let go = |d: &dyn Denoiser, sampler: &mut dyn Sampler| {
+        let mut noise = SeededNoise::new(8);
+        let x = noise
+            .randn(&Shape::from((2, 1, 4, 4)), DType::F32, &Device::Cpu)
+            .unwrap();
+        sample(d, sampler, x, Some(&labels), &mut noise, &mut |_| Ok(())).unwrap()
+    };
+    let samplers = || -> Vec<Box<dyn Sampler>> {
+        vec![
+            Box::new(Ddpm::new(
+                &s,
+                PosteriorVariance::Beta,
+                SamplerConfig::default(),
+            )),
+            Box::new(Ddim::new(&s, 10, 0.5, Spacing::Trailing, SamplerConfig::default()).unwrap()),
+            Box::new(
+                DpmSolverPp2M::new(&s, 8, Spacing::Leading, SamplerConfig::default()).unwrap(),
+            ),
+        ]
+    };
+    for (mut a, mut b) in samplers().into_iter().zip(samplers()) {
+        let fused = ClassifierFreeGuidance::new(mock(), 0.3).unwrap();
+        let combined = Opaque(ClassifierFreeGuidance::new(mock(), 0.3).unwrap());
+        let (x1, x2) = (go(&fused, a.as_mut()), go(&combined, b.as_mut()));
+        let d = max_abs_diff(&x1, &x2);
+        assert!(d < 1e-4, "{d}");
+        // Still one batched forward of 2B per step.
+        assert!(fused.inner().calls.borrow().iter().all(|&n| n == 4));
+    }
+}

@@ -247,7 +247,7 @@ pub struct Schedule {
     posterior_log_variance_clipped: Vec<f64>,
     posterior_mean_coef1: Vec<f64>,
     posterior_mean_coef2: Vec<f64>,
-    device_tables: Mutex<Vec<(Device, Tensor, Tensor)>>,
+    device_tables: Mutex<Vec<(Device, Tensor)>>,
 }
 
 impl std::fmt::Debug for Schedule {
@@ -384,31 +384,25 @@ impl Schedule {
         }
     }
 
-    fn tables_on(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    /// The `[T, 2]` table of (√ᾱ_t, √(1−ᾱ_t)) in f32 on `device`, built once per device.
+    fn table_on(&self, device: &Device) -> candle_core::Result<Tensor> {
         let mut cache = self
             .device_tables
             .lock()
             .map_err(|_| candle_core::Error::Msg("schedule device-table cache poisoned".into()))?;
-        if let Some((_, a, b)) = cache.iter().find(|(d, _, _)| d.same_device(device)) {
-            return Ok((a.clone(), b.clone()));
+        if let Some((_, table)) = cache.iter().find(|(d, _)| d.same_device(device)) {
+            return Ok(table.clone());
         }
-        let to = |v: &[f64]| {
-            let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-            Tensor::from_vec(v, self.betas.len(), device)
-        };
-        let a = to(&self.sqrt_alphas_cumprod)?;
-        let b = to(&self.sqrt_one_minus_alphas_cumprod)?;
-        cache.push((device.clone(), a.clone(), b.clone()));
-        Ok((a, b))
+        let v: Vec<f32> = self
+            .sqrt_alphas_cumprod
+            .iter()
+            .zip(&self.sqrt_one_minus_alphas_cumprod)
+            .flat_map(|(&a, &b)| [a as f32, b as f32])
+            .collect();
+        let table = Tensor::from_vec(v, (self.betas.len(), 2), device)?;
+        cache.push((device.clone(), table.clone()));
+        Ok(table)
     }
-}
-
-/// Gathers a per-sample coefficient `[B]` from a `[T]` table, shaped to broadcast over `like`.
-fn gather(table: &Tensor, t: &Tensor, like: &Tensor) -> candle_core::Result<Tensor> {
-    let b = t.dim(0)?;
-    let mut shape = vec![b];
-    shape.extend(std::iter::repeat_n(1, like.rank().saturating_sub(1)));
-    table.index_select(t, 0)?.reshape(shape)
 }
 
 impl NoiseSchedule for Schedule {
@@ -444,9 +438,11 @@ impl NoiseSchedule for Schedule {
                 self.betas.len()
             );
         }
-        let (sa, sb) = self.tables_on(x0.device())?;
-        let ca = gather(&sa, &t, x0)?.to_dtype(x0.dtype())?;
-        let cb = gather(&sb, &t, x0)?.to_dtype(x0.dtype())?;
-        x0.broadcast_mul(&ca)? + noise.broadcast_mul(&cb)?
+        // One gather of both coefficients per sample, then one fused pass (ddpm-kernels).
+        let coef = self
+            .table_on(x0.device())?
+            .index_select(&t, 0)?
+            .to_dtype(x0.dtype())?;
+        ddpm_kernels::add_noise(x0, noise, &coef)
     }
 }

@@ -315,7 +315,7 @@ impl Trainer {
             ms.push(get(&m, "optimizer moment")?);
             vs.push(get(&v, "optimizer moment")?);
         }
-        t.ema.set_weights(ema_w);
+        t.ema.set_weights(ema_w)?;
         t.opt.set_state(ms, vs, state.step)?;
         t.rng = SeededNoise::from_state(state.rng);
         t.epoch = state.epoch;
@@ -372,8 +372,9 @@ impl Trainer {
             .vars()
             .iter()
             .zip(self.ema.weights())
-            .map(|((n, _), w)| (n.clone(), w.clone()))
-            .collect();
+            // A snapshot: the average is updated in place by later steps.
+            .map(|((n, _), w)| Ok((n.clone(), w.copy()?)))
+            .collect::<candle_core::Result<_>>()?;
         Ok(UNet::new(
             &self.card.model,
             VarBuilder::from_tensors(map, DType::F32, &self.device),
@@ -493,7 +494,7 @@ impl Trainer {
     /// Writes a training checkpoint (weights, EMA, optimizer moments, step, RNG, options).
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         let mut tensors = Vec::new();
-        let (m, v) = self.opt.moments();
+        let (m, v) = self.opt.moments()?;
         for (i, (name, var)) in self.opt.vars().iter().enumerate() {
             tensors.push((format!("model.{name}"), var.as_tensor().clone()));
             tensors.push((format!("ema.{name}"), self.ema.weights()[i].clone()));
