@@ -14,7 +14,7 @@ target folder, so CPU builds stay valid. When `nvcc` is not on PATH, first sourc
 xtask/cuda-env.sh, which installs the pinned PyPI CUDA 13.0 wheels (and cuDNN with --cudnn)
 into --venv (default ~/.cache/ddpm-cuda-venv) with a stub libcuda for linking; the first
 build takes about 20 minutes on 2 cores (candle's kernels), later ones a few.
---tests   also builds ddpm-unet's CUDA tests (tests/cuda.rs) and packs them;
+--tests   also builds the CUDA tests of ddpm-unet and ddpm-kernels (tests/cuda.rs) and packs them;
 --pack DIR  writes stripped, gzipped copies there (ddpm.gz, cuda-*.gz) plus run.sh, which
           sets the loader path to the PyTorch CUDA wheels and unpacks them on the GPU machine.
 A machine with a normal CUDA install needs none of this: cargo build --release --features cuda.";
@@ -164,8 +164,10 @@ pub fn build_cuda(args: &[String]) -> Result<()> {
                 "--release",
                 "-p",
                 "ddpm-unet",
+                "-p",
+                "ddpm-kernels",
                 "--features",
-                "cuda",
+                "ddpm-unet/cuda,ddpm-kernels/cuda",
                 "--target-dir",
                 "target/cuda",
                 "--no-run",
@@ -177,7 +179,7 @@ pub fn build_cuda(args: &[String]) -> Result<()> {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
-            // Only tests/cuda.rs: the other tests are CPU tests that CI runs anyway.
+            // Only the two tests/cuda.rs: the other tests are CPU tests that CI runs anyway.
             if v["profile"]["test"].as_bool() == Some(true) && v["target"]["name"] == "cuda" {
                 if let Some(exe) = v["executable"].as_str() {
                     outputs.push(PathBuf::from(exe));

@@ -28,6 +28,10 @@ pub enum BenchMode {
     Sample,
     /// A 1024×1024×1024 f32 matrix product: the machine's practical ceiling.
     Gemm,
+    /// The element-wise work around the network, fused (ddpm-kernels) against the candle
+    /// composition it replaced: AdamW + EMA over the preset's parameters, one guided DDIM step
+    /// and add_noise at --batch (default 1000). Milliseconds per call.
+    Kernels,
     /// Print the preset's U-Net configuration as JSON (for the PyTorch reference).
     Config,
 }
@@ -121,9 +125,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let batch = a.batch.unwrap_or(match a.mode {
         BenchMode::Train => 128,
-        BenchMode::Sample => 1000,
+        BenchMode::Sample | BenchMode::Kernels => 1000,
         _ => 256,
     });
+    if a.mode == BenchMode::Kernels {
+        return kernels_bench(&a, &dev, &cfg, batch);
+    }
     let card = ModelCard {
         model: cfg.clone(),
         schedule: ScheduleConfig::default(),
@@ -221,6 +228,104 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "peak_rss_mib": peak_rss_mib(),
             "device": format!("{:?}", a.device).to_lowercase(),
             "steps": (a.mode == BenchMode::Sample).then_some(a.steps),
+        })
+    );
+    Ok(())
+}
+
+/// `--mode kernels`: fused against composed, per call, after warm-up.
+fn kernels_bench(a: &BenchArgs, dev: &Device, cfg: &UNetConfig, batch: usize) -> Result<()> {
+    use ddpm_kernels as k;
+    let mut rng = SeededNoise::new(0);
+    let mut randn = |dims: &[usize]| -> Result<Tensor> {
+        let n = dims.iter().product();
+        Ok(Tensor::from_vec(rng.randn_vec(n), dims, dev)?)
+    };
+    // The preset's parameter shapes, from a freshly built U-Net.
+    let varmap = candle_nn::VarMap::new();
+    ddpm_unet::UNet::new(
+        cfg,
+        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev),
+    )?;
+    let vars = varmap.all_vars();
+    let mut state = Vec::with_capacity(vars.len());
+    for v in &vars {
+        let mut mv_dims = vec![2];
+        mv_dims.extend_from_slice(v.dims());
+        let g = randn(v.dims())?;
+        let mv = randn(&mv_dims)?.abs()?;
+        let avg = v.as_tensor().copy()?;
+        state.push((v.as_tensor().copy()?, g, mv, avg));
+    }
+    let apply = k::AdamWApply {
+        lr: 1e-4,
+        bias_correction1: 0.5,
+        bias_correction2: 0.01,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let per_call = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let secs = time_iters(a.warmup.max(1), a.iters, || {
+            f()?;
+            sync(dev)
+        })?;
+        Ok(secs * 1e3 / a.iters as f64)
+    };
+    let state = &state;
+    let optimizer = |fused: bool| {
+        move || -> Result<()> {
+            for (w, g, mv, avg) in state {
+                if fused {
+                    k::adam_moments(mv, g, 0.9, 0.999, 1.0)?;
+                    k::adamw_apply(w, mv, &apply)?;
+                    k::ema_update(avg, w, 0.999)?;
+                } else {
+                    k::adam_moments_composed(mv, g, 0.9, 0.999, 1.0)?;
+                    k::adamw_apply_composed(w, mv, &apply)?;
+                    k::ema_update_composed(avg, w, 0.999)?;
+                }
+            }
+            Ok(())
+        }
+    };
+    let opt_fused = per_call(&mut optimizer(true))?;
+    let opt_composed = per_call(&mut optimizer(false))?;
+
+    let s = a.image_size;
+    let c = cfg.in_channels;
+    let x = randn(&[batch, c, s, s])?;
+    let pair = randn(&[2 * batch, c, s, s])?;
+    let rule = k::StepRule {
+        alpha_bar: 0.3,
+        clip_x0: true,
+        c_x0: 0.6,
+        c_eps: 0.7,
+        c_x: 0.0,
+        c_extra: 0.0,
+    };
+    let eps = k::Eps::Guided {
+        pair: &pair,
+        w: 3.0,
+    };
+    let step_fused = per_call(&mut || Ok(k::reverse_step(&x, eps, None, &rule).map(drop)?))?;
+    let step_composed =
+        per_call(&mut || Ok(k::reverse_step_composed(&x, eps, None, &rule).map(drop)?))?;
+    let noise = randn(&[batch, c, s, s])?;
+    let coef = randn(&[batch, 2])?;
+    let noise_fused = per_call(&mut || Ok(k::add_noise(&x, &noise, &coef).map(drop)?))?;
+    let noise_composed = per_call(&mut || Ok(k::add_noise_composed(&x, &noise, &coef).map(drop)?))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "kernels",
+            "model": a.model,
+            "param_tensors": vars.len(),
+            "batch": batch,
+            "device": format!("{:?}", a.device).to_lowercase(),
+            "threads": candle_core::utils::get_num_threads(),
+            "adamw_ema_ms": {"fused": opt_fused, "composed": opt_composed},
+            "guided_step_ms": {"fused": step_fused, "composed": step_composed},
+            "add_noise_ms": {"fused": noise_fused, "composed": noise_composed},
         })
     );
     Ok(())

@@ -251,6 +251,64 @@ pub fn null_labels(null_class: u32, batch: usize, device: &Device) -> Result<Ten
     Tensor::full(null_class, batch, device)
 }
 
+pub mod testing {
+    //! Helpers for the tests of the `ddpm-*` crates (and of code built on them): seeded random
+    //! tensors, tensor comparisons on any device, and "a GPU, or say why the test is skipped".
+    //!
+    //! Like `assert!`, these panic when something is wrong: they are for tests only.
+
+    use candle_core::{Device, Tensor};
+
+    use crate::SeededNoise;
+
+    /// A CPU f32 tensor of standard normal values from `rng`.
+    pub fn randn(rng: &mut SeededNoise, dims: &[usize]) -> Tensor {
+        let n: usize = dims.iter().product();
+        Tensor::from_vec(rng.randn_vec(n), dims, &Device::Cpu).expect("randn: shape")
+    }
+
+    fn abs_max(t: &Tensor) -> f32 {
+        t.abs()
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| t.max(0))
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("abs_max")
+    }
+
+    /// max |a − b| over all elements (on the CPU, in f32); panics if the shapes differ.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims(), "max_abs_diff: shapes differ");
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).expect("to the CPU");
+        abs_max(&(cpu(a) - cpu(b)).expect("a − b"))
+    }
+
+    /// max |a − b| / max(max |b|, 10⁻³): the error relative to the reference `b`'s scale.
+    pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = abs_max(&b.to_device(&Device::Cpu).expect("to the CPU")).max(1e-3);
+        max_abs_diff(a, b) / scale
+    }
+
+    /// The first CUDA device, or `None` after printing why `test` is skipped: the test was
+    /// built without the `cuda` feature (`built_with_cuda` is the test crate's
+    /// `cfg!(feature = "cuda")`), or there is no GPU.
+    pub fn cuda_or_skip(test: &str, built_with_cuda: bool) -> Option<Device> {
+        if !built_with_cuda {
+            eprintln!(
+                "{test}: skipped: built without the `cuda` feature (cargo test --features cuda)"
+            );
+            return None;
+        }
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("{test}: skipped: no CUDA device ({e})");
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

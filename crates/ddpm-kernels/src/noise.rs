@@ -87,13 +87,25 @@ impl CustomOp3 for AddNoise {
             bail!("add_noise: buffers do not match {n} elements");
         }
         let mut out = vec![0f32; n];
-        cpu::for_chunks(&mut out, |start, chunk| {
-            for (k, o) in chunk.iter_mut().enumerate() {
-                let i = start + k;
-                let b = i / ps;
-                *o = coef[2 * b] * x0[i] + coef[2 * b + 1] * noise[i];
+        // Per sample, so the inner loop is a plain vectorisable axpby (no division per element).
+        let sample = |b: usize, o: &mut [f32]| {
+            let (a, s) = (coef[2 * b], coef[2 * b + 1]);
+            let r = b * ps..b * ps + o.len();
+            for ((o, x), e) in o.iter_mut().zip(&x0[r.clone()]).zip(&noise[r]) {
+                *o = a * x + s * e;
             }
-        });
+        };
+        if n <= cpu::CHUNK {
+            out.chunks_mut(ps)
+                .enumerate()
+                .for_each(|(b, o)| sample(b, o));
+        } else {
+            use rayon::prelude::*;
+            out.par_chunks_mut(ps)
+                .enumerate()
+                .with_min_len(cpu::CHUNK.div_ceil(ps))
+                .for_each(|(b, o)| sample(b, o));
+        }
         Ok((CpuStorage::F32(out), self.shape.clone()))
     }
 

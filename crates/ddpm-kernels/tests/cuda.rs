@@ -3,43 +3,13 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{Device, Tensor};
+use ddpm_core::testing::{max_abs_diff, randn};
 use ddpm_core::SeededNoise;
 use ddpm_kernels::*;
 
 /// The first GPU, or `None` after printing why the test is skipped.
 fn gpu(test: &str) -> Option<Device> {
-    if !cfg!(feature = "cuda") {
-        eprintln!("{test}: skipped: built without the `cuda` feature (cargo test --features cuda)");
-        return None;
-    }
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("{test}: skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
-fn randn(rng: &mut SeededNoise, dims: &[usize]) -> Tensor {
-    let n: usize = dims.iter().product();
-    Tensor::from_vec(rng.randn_vec(n), dims, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_device(&Device::Cpu).unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap();
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    ddpm_core::testing::cuda_or_skip(test, cfg!(feature = "cuda"))
 }
 
 #[test]

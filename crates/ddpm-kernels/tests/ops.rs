@@ -3,27 +3,9 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor};
+use ddpm_core::testing::{max_abs_diff, randn};
 use ddpm_core::SeededNoise;
 use ddpm_kernels::*;
-
-fn randn(rng: &mut SeededNoise, dims: &[usize]) -> Tensor {
-    let n: usize = dims.iter().product();
-    Tensor::from_vec(rng.randn_vec(n), dims, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 /// Rules as the three samplers use them (values from a linear schedule, mid-chain).
 fn rules() -> Vec<(&'static str, StepRule, bool)> {

@@ -6,43 +6,14 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use ddpm_core::testing::{max_rel_diff, randn};
 use ddpm_core::SeededNoise;
 use ddpm_unet::ops::{add_channel_bias, conv2d, group_norm, upsample_nearest2x, Kernels};
 use ddpm_unet::{UNet, UNetConfig};
 
 /// The first GPU, or `None` after printing why the test is skipped.
 fn gpu(test: &str) -> Option<Device> {
-    if !cfg!(feature = "cuda") {
-        eprintln!("{test}: skipped: built without the `cuda` feature (cargo test --features cuda)");
-        return None;
-    }
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("{test}: skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
-fn randn(rng: &mut SeededNoise, dims: &[usize]) -> Tensor {
-    let n: usize = dims.iter().product();
-    Tensor::from_vec(rng.randn_vec(n), dims, &Device::Cpu).unwrap()
-}
-
-fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_device(&Device::Cpu).unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / scale.max(1e-3)
+    ddpm_core::testing::cuda_or_skip(test, cfg!(feature = "cuda"))
 }
 
 /// Runs `f` on the CPU (stock kernels: the reference) and on the GPU (`kernels`) with the loss

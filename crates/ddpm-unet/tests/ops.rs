@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use ddpm_core::testing::max_rel_diff;
 use ddpm_core::SeededNoise;
 use ddpm_unet::ops::{add_channel_bias, conv2d, group_norm, upsample_nearest2x, Kernels};
 use ddpm_unet::{UNet, UNetConfig};
@@ -12,20 +13,6 @@ use ddpm_unet::{UNet, UNetConfig};
 fn var(rng: &mut SeededNoise, dims: &[usize]) -> Var {
     let n: usize = dims.iter().product();
     Var::from_tensor(&Tensor::from_vec(rng.randn_vec(n), dims, &Device::Cpu).unwrap()).unwrap()
-}
-
-fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1e-3);
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / scale
 }
 
 /// Runs `f` under both kernel sets with the loss Σ y·r (r fixed random) and compares the outputs

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
+use ddpm_core::testing::randn;
 use ddpm_core::{Denoiser, NoiseSchedule, SeededNoise};
 use ddpm_unet::{ConfigError, UNet, UNetConfig};
 
@@ -11,11 +12,6 @@ fn build(cfg: &UNetConfig) -> (VarMap, UNet) {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let unet = UNet::new(cfg, vb).unwrap();
     (varmap, unet)
-}
-
-fn randn(noise: &mut SeededNoise, dims: &[usize]) -> Tensor {
-    let n: usize = dims.iter().product();
-    Tensor::from_vec(noise.randn_vec(n), dims, &Device::Cpu).unwrap()
 }
 
 #[test]

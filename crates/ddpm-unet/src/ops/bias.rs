@@ -63,9 +63,11 @@ impl CustomOp2 for AddBias {
         Ok((y, l1.shape().clone()))
     }
 
+    /// dx = dy (the add is the identity in x); db = dy summed over each plane (and over the
+    /// samples for a per-channel bias).
     fn bwd(
         &self,
-        x: &Tensor,
+        _x: &Tensor,
         b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
@@ -74,7 +76,6 @@ impl CustomOp2 for AddBias {
         let db = grad
             .contiguous()?
             .apply_op1_no_bwd(&SumPlanes { per_sample })?;
-        let _ = x;
         Ok((Some(grad.clone()), Some(db)))
     }
 }
