@@ -15,7 +15,8 @@ xtask/cuda-env.sh, which installs the pinned PyPI CUDA 13.0 wheels (and cuDNN wi
 into --venv (default ~/.cache/ddpm-cuda-venv) with a stub libcuda for linking; the first
 build takes about 20 minutes on 2 cores (candle's kernels), later ones a few.
 --tests   also builds the CUDA tests of ddpm-unet and ddpm-kernels (tests/cuda.rs) and packs them;
---pack DIR  writes stripped, gzipped copies there (ddpm.gz, cuda-*.gz) plus run.sh, which
+--pack DIR  writes stripped, gzipped copies there (ddpm.gz, cuda-*.gz) plus check.sh (every
+          CUDA test and the GPU benchmarks in one run: `bash DIR/check.sh RESULTS`) and run.sh, which
           sets the loader path to the PyTorch CUDA wheels and unpacks them on the GPU machine.
 A machine with a normal CUDA install needs none of this: cargo build --release --features cuda.";
 
@@ -112,6 +113,42 @@ fn gzip_into(src: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(dst)
 }
 
+/// One verification run of a packed build on a GPU machine: every CUDA test, then the
+/// measurements that decide whether `Kernels::Fused` becomes the CUDA default, with the PyTorch
+/// reference when the repository's bench/torch_reference.py is at hand.
+const CHECK_SH: &str = r#"#!/usr/bin/env bash
+# Usage: bash check.sh [RESULTS_DIR]   (default: $OUT, else /tmp/ddpm-check); about 3 minutes.
+# Writes gpu.txt, tests.txt (both tests/cuda.rs), bench.jsonl (one JSON line per measurement,
+# ours and PyTorch's) and bench.err. Exit status 1 when a CUDA test failed.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$here/run.sh" >/dev/null
+out=${1:-${OUT:-/tmp/ddpm-check}}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
+status=0
+for t in /tmp/ddpm-cuda/cuda-*; do
+  echo "== $t" >> "$out/tests.txt"
+  timeout 300 "$t" --nocapture >> "$out/tests.txt" 2>&1 || status=1
+done
+ddpm=/tmp/ddpm-cuda/ddpm
+{
+  for k in fast fused; do
+    timeout 180 $ddpm bench --device cuda --mode train --model mnist --kernels $k --iters 20 --warmup 5
+  done
+  timeout 120 $ddpm bench --device cuda --mode kernels --model mnist --iters 20
+  for k in fast fused; do
+    timeout 180 $ddpm bench --device cuda --mode sample --model mnist -b 1000 --steps 50 --iters 1 --warmup 1 --kernels $k
+  done
+  if [ -f bench/torch_reference.py ]; then
+    cfg=$($ddpm bench --mode config --model mnist)
+    timeout 180 python3 bench/torch_reference.py --config "$cfg" --device cuda --mode train --batch 128 --iters 20 --warmup 5
+    timeout 180 python3 bench/torch_reference.py --config "$cfg" --device cuda --mode sample --batch 1000 --steps 50 --iters 1 --warmup 1
+  fi
+} > "$out/bench.jsonl" 2> "$out/bench.err"
+echo "CUDA tests: $([ $status = 0 ] && echo passed || echo FAILED, see $out/tests.txt); results in $out"
+exit $status
+"#;
+
 /// The script that runs a packed build on a GPU machine.
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Unpacks the gzipped CUDA binaries next to this script into /tmp/ddpm-cuda and puts the CUDA
@@ -196,8 +233,10 @@ pub fn build_cuda(args: &[String]) -> Result<()> {
             let gz = gzip_into(p, dir)?;
             eprintln!("xtask build-cuda: packed {}", gz.display());
         }
-        let run = dir.join("run.sh");
-        std::fs::write(&run, RUN_SH).with_context(|| format!("writing {}", run.display()))?;
+        for (name, text) in [("run.sh", RUN_SH), ("check.sh", CHECK_SH)] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
         eprintln!(
             "xtask build-cuda: copy {} to the GPU machine, then `source {}/run.sh`",
             dir.display(),

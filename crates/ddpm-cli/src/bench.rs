@@ -67,6 +67,11 @@ pub struct BenchArgs {
     /// Where to compute.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
+    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
+    /// needs --device cuda (candle's CPU matmul has no bf16).
+    #[arg(long, value_parser = ["bf16", "f16"])]
+    autocast: Option<String>,
 }
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
@@ -150,8 +155,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         &dev,
     )?;
     let labels = Tensor::from_vec(rng.uniform_u32(batch, 10), batch, &dev)?;
+    let autocast = crate::autocast(a.autocast.as_deref(), &dev)?;
     let train_config = TrainConfig {
         batch_size: batch,
+        autocast,
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(card, train_config, &dev)?;
@@ -215,7 +222,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": format!("candle-{}", kernels.name()),
+            "impl": match autocast {
+                Some(a) => format!("candle-{}-{}", kernels.name(), a.dtype().as_str()),
+                None => format!("candle-{}", kernels.name()),
+            },
             "mode": format!("{:?}", a.mode).to_lowercase(),
             "model": a.model,
             "params": params,

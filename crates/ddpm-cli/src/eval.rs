@@ -82,6 +82,11 @@ pub struct EvalArgs {
     /// merged into one, rows sorted by w (e.g. guidance weights evaluated in separate runs).
     #[arg(long, value_delimiter = ',')]
     replot: Vec<PathBuf>,
+    /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
+    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
+    /// needs --device cuda (candle's CPU matmul has no bf16).
+    #[arg(long, value_parser = ["bf16", "f16"])]
+    autocast: Option<String>,
 }
 
 /// One guidance weight's row of the report.
@@ -134,8 +139,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     } else {
         Weights::Ema
     };
+    let autocast = crate::autocast(a.autocast.as_deref(), &device)?;
     let (unet, card) = ddpm_train::load_unet(&ckpt, which, &device)
         .with_context(|| format!("--checkpoint {}", ckpt.display()))?;
+    let unet = unet.with_autocast(autocast.map(|a| a.dtype()))?;
     let clf_path = a.classifier.clone().unwrap_or_else(default_classifier);
     let clf_path = std::fs::canonicalize(&clf_path).unwrap_or(clf_path);
     let (clf, info) = Classifier::load(&clf_path, &device)?;

@@ -75,6 +75,16 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     }
 }
 
+/// Resolves `--autocast NAME` (`bf16` or `f16`, validated by clap) for `device`.
+pub fn autocast(arg: Option<&str>, device: &Device) -> Result<Option<ddpm_unet::Autocast>> {
+    let Some(name) = arg else { return Ok(None) };
+    let a = ddpm_unet::Autocast::from_name(name)
+        .with_context(|| format!("--autocast {name}: expected bf16 or f16"))?;
+    a.check_device(device)
+        .map_err(|e| anyhow::anyhow!("--autocast {name}: {e}"))?;
+    Ok(Some(a))
+}
+
 /// The checkpoint `sample` uses when none is given: the model shipped in assets/, else
 /// the default training run's checkpoint.
 pub fn default_checkpoint() -> Option<PathBuf> {

@@ -90,6 +90,11 @@ pub struct SampleArgs {
     /// Do not clip the predicted x0 to [-1, 1].
     #[arg(long)]
     no_clip: bool,
+    /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
+    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
+    /// needs --device cuda (candle's CPU matmul has no bf16).
+    #[arg(long, value_parser = ["bf16", "f16"])]
+    autocast: Option<String>,
 }
 
 /// Builds the sampler named by `--sampler`.
@@ -163,8 +168,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
     } else {
         Weights::Ema
     };
+    let autocast = crate::autocast(a.autocast.as_deref(), &device)?;
     let (unet, card) = ddpm_train::load_unet(&ckpt_path, which, &device)
         .with_context(|| format!("--checkpoint {}", ckpt_path.display()))?;
+    let unet = unet.with_autocast(autocast.map(|a| a.dtype()))?;
     let conditional = card.model.num_classes > 0;
     let class = parse_class(&a.class, &card.data.class_names, conditional)?;
     let schedule = card.schedule.build().context("the checkpoint's schedule")?;

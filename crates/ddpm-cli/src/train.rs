@@ -97,6 +97,11 @@ pub struct TrainArgs {
     /// Use only the first N training examples (quick experiments).
     #[arg(long)]
     limit: Option<usize>,
+    /// Autocast: forward and backward of the U-Net in bf16 (convolutions, linear layers,
+    /// attention products) with f32 weights, optimizer state, EMA and loss; GroupNorm and
+    /// softmax stay f32. Needs --device cuda (candle's CPU matmul has no bf16).
+    #[arg(long, value_parser = ["bf16"])]
+    autocast: Option<String>,
 }
 
 struct Progress {
@@ -150,6 +155,7 @@ const FIXED_BY_CHECKPOINT: &[&str] = &[
     "checkpoint_every",
     "log_every",
     "held_out",
+    "autocast",
 ];
 
 /// Runs `ddpm train`; `explicit` names the flags given on the command line.
@@ -227,6 +233,7 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
             checkpoint_every: a.checkpoint_every,
             held_out_examples: a.held_out,
             log_every: a.log_every,
+            autocast: crate::autocast(a.autocast.as_deref(), &device)?,
             ..TrainConfig::default()
         };
         Trainer::new(card, config, &device).context("cannot set up training")?

@@ -592,3 +592,53 @@ fn export_writes_a_smaller_sampling_only_checkpoint() {
     ]);
     assert!(stderr(&o).contains("/nope.safetensors"), "{}", stderr(&o));
 }
+
+#[test]
+fn autocast_runs_in_f16_on_the_cpu_and_names_what_bf16_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(dir.path(), 10);
+    let ck = ckpt.to_str().unwrap();
+    let out = dir.path().join("f16.png");
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        ck,
+        "--autocast",
+        "f16",
+        "--n",
+        "2",
+        "--class",
+        "3",
+        "--steps",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.exists());
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        ck,
+        "--autocast",
+        "bf16",
+        "--n",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("bf16 autocast needs a CUDA device"),
+        "{}",
+        stderr(&o)
+    );
+    // Training refuses f16 (no loss scaling) before it looks at any data.
+    let o = ddpm(&[
+        "train",
+        "--autocast",
+        "f16",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bf16"), "{}", stderr(&o));
+}

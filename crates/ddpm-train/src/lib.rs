@@ -83,6 +83,11 @@ pub struct TrainConfig {
     /// (0: only at epoch ends).
     #[serde(default)]
     pub log_every: u64,
+    /// Run the U-Net's forward and backward in bf16 with f32 weights ([`UNet::with_autocast`]);
+    /// the loss, the optimizer state and the EMA stay f32. `None`: all f32. f16 is refused
+    /// (it would need loss scaling).
+    #[serde(default)]
+    pub autocast: Option<ddpm_unet::Autocast>,
 }
 
 impl Default for TrainConfig {
@@ -107,6 +112,7 @@ impl Default for TrainConfig {
             checkpoint_every: 500,
             held_out_examples: 1024,
             log_every: 0,
+            autocast: None,
         }
     }
 }
@@ -115,6 +121,12 @@ impl TrainConfig {
     /// Checks the options.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
+        if self.autocast == Some(ddpm_unet::Autocast::F16) {
+            return bad(
+                "f16 autocast training needs loss scaling, which ddpm-train does not do: use bf16"
+                    .into(),
+            );
+        }
         if self.batch_size == 0 {
             return bad("--batch-size must be at least 1".into());
         }
@@ -239,8 +251,13 @@ impl Trainer {
             .build()
             .map_err(|e| TrainError::Config(e.to_string()))?;
         let varmap = VarMap::new();
+        if let Some(a) = config.autocast {
+            a.check_device(device).map_err(TrainError::Config)?;
+        }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let model = UNet::new(&card.model, vb).map_err(|e| TrainError::Config(e.to_string()))?;
+        let model = UNet::new(&card.model, vb)
+            .and_then(|m| m.with_autocast(config.autocast.map(|a| a.dtype())))
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         let mut vars: Vec<(String, Var)> = varmap
             .data()
             .lock()
@@ -365,7 +382,8 @@ impl Trainer {
         &self.device
     }
 
-    /// A U-Net holding the EMA weights (what sampling uses).
+    /// A U-Net holding the EMA weights (what sampling uses), with the training model's kernels
+    /// and autocast.
     pub fn ema_model(&self) -> Result<UNet> {
         let map = self
             .opt
@@ -378,7 +396,9 @@ impl Trainer {
         Ok(UNet::new(
             &self.card.model,
             VarBuilder::from_tensors(map, DType::F32, &self.device),
-        )?)
+        )?
+        .with_kernels(self.model.kernels())
+        .with_autocast(self.model.autocast())?)
     }
 
     fn labels_with_dropout(&mut self, labels: &Tensor) -> Result<Option<Tensor>> {

@@ -395,3 +395,28 @@ fn resuming_exactly_at_an_epoch_end_still_writes_that_epochs_grid() {
     assert!(dir.path().join("samples/epoch_001.png").exists());
     assert_eq!(r.step(), 5);
 }
+
+#[test]
+fn autocast_options_are_checked_up_front() {
+    let f16 = TrainConfig {
+        autocast: Some(ddpm_unet::Autocast::F16),
+        ..config()
+    };
+    let e = Trainer::new(card(), f16, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("loss scaling"), "{e}");
+    let bf16 = TrainConfig {
+        autocast: Some(ddpm_unet::Autocast::Bf16),
+        ..config()
+    };
+    let e = Trainer::new(card(), bf16, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("CUDA device"), "{e}");
+    // Checkpoints written before the option existed read as "no autocast".
+    let mut json = serde_json::to_value(config()).unwrap();
+    json.as_object_mut().unwrap().remove("autocast");
+    let back: TrainConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(back.autocast, None);
+}

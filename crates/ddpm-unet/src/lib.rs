@@ -53,6 +53,48 @@ use ddpm_core::Denoiser;
 pub use config::{ConfigError, UNetConfig};
 pub use ops::Kernels;
 
+/// Reduced-precision compute with f32 weights ([`UNet::with_autocast`]); the name a flag or a
+/// saved training config uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Autocast {
+    /// bfloat16: f32's range, 8 bits of mantissa; needs no loss scaling. GPU only in candle.
+    Bf16,
+    /// IEEE half: more mantissa, little range; training would need loss scaling.
+    F16,
+}
+
+impl Autocast {
+    /// Parses `bf16` or `f16`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "bf16" => Some(Self::Bf16),
+            "f16" => Some(Self::F16),
+            _ => None,
+        }
+    }
+
+    /// The dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
+    /// Whether `device` can run it: candle's CPU matrix product has no bf16.
+    pub fn check_device(self, device: &candle_core::Device) -> std::result::Result<(), String> {
+        if self == Self::Bf16 && device.is_cpu() {
+            return Err(
+                "bf16 autocast needs a CUDA device: candle's CPU matrix product has no \
+                        bf16 (drop the autocast option on the CPU)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 const GN_EPS: f64 = 1e-5;
 
 /// Sinusoidal embedding of integer timesteps: `[B]` → `[B, dim]` (sin half, then cos half).
@@ -102,11 +144,15 @@ impl Conv {
         })
     }
 
+    /// Under autocast the f32 parameters are cast to the input's dtype (a differentiable cast:
+    /// their gradients come back in f32).
     fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        let dt = x.dtype();
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(dt)).transpose()?;
         ops::conv2d(
             x,
-            &self.weight,
-            self.bias.as_ref(),
+            &self.weight.to_dtype(dt)?,
+            bias.as_ref(),
             self.stride,
             self.padding,
             kernels,
@@ -120,6 +166,16 @@ fn conv3(cin: usize, cout: usize, stride: usize, vb: VarBuilder<'_>) -> Result<C
 
 fn conv1(cin: usize, cout: usize, vb: VarBuilder<'_>) -> Result<Conv> {
     Conv::new(cin, cout, 1, 1, 0, vb)
+}
+
+/// `l.forward(x)` with `l`'s parameters cast to `x`'s dtype when they differ (autocast).
+fn linear_in(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    if l.weight().dtype() == dt {
+        return l.forward(x);
+    }
+    let bias = l.bias().map(|b| b.to_dtype(dt)).transpose()?;
+    Linear::new(l.weight().to_dtype(dt)?, bias).forward(x)
 }
 
 /// Norm parameters (named `weight` and `bias`, initialised to 1 and 0 as in candle_nn).
@@ -145,6 +201,9 @@ impl Norm {
     }
 
     /// GroupNorm of `x + shift` (`shift` `[n, c]`), then SiLU when `silu`.
+    ///
+    /// Always computed in f32 (as PyTorch's autocast does): under autocast the input is cast
+    /// up and the result back down to the input's dtype.
     fn forward_shifted(
         &self,
         x: &Tensor,
@@ -152,16 +211,19 @@ impl Norm {
         silu: bool,
         kernels: Kernels,
     ) -> Result<Tensor> {
+        let dt = x.dtype();
+        let shift = shift.map(|s| s.to_dtype(DType::F32)).transpose()?;
         ops::group_norm(
-            x,
+            &x.to_dtype(DType::F32)?,
             &self.gamma,
             &self.beta,
-            shift,
+            shift.as_ref(),
             self.groups,
             GN_EPS,
             silu,
             kernels,
-        )
+        )?
+        .to_dtype(dt)
     }
 }
 
@@ -208,7 +270,7 @@ impl ResBlock {
 
     fn forward(&self, x: &Tensor, emb: &Tensor, train: bool, k: Kernels) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(x, true, k)?, k)?;
-        let e = self.emb_proj.forward(emb)?;
+        let e = linear_in(&self.emb_proj, emb)?;
         let h = self.norm2.forward_shifted(&h, Some(&e), true, k)?;
         let h = self.conv2.forward(&dropout(&h, self.dropout, train)?, k)?;
         let skip = match &self.skip {
@@ -258,7 +320,9 @@ impl Attention {
             .transpose(2, 3)?
             .contiguous()?;
         let scores = (q.matmul(&k)? * (1.0 / (d as f64).sqrt()))?;
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?;
+        // The softmax in f32 under autocast, as PyTorch's autocast does.
+        let attn =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = attn.matmul(&v)?.transpose(2, 3)?.reshape((b, c, h, w))?;
         x + self.proj.forward(&out, kern)?
     }
@@ -285,6 +349,7 @@ pub struct UNet {
     norm_out: Norm,
     conv_out: Conv,
     kernels: Kernels,
+    autocast: Option<DType>,
 }
 
 impl UNet {
@@ -381,7 +446,31 @@ impl UNet {
             norm_out: group_norm(cfg.groups, ch, vb.pp("norm_out"))?,
             conv_out: conv3(ch, cfg.in_channels, 1, vb.pp("conv_out"))?,
             kernels: Kernels::default(),
+            autocast: None,
         })
+    }
+
+    /// Autocast, as PyTorch's `torch.autocast`: convolutions, linear layers and attention's
+    /// products run in `dtype` (bf16 on a GPU; f16 also works, but training in f16 would need
+    /// loss scaling, which the trainer does not do), while the weights stay in f32 (they are
+    /// cast on use, so their gradients arrive in f32), GroupNorm and the softmax compute in
+    /// f32, and the output is cast back to the input's dtype. `None` (the default): all f32.
+    ///
+    /// Fails for a dtype other than bf16 and f16. candle's CPU matrix product has no bf16, so
+    /// bf16 needs a GPU.
+    pub fn with_autocast(mut self, dtype: Option<DType>) -> Result<Self> {
+        if let Some(dt) = dtype {
+            if !matches!(dt, DType::BF16 | DType::F16) {
+                candle_core::bail!("autocast: expected bf16 or f16, got {dt:?}");
+            }
+        }
+        self.autocast = dtype;
+        Ok(self)
+    }
+
+    /// The autocast dtype, if any.
+    pub fn autocast(&self) -> Option<DType> {
+        self.autocast
     }
 
     /// Selects the implementation of the hot-path operations ([`Kernels::Fast`] by default).
@@ -424,11 +513,14 @@ impl UNet {
             candle_core::bail!("U-Net: t must be [{b}], got {:?}", t.shape());
         }
         let k = self.kernels;
-        let temb = timestep_embedding(t, self.config.base_channels)?;
-        let mut emb = self
-            .time_embed
-            .1
-            .forward(&candle_nn::ops::silu(&self.time_embed.0.forward(&temb)?)?)?;
+        let out_dtype = x.dtype();
+        let (x, dt) = match self.autocast {
+            Some(dt) => (x.to_dtype(dt)?, dt),
+            None => (x.clone(), out_dtype),
+        };
+        let temb = timestep_embedding(t, self.config.base_channels)?.to_dtype(dt)?;
+        let (te0, te1) = &self.time_embed;
+        let mut emb = linear_in(te1, &candle_nn::ops::silu(&linear_in(te0, &temb)?)?)?;
         if let Some(ce) = &self.class_embed {
             let null = self.config.num_classes as u32;
             let labels = match labels {
@@ -440,9 +532,9 @@ impl UNet {
                 }
                 None => Tensor::full(null, b, x.device())?,
             };
-            emb = (emb + ce.forward(&labels)?)?;
+            emb = (emb + ce.forward(&labels)?.to_dtype(dt)?)?;
         }
-        let mut hs = vec![self.conv_in.forward(x, k)?];
+        let mut hs = vec![self.conv_in.forward(&x, k)?];
         let mut hcur = hs[0].clone();
         for level in &self.down {
             for (j, res) in level.res.iter().enumerate() {
@@ -475,7 +567,7 @@ impl UNet {
             }
         }
         let out = self.norm_out.forward(&hcur, true, k)?;
-        self.conv_out.forward(&out, k)
+        self.conv_out.forward(&out, k)?.to_dtype(out_dtype)
     }
 }
 

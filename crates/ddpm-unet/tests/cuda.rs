@@ -162,10 +162,10 @@ fn unet_on_cuda_matches_cpu_in_output_and_weight_gradients() {
     }
 }
 
-fn unet_case(dev: &Device, cfg: &UNetConfig, cpu: &UNet, cpu_map: &VarMap, kernels: Kernels) {
-    let dev = dev.clone();
+/// A copy of the CPU model's weights on `dev`, with `kernels`.
+fn gpu_copy(dev: &Device, cfg: &UNetConfig, cpu_map: &VarMap, kernels: Kernels) -> (VarMap, UNet) {
     let gpu_map = VarMap::new();
-    let gpu = UNet::new(cfg, VarBuilder::from_varmap(&gpu_map, DType::F32, &dev))
+    let gpu = UNet::new(cfg, VarBuilder::from_varmap(&gpu_map, DType::F32, dev))
         .unwrap()
         .with_kernels(kernels);
     for (name, v) in cpu_map.data().lock().unwrap().iter() {
@@ -176,8 +176,76 @@ fn unet_case(dev: &Device, cfg: &UNetConfig, cpu: &UNet, cpu_map: &VarMap, kerne
             .get(name)
             .cloned()
             .expect(name);
-        g.set(&v.as_tensor().to_device(&dev).unwrap()).unwrap();
+        g.set(&v.as_tensor().to_device(dev).unwrap()).unwrap();
     }
+    (gpu_map, gpu)
+}
+
+/// bf16 autocast on the GPU against the f32 model on the CPU: the output within bf16's
+/// precision, and the f32 weight gradients pointing the same way.
+#[test]
+fn unet_bf16_autocast_on_cuda_tracks_f32() {
+    let Some(dev) = gpu("unet_bf16_autocast_on_cuda_tracks_f32") else {
+        return;
+    };
+    let cfg = UNetConfig::tiny();
+    let cpu_map = VarMap::new();
+    let cpu = UNet::new(
+        &cfg,
+        VarBuilder::from_varmap(&cpu_map, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    for kernels in [Kernels::Fast, Kernels::Fused] {
+        let (gpu_map, gpu) = gpu_copy(&dev, &cfg, &cpu_map, kernels);
+        let gpu = gpu.with_autocast(Some(DType::BF16)).unwrap();
+        let mut rng = SeededNoise::new(14);
+        let x = randn(&mut rng, &[4, 1, 28, 28]);
+        let t = Tensor::new(&[3u32, 500, 999, 42], &Device::Cpu).unwrap();
+        let y = Tensor::new(&[1u32, 10, 7, 0], &Device::Cpu).unwrap();
+        let on = |d: &Device| {
+            (
+                x.to_device(d).unwrap(),
+                t.to_device(d).unwrap(),
+                y.to_device(d).unwrap(),
+            )
+        };
+        let (xc, tc, yc) = on(&Device::Cpu);
+        let (xg, tg, yg) = on(&dev);
+        let out_cpu = cpu.forward_t(&xc, &tc, Some(&yc), false).unwrap();
+        let out_gpu = gpu.forward_t(&xg, &tg, Some(&yg), false).unwrap();
+        assert_eq!(out_gpu.dtype(), DType::F32);
+        let d = max_rel_diff(&out_gpu, &out_cpu);
+        assert!(d < 5e-2, "bf16 ({kernels:?}) output differs by {d}");
+        let grads = |out: &Tensor| out.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        let (gc, gg) = (grads(&out_cpu), grads(&out_gpu));
+        let gpu_vars = gpu_map.data().lock().unwrap();
+        let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+        for (name, v) in cpu_map.data().lock().unwrap().iter() {
+            let a = gc.get(v).expect(name);
+            let b = gg.get(&gpu_vars[name]).expect(name);
+            assert_eq!(b.dtype(), DType::F32, "{name}");
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = b
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, b) in a.iter().zip(&b) {
+                dot += (*a as f64) * (*b as f64);
+                na += (*a as f64).powi(2);
+                nb += (*b as f64).powi(2);
+            }
+        }
+        let cos = dot / (na.sqrt() * nb.sqrt());
+        assert!(cos > 0.99, "bf16 ({kernels:?}) gradient cosine {cos}");
+    }
+}
+
+fn unet_case(dev: &Device, cfg: &UNetConfig, cpu: &UNet, cpu_map: &VarMap, kernels: Kernels) {
+    let dev = dev.clone();
+    let (gpu_map, gpu) = gpu_copy(&dev, cfg, cpu_map, kernels);
     let mut rng = SeededNoise::new(13);
     let x = randn(&mut rng, &[4, 1, 28, 28]);
     let t = Tensor::new(&[3u32, 500, 999, 42], &Device::Cpu).unwrap();

@@ -266,3 +266,48 @@ fn forward_flops_of_a_one_level_net_by_hand() {
     let small = ddpm_unet::forward_flops(&UNetConfig::small(), 28, 28);
     assert!(small > 1e8 && small < 1e9, "{small}");
 }
+
+/// Autocast in f16 on the CPU (the path bf16 takes on a GPU; candle's CPU matmul has no bf16):
+/// output in f32, close to the f32 model's; weight gradients arrive in f32 on the f32 weights
+/// and point the same way as the f32 model's.
+#[test]
+fn autocast_keeps_f32_weights_and_matches_f32() {
+    let mut rng = SeededNoise::new(9);
+    let x = randn(&mut rng, &[3, 1, 16, 16]);
+    let t = Tensor::new(&[3u32, 400, 999], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[1u32, 7, 10], &Device::Cpu).unwrap();
+    let (varmap, unet) = build(&UNetConfig::tiny());
+    let half = unet.clone().with_autocast(Some(DType::F16)).unwrap();
+    assert_eq!(half.autocast(), Some(DType::F16));
+    let run = |m: &UNet| {
+        let out = m.forward_t(&x, &t, Some(&y), false).unwrap();
+        let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        (out, grads)
+    };
+    let (o32, g32) = run(&unet);
+    let (o16, g16) = run(&half);
+    assert_eq!(o16.dtype(), DType::F32);
+    let rel = ddpm_core::testing::max_rel_diff(&o16, &o32);
+    assert!(rel < 2e-2, "f16 output differs from f32 by {rel}");
+    let (mut dot, mut n32, mut n16) = (0f64, 0f64, 0f64);
+    for v in varmap.all_vars() {
+        let (a, b) = (
+            g32.get(&v).unwrap(),
+            g16.get(&v).expect("every weight gets a gradient"),
+        );
+        assert_eq!(b.dtype(), DType::F32);
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        for (a, b) in a.iter().zip(&b) {
+            dot += (*a as f64) * (*b as f64);
+            n32 += (*a as f64).powi(2);
+            n16 += (*b as f64).powi(2);
+        }
+    }
+    let cos = dot / (n32.sqrt() * n16.sqrt());
+    assert!(cos > 0.999, "gradient direction cosine {cos}");
+    let e = unet.with_autocast(Some(DType::U8)).unwrap_err().to_string();
+    assert!(e.contains("bf16 or f16"), "{e}");
+}
