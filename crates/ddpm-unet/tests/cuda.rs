@@ -151,15 +151,17 @@ fn unet_on_cuda_matches_cpu_in_output_and_weight_gradients() {
         return;
     };
     let cfg = UNetConfig::tiny();
-    let cpu_map = VarMap::new();
-    let cpu = UNet::new(
-        &cfg,
-        VarBuilder::from_varmap(&cpu_map, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let (cpu_map, cpu) = cpu_model(&cfg);
     for kernels in [Kernels::Fast, Kernels::Fused] {
         unet_case(&dev, &cfg, &cpu, &cpu_map, kernels);
     }
+}
+
+/// A freshly initialised f32 model on the CPU: the reference.
+fn cpu_model(cfg: &UNetConfig) -> (VarMap, UNet) {
+    let map = VarMap::new();
+    let unet = UNet::new(cfg, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu)).unwrap();
+    (map, unet)
 }
 
 /// A copy of the CPU model's weights on `dev`, with `kernels`.
@@ -189,12 +191,7 @@ fn unet_bf16_autocast_on_cuda_tracks_f32() {
         return;
     };
     let cfg = UNetConfig::tiny();
-    let cpu_map = VarMap::new();
-    let cpu = UNet::new(
-        &cfg,
-        VarBuilder::from_varmap(&cpu_map, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let (cpu_map, cpu) = cpu_model(&cfg);
     for kernels in [Kernels::Fast, Kernels::Fused] {
         let (gpu_map, gpu) = gpu_copy(&dev, &cfg, &cpu_map, kernels);
         let gpu = gpu.with_autocast(Some(DType::BF16)).unwrap();
