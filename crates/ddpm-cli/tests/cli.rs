@@ -476,6 +476,17 @@ fn bench_prints_one_json_line_per_measurement() {
     assert_eq!(cfg, ddpm_unet::UNetConfig::small());
     let o = ddpm(&["bench", "--mode", "train", "--iters", "0"]);
     assert!(stderr(&o).contains("--iters"), "{}", stderr(&o));
+    let o = ddpm(&[
+        "bench", "--mode", "kernels", "--model", "tiny", "--batch", "3", "--iters", "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    for what in ["adamw_ema_ms", "guided_step_ms", "add_noise_ms"] {
+        for k in ["fused", "composed"] {
+            assert!(v[what][k].as_f64().unwrap() > 0.0, "{what}.{k}: {v}");
+        }
+    }
 }
 
 #[test]
