@@ -9,6 +9,7 @@ EMA) and an inference forward pass. Prints one JSON line, like `ddpm bench`.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -147,6 +148,7 @@ def main():
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--autocast", choices=["bf16", "f16"], help="torch.autocast the forward passes")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -154,7 +156,16 @@ def main():
     dev = torch.device(a.device)
     model = UNet(cfg).to(dev)
     params = sum(p.numel() for p in model.parameters())
-    run = torch.compile(model) if a.compile else model
+    compiled = torch.compile(model) if a.compile else model
+    low = {"bf16": torch.bfloat16, "f16": torch.float16}.get(a.autocast)
+
+    def run(*args):
+        # As `ddpm --autocast`: low-precision products, f32 weights; the loss is taken outside.
+        ctx = torch.autocast(dev.type, dtype=low) if low else contextlib.nullcontext()
+        with ctx:
+            out = compiled(*args)
+        return out.float()
+
     b, s = a.batch, a.image_size
     x = torch.randn(b, cfg["in_channels"], s, s, device=dev)
     labels = torch.randint(0, max(cfg["num_classes"], 1), (b,), device=dev)
@@ -218,7 +229,8 @@ def main():
     sync()
     secs = time.perf_counter() - start
     out = {
-        "impl": "pytorch-compile" if a.compile else "pytorch",
+        "impl": ("pytorch-compile" if a.compile else "pytorch")
+        + (f"-{a.autocast}" if a.autocast else ""),
         "torch": torch.__version__,
         "mode": a.mode,
         "params": params,

@@ -17,7 +17,7 @@ const USAGE: &str =
                          [--train-batch N] [--forward-batch N]
                          [--sample-batch N] [--steps N]
                          [--no-stock] [--no-torch] [--torch-compile] [--python PATH]
-                         [--device cpu|cuda] [--ddpm PATH] [--out DIR]
+                         [--device cpu|cuda] [--autocast bf16|f16] [--ddpm PATH] [--out DIR]
 
 Modes: train (full training steps), forward (inference forward passes), sample (guided DDIM,
 w = 3, --steps steps, --sample-batch images; not in the default list because it is slow on a CPU).
@@ -29,7 +29,9 @@ given the same number through torch.set_num_threads.
 --ddpm PATH: use this ddpm binary instead of building one (e.g. a CUDA build copied to a GPU
 machine without a Rust toolchain). With --device cuda, `fast` is candle's forward with our
 GEMM-based convolution backward and `stock` candle's own, and peak GPU memory is read by
-polling nvidia-smi (the whole process: context included), for every implementation alike.";
+polling nvidia-smi (the whole process: context included), for every implementation alike.
+--autocast bf16|f16: every implementation runs its forward passes in that dtype with f32
+weights (ours: `ddpm bench --autocast`; PyTorch: torch.autocast). bf16 needs --device cuda.";
 
 struct Opts {
     presets: Vec<String>,
@@ -47,6 +49,7 @@ struct Opts {
     torch_compile: bool,
     python: String,
     device: String,
+    autocast: Option<String>,
     out: PathBuf,
 }
 
@@ -67,6 +70,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         torch_compile: false,
         python: std::env::var("DDPM_BENCH_PYTHON").unwrap_or_else(|_| "python3".into()),
         device: "cpu".into(),
+        autocast: None,
         out: PathBuf::from("target/bench"),
     };
     let mut it = args.iter();
@@ -96,6 +100,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--torch-compile" => o.torch_compile = true,
             "--python" => o.python = val(a)?,
             "--device" => o.device = val(a)?,
+            "--autocast" => o.autocast = Some(val(a)?),
             "--out" => o.out = PathBuf::from(val(a)?),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -301,6 +306,9 @@ pub fn bench(args: &[String]) -> Result<()> {
                 c.args(["--iters", &o.iters.to_string()]);
                 c.args(["--warmup", &o.warmup.to_string()]);
                 c.args(["--steps", &o.steps.to_string()]);
+                if let Some(a) = &o.autocast {
+                    c.args(["--autocast", a]);
+                }
                 c
             };
             let torch = |compile: bool| {
@@ -315,6 +323,9 @@ pub fn bench(args: &[String]) -> Result<()> {
                 c.args(["--steps", &o.steps.to_string()]);
                 if compile {
                     c.arg("--compile");
+                }
+                if let Some(a) = &o.autocast {
+                    c.args(["--autocast", a]);
                 }
                 c
             };
@@ -344,9 +355,14 @@ pub fn bench(args: &[String]) -> Result<()> {
                     );
                 }
             }
+            // Eager PyTorch under the same autocast is the 1.00× reference.
+            let torch_name = match &o.autocast {
+                Some(a) => format!("pytorch-{a}"),
+                None => "pytorch".into(),
+            };
             let torch_ips = group
                 .iter()
-                .find(|r| r.get("impl").and_then(Value::as_str) == Some("pytorch"))
+                .find(|r| r.get("impl").and_then(Value::as_str) == Some(torch_name.as_str()))
                 .map(|r| f(r, "images_per_s"));
             let fwd_flops = group
                 .iter()

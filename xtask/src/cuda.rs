@@ -117,7 +117,7 @@ fn gzip_into(src: &Path, dir: &Path) -> Result<PathBuf> {
 /// measurements that decide whether `Kernels::Fused` becomes the CUDA default, with the PyTorch
 /// reference when the repository's bench/torch_reference.py is at hand.
 const CHECK_SH: &str = r#"#!/usr/bin/env bash
-# Usage: bash check.sh [RESULTS_DIR]   (default: $OUT, else /tmp/ddpm-check); about 3 minutes.
+# Usage: bash check.sh [RESULTS_DIR]   (default: $OUT, else /tmp/ddpm-check); about 5 minutes.
 # Writes gpu.txt, tests.txt (both tests/cuda.rs), bench.jsonl (one JSON line per measurement,
 # ours and PyTorch's) and bench.err. Exit status 1 when a CUDA test failed.
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -132,16 +132,17 @@ for t in /tmp/ddpm-cuda/cuda-*; do
 done
 ddpm=/tmp/ddpm-cuda/ddpm
 {
-  for k in fast fused; do
+  for k in fast fused "fused --autocast bf16"; do
     timeout 180 $ddpm bench --device cuda --mode train --model mnist --kernels $k --iters 20 --warmup 5
   done
   timeout 120 $ddpm bench --device cuda --mode kernels --model mnist --iters 20
-  for k in fast fused; do
+  for k in fast fused "fused --autocast bf16"; do
     timeout 180 $ddpm bench --device cuda --mode sample --model mnist -b 1000 --steps 50 --iters 1 --warmup 1 --kernels $k
   done
   if [ -f bench/torch_reference.py ]; then
     cfg=$($ddpm bench --mode config --model mnist)
     timeout 180 python3 bench/torch_reference.py --config "$cfg" --device cuda --mode train --batch 128 --iters 20 --warmup 5
+    timeout 180 python3 bench/torch_reference.py --config "$cfg" --device cuda --mode train --batch 128 --iters 20 --warmup 5 --autocast bf16
     timeout 180 python3 bench/torch_reference.py --config "$cfg" --device cuda --mode sample --batch 1000 --steps 50 --iters 1 --warmup 1
   fi
 } > "$out/bench.jsonl" 2> "$out/bench.err"

@@ -156,11 +156,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     )?;
     let labels = Tensor::from_vec(rng.uniform_u32(batch, 10), batch, &dev)?;
     let autocast = crate::autocast(a.autocast.as_deref(), &dev)?;
+    // Training takes autocast from its config (which refuses f16); the other modes set it on
+    // the model they sample with.
     let train_config = TrainConfig {
         batch_size: batch,
-        autocast,
+        autocast: autocast.filter(|_| a.mode == BenchMode::Train),
         ..TrainConfig::default()
     };
+    let dtype = autocast.map(|a| a.dtype());
     let mut trainer = Trainer::new(card, train_config, &dev)?;
     trainer.set_kernels(kernels);
     let secs = match a.mode {
@@ -177,7 +180,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchMode::Sample => {
             // Plain (EMA) tensors, as when sampling from a checkpoint: with the trainer's Vars,
             // every step would keep the autograd graph of the whole chain alive.
-            let model = trainer.ema_model()?.with_kernels(kernels);
+            let model = trainer
+                .ema_model()?
+                .with_kernels(kernels)
+                .with_autocast(dtype)?;
             let guided = ClassifierFreeGuidance::new(&model, 3.0)?;
             let schedule = trainer.card().schedule.build()?;
             time_iters(a.warmup, a.iters, || {
@@ -203,7 +209,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             })?
         }
         _ => {
-            let model = trainer.ema_model()?.with_kernels(kernels);
+            let model = trainer
+                .ema_model()?
+                .with_kernels(kernels)
+                .with_autocast(dtype)?;
             let t = Tensor::from_vec(rng.uniform_u32(batch, 1000), batch, &dev)?;
             time_iters(a.warmup, a.iters, || {
                 model.predict_noise(&x, &t, Some(&labels))?;
