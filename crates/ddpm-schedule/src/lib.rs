@@ -384,6 +384,38 @@ impl Schedule {
         }
     }
 
+    /// [`NoiseSchedule::add_noise`] with the timesteps given on the host: they are checked
+    /// there, and the per-sample coefficients (√ᾱ_t, √(1−ᾱ_t)) are uploaded as one `[B, 2]`
+    /// tensor, so nothing is read back from the device (`add_noise` reads `max(t)` back to
+    /// validate it: on a GPU, a sync that stalls the launch queue). Same result.
+    pub fn add_noise_from_host(
+        &self,
+        x0: &Tensor,
+        noise: &Tensor,
+        t: &[u32],
+    ) -> candle_core::Result<Tensor> {
+        let b = x0.dim(0)?;
+        if t.len() != b {
+            candle_core::bail!(
+                "add_noise: {} timesteps for a batch of {b} (one per sample)",
+                t.len()
+            );
+        }
+        let mut coef = Vec::with_capacity(2 * b);
+        for &ti in t {
+            let i = ti as usize;
+            if i >= self.betas.len() {
+                candle_core::bail!("add_noise: timestep {i} is outside 0..{}", self.betas.len());
+            }
+            coef.extend([
+                self.sqrt_alphas_cumprod[i] as f32,
+                self.sqrt_one_minus_alphas_cumprod[i] as f32,
+            ]);
+        }
+        let coef = Tensor::from_vec(coef, (b, 2), x0.device())?.to_dtype(x0.dtype())?;
+        ddpm_kernels::add_noise(x0, noise, &coef)
+    }
+
     /// The `[T, 2]` table of (√ᾱ_t, √(1−ᾱ_t)) in f32 on `device`, built once per device.
     fn table_on(&self, device: &Device) -> candle_core::Result<Tensor> {
         let mut cache = self

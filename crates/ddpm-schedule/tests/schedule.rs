@@ -213,6 +213,18 @@ fn add_noise_uses_one_t_per_sample() -> candle_core::Result<()> {
     assert!(s
         .add_noise(&x0, &noise, &Tensor::new(&[0u32, 1], &dev)?)
         .is_err());
+    // The host-timestep variant gives the same values and the same errors.
+    let host = s.add_noise_from_host(&x0, &noise, &ts)?;
+    let dev_t = s.add_noise(&x0, &noise, &Tensor::new(&ts, &dev)?)?;
+    assert_eq!(
+        host.flatten_all()?.to_vec1::<f32>()?,
+        dev_t.flatten_all()?.to_vec1::<f32>()?
+    );
+    let e = s
+        .add_noise_from_host(&x0, &noise, &[0, 1, 200])
+        .unwrap_err();
+    assert!(e.to_string().contains("outside 0..200"), "{e}");
+    assert!(s.add_noise_from_host(&x0, &noise, &[0, 1]).is_err());
     Ok(())
 }
 

@@ -427,7 +427,19 @@ impl Trainer {
         train: bool,
     ) -> Result<Tensor> {
         let x_t = self.schedule.add_noise(x0, noise, t)?;
-        let eps = self.model.forward_t(&x_t, t, labels, train)?;
+        self.loss_at(&x_t, t, noise, labels, train)
+    }
+
+    /// The loss from `x_t` already noised (the training loop noises with host-side timesteps).
+    fn loss_at(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        noise: &Tensor,
+        labels: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let eps = self.model.forward_t(x_t, t, labels, train)?;
         Ok(candle_nn::loss::mse(&eps, noise)?)
     }
 
@@ -438,10 +450,13 @@ impl Trainer {
         let x0 = batch.images.to_device(&self.device)?;
         let b = x0.dim(0)?;
         let t_total = self.schedule.num_train_timesteps() as u32;
-        let t = Tensor::from_vec(self.rng.uniform_u32(b, t_total), b, &self.device)?;
+        let ts = self.rng.uniform_u32(b, t_total);
+        let t = Tensor::new(ts.as_slice(), &self.device)?;
         let noise = self.rng.randn(x0.shape(), DType::F32, &self.device)?;
         let labels = self.labels_with_dropout(&batch.labels)?;
-        let loss = self.loss(&x0, &t, &noise, labels.as_ref(), true)?;
+        // Timesteps checked on the host: no device read-back before the forward pass.
+        let x_t = self.schedule.add_noise_from_host(&x0, &noise, &ts)?;
+        let loss = self.loss_at(&x_t, &t, &noise, labels.as_ref(), true)?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
             return Err(TrainError::NonFiniteLoss {
