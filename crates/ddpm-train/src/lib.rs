@@ -457,17 +457,25 @@ impl Trainer {
         // Timesteps checked on the host: no device read-back before the forward pass.
         let x_t = self.schedule.add_noise_from_host(&x0, &noise, &ts)?;
         let loss = self.loss_at(&x_t, &t, &noise, labels.as_ref(), true)?;
-        let value = loss.to_scalar::<f32>()?;
+        let grads = loss.backward()?;
+        // The loss and the squared gradient norm come back in one read (one GPU sync a step);
+        // nothing has touched the weights yet, so a non-finite value still leaves them as they
+        // were.
+        let mut watched = vec![loss.to_dtype(DType::F64)?];
+        if self.config.grad_clip.is_some() {
+            watched.push(self.opt.grad_sq_norm(&grads)?);
+        }
+        let read = Tensor::stack(&watched, 0)?.to_vec1::<f64>()?;
+        let value = read[0] as f32;
         if !value.is_finite() {
             return Err(TrainError::NonFiniteLoss {
                 step: self.step(),
                 loss: value,
             });
         }
-        let grads = loss.backward()?;
-        let scale = match self.config.grad_clip {
-            Some(clip) => {
-                let norm = self.opt.grad_norm(&grads)?;
+        let scale = match (self.config.grad_clip, read.get(1)) {
+            (Some(clip), Some(&sq)) => {
+                let norm = sq.sqrt();
                 if !norm.is_finite() {
                     return Err(TrainError::NonFiniteLoss {
                         step: self.step(),
@@ -480,7 +488,7 @@ impl Trainer {
                     1.0
                 }
             }
-            None => 1.0,
+            _ => 1.0,
         };
         let lr = self.config.lr_at(self.step(), self.total_steps_hint());
         self.opt.step(&grads, lr, scale)?;

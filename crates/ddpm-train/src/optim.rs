@@ -120,10 +120,16 @@ impl AdamW {
     }
 
     /// Global L2 norm of the gradients.
-    ///
-    /// The per-tensor sums stay on the device and are read back once: on a GPU, reading each
-    /// one back would wait for the queue to drain once per parameter tensor.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        Ok(self.grad_sq_norm(grads)?.to_scalar::<f64>()?.sqrt())
+    }
+
+    /// The squared global L2 norm of the gradients as an f64 scalar tensor on the device, for
+    /// reading back together with other values (one GPU sync instead of one each).
+    ///
+    /// The per-tensor sums stay on the device: reading each one back would wait for the queue
+    /// to drain once per parameter tensor.
+    pub fn grad_sq_norm(&self, grads: &GradStore) -> Result<Tensor> {
         let mut sums = Vec::with_capacity(self.vars.len());
         for (_, var) in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
@@ -131,13 +137,15 @@ impl AdamW {
             }
         }
         if sums.is_empty() {
-            return Ok(0.0);
+            let device = self
+                .vars
+                .first()
+                .map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
+            return Ok(Tensor::new(0f64, &device)?);
         }
-        let total = Tensor::stack(&sums, 0)?
+        Ok(Tensor::stack(&sums, 0)?
             .to_dtype(candle_core::DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        Ok(total.sqrt())
+            .sum_all()?)
     }
 
     /// One update with learning rate `lr`, the gradients multiplied by `grad_scale`

@@ -186,7 +186,16 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
             .unwrap(),
         ..good
     };
+    let weights = |t: &Trainer| -> Vec<Vec<f32>> {
+        t.optimizer()
+            .vars()
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let w_before = weights(&t);
     let e = t.train_step(&bad).unwrap_err();
+    assert_eq!(weights(&t), w_before, "the weights must be untouched");
     assert!(
         matches!(e, TrainError::NonFiniteLoss { step: 1, .. }),
         "{e:?}"
