@@ -119,7 +119,8 @@ fn gzip_into(src: &Path, dir: &Path) -> Result<PathBuf> {
 const CHECK_SH: &str = r#"#!/usr/bin/env bash
 # Usage: bash check.sh [RESULTS_DIR]   (default: $OUT, else /tmp/ddpm-check); about 5 minutes.
 # Writes gpu.txt, tests.txt (both tests/cuda.rs), bench.jsonl (one JSON line per measurement,
-# ours and PyTorch's) and bench.err. Exit status 1 when a CUDA test failed.
+# ours and PyTorch's, with the peak GPU memory nvidia-smi saw; last, the GPU's f32 GEMM rate for
+# MFU) and bench.err. Exit status 1 when a CUDA test failed.
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/run.sh" >/dev/null
 out=${1:-${OUT:-/tmp/ddpm-check}}
@@ -131,20 +132,32 @@ for t in /tmp/ddpm-cuda/cuda-*; do
   timeout 300 "$t" --nocapture >> "$out/tests.txt" 2>&1 || status=1
 done
 ddpm=/tmp/ddpm-cuda/ddpm
+# Runs one benchmark; prints {"peak_gpu_mib": <max nvidia-smi memory.used while it ran>,
+# "result": <its JSON line>} (null where either is missing).
+measure() {
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/mem.tmp" 2>/dev/null &
+  local mon=$! line peak
+  line=$(timeout 180 "$@" | tail -1)
+  kill $mon 2>/dev/null; wait $mon 2>/dev/null
+  peak=$(sort -n "$out/mem.tmp" 2>/dev/null | tail -1)
+  echo "{\"peak_gpu_mib\": ${peak:-null}, \"result\": ${line:-null}}"
+}
 {
   for k in fast fused "fused --autocast bf16"; do
-    timeout 180 $ddpm bench --device cuda --mode train --model mnist --kernels $k --iters 20 --warmup 5
+    measure $ddpm bench --device cuda --mode train --model mnist --kernels $k --iters 20 --warmup 5
   done
-  timeout 120 $ddpm bench --device cuda --mode kernels --model mnist --iters 20
+  measure $ddpm bench --device cuda --mode kernels --model mnist --iters 20
   for k in fast fused "fused --autocast bf16"; do
-    timeout 180 $ddpm bench --device cuda --mode sample --model mnist -b 1000 --steps 50 --iters 1 --warmup 1 --kernels $k
+    measure $ddpm bench --device cuda --mode sample --model mnist -b 1000 --steps 50 --iters 1 --warmup 1 --kernels $k
   done
   if [ -f bench/torch_reference.py ]; then
     cfg=$($ddpm bench --mode config --model mnist)
-    timeout 180 python3 bench/torch_reference.py --config "$cfg" --device cuda --mode train --batch 128 --iters 20 --warmup 5
-    timeout 180 python3 bench/torch_reference.py --config "$cfg" --device cuda --mode train --batch 128 --iters 20 --warmup 5 --autocast bf16
-    timeout 180 python3 bench/torch_reference.py --config "$cfg" --device cuda --mode sample --batch 1000 --steps 50 --iters 1 --warmup 1
+    ref="python3 bench/torch_reference.py --device cuda"
+    measure $ref --config "$cfg" --mode train --batch 128 --iters 20 --warmup 5
+    measure $ref --config "$cfg" --mode train --batch 128 --iters 20 --warmup 5 --autocast bf16
+    measure $ref --config "$cfg" --mode sample --batch 1000 --steps 50 --iters 1 --warmup 1
   fi
+  $ddpm bench --device cuda --mode gemm
 } > "$out/bench.jsonl" 2> "$out/bench.err"
 echo "CUDA tests: $([ $status = 0 ] && echo passed || echo FAILED, see $out/tests.txt); results in $out"
 exit $status
