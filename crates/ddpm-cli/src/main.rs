@@ -82,6 +82,12 @@ pub fn autocast(arg: Option<&str>, device: &Device) -> Result<Option<ddpm_unet::
         .with_context(|| format!("--autocast {name}: expected bf16 or f16"))?;
     a.check_device(device)
         .map_err(|e| anyhow::anyhow!("--autocast {name}: {e}"))?;
+    if device.is_cpu() {
+        tracing::warn!(
+            "--autocast {name} on the CPU runs several times slower than f32 (candle's CPU \
+             products convert half floats); it is meant for GPUs"
+        );
+    }
     Ok(Some(a))
 }
 
