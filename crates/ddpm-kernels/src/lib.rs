@@ -33,7 +33,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-mod cpu;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod noise;

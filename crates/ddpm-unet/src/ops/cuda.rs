@@ -12,6 +12,16 @@ use candle_core::{bail, CudaStorage, Layout, Result};
 use ddpm_kernels::cuda::{elementwise, int, per_block, view, UNET};
 use ddpm_kernels::launch;
 
+/// GroupNorm's sizes as the kernels' `int`s: `[n, c, groups, s]`.
+fn gn_dims(n: usize, c: usize, groups: usize, s: usize) -> Result<[i32; 4]> {
+    Ok([
+        int(n, "n")?,
+        int(c, "c")?,
+        int(groups, "groups")?,
+        int(s, "s")?,
+    ])
+}
+
 /// GroupNorm forward over `x [n, c, s]` with packed `[γ ‖ β ‖ shift]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn group_norm_fwd(
@@ -34,12 +44,7 @@ pub(crate) fn group_norm_fwd(
     }
     // SAFETY: the kernel writes every element (each (sample, group) block covers its slice).
     let y = unsafe { dev.alloc::<f32>(n * c * s)? };
-    let (ni, ci, gi, si) = (
-        int(n, "n")?,
-        int(c, "c")?,
-        int(groups, "groups")?,
-        int(s, "s")?,
-    );
+    let [ni, ci, gi, si] = gn_dims(n, c, groups, s)?;
     let silu = i32::from(silu);
     // SAFETY: argument types and order match `ddpm_gn_fwd`; lengths checked above.
     launch!(dev, UNET, "ddpm_gn_fwd", per_block(n * groups)?;
@@ -69,12 +74,7 @@ pub(crate) fn group_norm_bwd(
         bail!("group_norm backward (cuda): buffers do not match [{n}, {c}, {s}]")
     }
     let out = dev.alloc_zeros::<f32>(n * c * s + 2 * c + n * c)?;
-    let (ni, ci, gi, si) = (
-        int(n, "n")?,
-        int(c, "c")?,
-        int(groups, "groups")?,
-        int(s, "s")?,
-    );
+    let [ni, ci, gi, si] = gn_dims(n, c, groups, s)?;
     let silu = i32::from(silu);
     // SAFETY: argument types and order match `ddpm_gn_bwd`; lengths checked above.
     launch!(dev, UNET, "ddpm_gn_bwd", per_block(n * groups)?;

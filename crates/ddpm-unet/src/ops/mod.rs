@@ -43,7 +43,7 @@ mod resample;
 mod simd;
 mod uninit;
 
-use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Which implementation of the hot-path operations to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -103,16 +103,9 @@ impl Kernels {
     }
 }
 
-/// The f32 contents of a contiguous CPU storage, or an error naming `what`.
-pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("{what}: expected an f32 tensor")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("{what}: expected a contiguous tensor"),
-    }
-}
+/// The f32 contents of a contiguous CPU storage, or an error naming `what` (shared with
+/// ddpm-kernels' ops).
+pub(crate) use ddpm_kernels::cpu::slice as contiguous_f32;
 
 /// 2-D convolution of `x [n, cin, h, w]` with `weight [cout, cin, kh, kw]`, plus an optional
 /// `bias [cout]`, with equal stride and padding on both axes.
