@@ -23,8 +23,10 @@ pub enum BenchMode {
     Train,
     /// Inference forward passes (no gradients) at --batch.
     Forward,
-    /// Guided sampling: DDIM with --steps steps at guidance w = 3 (one forward of 2×batch a
-    /// step), --batch images per run.
+    /// Guided sampling: --n samples (default 1000) by DDIM with --steps steps at guidance
+    /// w = 3, in batches of --batch (default 128 on the CPU, 1000 on CUDA; one forward of
+    /// 2×batch a step), as `ddpm sample` and `ddpm eval` do. Also times the forward pass at
+    /// 2×batch and reports the samples/s that forward rate allows.
     Sample,
     /// A 1024×1024×1024 f32 matrix product: the machine's practical ceiling.
     Gemm,
@@ -64,6 +66,9 @@ pub struct BenchArgs {
     /// Sampling steps (sample mode).
     #[arg(long, default_value_t = 50)]
     steps: usize,
+    /// Samples per timed run (sample mode), in batches of --batch.
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
     /// Where to compute.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -130,9 +135,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let batch = a.batch.unwrap_or(match a.mode {
         BenchMode::Train => 128,
+        BenchMode::Sample if dev.is_cpu() => 128,
         BenchMode::Sample | BenchMode::Kernels => 1000,
         _ => 256,
     });
+    if batch == 0 || a.n == 0 {
+        bail!("--batch and --n must be at least 1");
+    }
     if a.mode == BenchMode::Kernels {
         return kernels_bench(&a, &dev, &cfg, batch);
     }
@@ -146,6 +155,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             width: s,
             class_names: (0..cfg.num_classes).map(|d| d.to_string()).collect(),
         },
+        prediction: Default::default(),
     };
     let params = ddpm_unet::parameter_count(&cfg)?;
     let mut rng = SeededNoise::new(0);
@@ -166,6 +176,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let dtype = autocast.map(|a| a.dtype());
     let mut trainer = Trainer::new(card, train_config, &dev)?;
     trainer.set_kernels(kernels);
+    // Sample mode: the forward batch and its images/s.
+    let mut sample_extra: Option<(usize, f64)> = None;
     let secs = match a.mode {
         BenchMode::Train => {
             let b = Batch {
@@ -186,27 +198,51 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .with_autocast(dtype)?;
             let guided = ClassifierFreeGuidance::new(&model, 3.0)?;
             let schedule = trainer.card().schedule.build()?;
-            time_iters(a.warmup, a.iters, || {
-                // The sampler `ddpm eval` uses.
-                let mut sampler = make_sampler(
-                    SamplerArg::Ddim,
-                    &schedule,
-                    a.steps,
-                    0.0,
-                    Spacing::Leading,
-                    SamplerConfig { clip_x0: true },
-                )?;
+            let xs = Tensor::from_vec(
+                rng.randn_vec(a.n * cfg.in_channels * s * s),
+                (a.n, cfg.in_channels, s, s),
+                &dev,
+            )?;
+            let ls = Tensor::from_vec(rng.uniform_u32(a.n, 10), a.n, &dev)?;
+            let secs = time_iters(a.warmup, a.iters, || {
                 let mut noise = SeededNoise::new(1);
-                sample(
-                    &guided,
-                    sampler.as_mut(),
-                    x.clone(),
-                    Some(&labels),
-                    &mut noise,
-                    &mut |_| Ok(()),
-                )?;
+                for start in (0..a.n).step_by(batch) {
+                    let len = batch.min(a.n - start);
+                    // The sampler `ddpm eval` uses.
+                    let mut sampler = make_sampler(
+                        SamplerArg::Ddim,
+                        &schedule,
+                        a.steps,
+                        0.0,
+                        Spacing::Leading,
+                        SamplerConfig { clip_x0: true },
+                    )?;
+                    sample(
+                        &guided,
+                        sampler.as_mut(),
+                        xs.narrow(0, start, len)?,
+                        Some(&ls.narrow(0, start, len)?),
+                        &mut noise,
+                        &mut |_| Ok(()),
+                    )?;
+                }
                 sync(&dev)
-            })?
+            })?;
+            // The forward rate at the batch guided sampling runs the network at.
+            let fb = 2 * batch.min(a.n);
+            let fx = Tensor::from_vec(
+                rng.randn_vec(fb * cfg.in_channels * s * s),
+                (fb, cfg.in_channels, s, s),
+                &dev,
+            )?;
+            let ft = Tensor::from_vec(rng.uniform_u32(fb, 1000), fb, &dev)?;
+            let fl = Tensor::from_vec(rng.uniform_u32(fb, 11), fb, &dev)?;
+            let fsecs = time_iters(1, 3, || {
+                model.predict_noise(&fx, &ft, Some(&fl))?;
+                sync(&dev)
+            })?;
+            sample_extra = Some((fb, (fb * 3) as f64 / fsecs));
+            secs
         }
         _ => {
             let model = trainer
@@ -220,7 +256,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             })?
         }
     };
-    let images_per_s = (batch * a.iters) as f64 / secs;
+    let per_iter = if a.mode == BenchMode::Sample {
+        a.n
+    } else {
+        batch
+    };
+    let images_per_s = (per_iter * a.iters) as f64 / secs;
     let fwd = ddpm_unet::forward_flops(&cfg, s, s);
     // Training is forward + backward (≈ 2× forward); guided sampling runs 2 forwards a step.
     let per_image = match a.mode {
@@ -247,6 +288,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "peak_rss_mib": peak_rss_mib(),
             "device": format!("{:?}", a.device).to_lowercase(),
             "steps": (a.mode == BenchMode::Sample).then_some(a.steps),
+            "samples": (a.mode == BenchMode::Sample).then_some(a.n),
+            "forward_batch": sample_extra.map(|e| e.0),
+            "forward_images_per_s": sample_extra.map(|e| e.1),
+            // Two forward images a sample a step: the rate the forward pass alone allows.
+            "forward_bound_samples_per_s": sample_extra.map(|e| e.1 / (2.0 * a.steps as f64)),
+            "vs_forward_bound": sample_extra.map(|e| images_per_s / (e.1 / (2.0 * a.steps as f64))),
         })
     );
     Ok(())

@@ -188,7 +188,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     let mut rows = Vec::new();
     for &wt in &weights {
-        let guided = ClassifierFreeGuidance::new(&unet, wt)?;
+        let guided = ClassifierFreeGuidance::new(card.denoiser(&unet, &schedule), wt)?;
         let bar = ProgressBar::new(a.n as u64);
         bar.set_style(ProgressStyle::with_template(&format!(
             "w = {wt:<4} [{{bar:30}}] {{pos}}/{{len}} samples {{elapsed_precise}} (eta {{eta}})"

@@ -5,39 +5,125 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
+use ddpm_core::Prediction;
 use ddpm_data::{Dataset, DatasetKind, Split, TensorBatcher};
 use ddpm_schedule::{BetaSchedule, ScheduleConfig};
+use ddpm_train::budget::WallClock;
 use ddpm_train::{
-    fit, DataInfo, EpochReport, FitData, FitOutcome, ModelCard, StepReport, TrainConfig,
-    TrainObserver, Trainer,
+    fit_timed, BudgetConfig, DataInfo, EpochReport, FitData, FitOutcome, LossWeighting, ModelCard,
+    StepReport, TrainConfig, TrainObserver, Trainer,
 };
 use ddpm_unet::UNetConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::DeviceArg;
 
-/// Options of `ddpm train`.
+/// A named set of defaults for `ddpm train`; any flag given explicitly overrides its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Recipe {
+    /// The CPU default: the `small` model for a 30-minute budget (warm-up and EMA fitted to the
+    /// planned steps); chosen by measurement, see docs/recipes.md.
+    Quick,
+    /// The recipe of the shipped model (the default on --device cuda): the `mnist` preset,
+    /// 6 epochs at batch 256, lr 1e-3, 200 warm-up steps, EMA 0.995. About 8 minutes on an
+    /// H100, about 10 hours on a 2-core CPU.
+    Full,
+}
+
+/// The values a recipe gives to the flags left out.
+struct RecipeValues {
+    model: &'static str,
+    epochs: u64,
+    batch_size: usize,
+    lr: f64,
+    warmup: u64,
+    ema_decay: f64,
+    budget: Option<f64>,
+    loss_weighting: &'static str,
+    prediction: &'static str,
+    log_every: u64,
+    checkpoint_every: u64,
+}
+
+impl Recipe {
+    fn values(self) -> RecipeValues {
+        match self {
+            Recipe::Quick => RecipeValues {
+                model: "small",
+                epochs: 100,
+                batch_size: 64,
+                lr: 1e-3,
+                warmup: 100,
+                ema_decay: 0.998,
+                budget: Some(30.0 * 60.0),
+                loss_weighting: "uniform",
+                prediction: "epsilon",
+                log_every: 100,
+                checkpoint_every: 500,
+            },
+            Recipe::Full => RecipeValues {
+                model: "mnist",
+                epochs: 6,
+                batch_size: 256,
+                lr: 1e-3,
+                warmup: 200,
+                ema_decay: 0.995,
+                budget: None,
+                loss_weighting: "uniform",
+                prediction: "epsilon",
+                log_every: 100,
+                checkpoint_every: 0,
+            },
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Recipe::Quick => "quick",
+            Recipe::Full => "full",
+        }
+    }
+}
+
+/// Options of `ddpm train`. Flags left out take their value from `--recipe`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Epochs (passes over the training set).
-    #[arg(short = 'e', long, default_value_t = 20)]
-    epochs: u64,
-    /// Peak learning rate (AdamW).
-    #[arg(short = 'l', long, default_value_t = 2e-4)]
-    lr: f64,
-    /// Batch size.
-    #[arg(short = 'b', long, default_value_t = 128)]
-    batch_size: usize,
-    /// Model preset: mnist (default model), small (trains on a CPU), tiny (tests).
-    #[arg(long, default_value = "mnist", value_parser = ["mnist", "small", "tiny"])]
-    model: String,
+    /// Defaults for the flags left out: quick (the CPU default: a 30-minute budget) or full
+    /// (the shipped model's recipe; the default on --device cuda).
+    #[arg(long, value_enum)]
+    recipe: Option<Recipe>,
+    /// Wall-clock budget for the whole run (e.g. 15m, 30m, 1h30m, 2h; `off` for none): the run
+    /// measures this machine, then fixes the step count so that it ends in time, grids and
+    /// checkpoints included. Combines with --epochs/--max-steps: the first limit reached wins.
+    /// Default: from --recipe (quick: 30m).
+    #[arg(long, value_parser = parse_budget)]
+    budget: Option<BudgetArg>,
+    /// Epochs (passes over the training set). Default: from --recipe (quick 100, full 6).
+    #[arg(short = 'e', long)]
+    epochs: Option<u64>,
+    /// Peak learning rate (AdamW). Default: from --recipe (1e-3).
+    #[arg(short = 'l', long)]
+    lr: Option<f64>,
+    /// Batch size. Default: from --recipe (quick 64, full 256).
+    #[arg(short = 'b', long)]
+    batch_size: Option<usize>,
+    /// Model preset: mnist (the shipped model's), small (trains on a CPU), tiny (tests).
+    /// Default: from --recipe (quick small, full mnist).
+    #[arg(long, value_parser = ["mnist", "small", "tiny"])]
+    model: Option<String>,
     /// β schedule.
     #[arg(long, default_value = "linear", value_parser = ["linear", "cosine", "sigmoid"])]
     schedule: String,
     /// Diffusion steps T.
     #[arg(long, default_value_t = 1000)]
     timesteps: usize,
+    /// What the network predicts: epsilon (the noise) or v (√ᾱ·ε − √(1−ᾱ)·x0). Saved on the
+    /// model card; sampling converts. Default: from --recipe.
+    #[arg(long, value_parser = ["epsilon", "v"])]
+    prediction: Option<String>,
+    /// Per-timestep loss weights: uniform, min-snr (γ = 5) or min-snr-G. Default: from --recipe.
+    #[arg(long)]
+    loss_weighting: Option<String>,
     /// Probability of dropping the class label (classifier-free guidance); 0 with an
     /// unconditional model.
     #[arg(long, default_value_t = 0.1)]
@@ -45,9 +131,10 @@ pub struct TrainArgs {
     /// Train an unconditional model (no class embedding).
     #[arg(long)]
     unconditional: bool,
-    /// EMA decay of the weights used for sampling.
-    #[arg(long, default_value_t = 0.999)]
-    ema_decay: f64,
+    /// EMA decay of the weights used for sampling. Default: from --recipe (full 0.995); with a
+    /// budget and no --ema-decay, fitted so that the EMA spans the last 10 % of the steps.
+    #[arg(long)]
+    ema_decay: Option<f64>,
     /// Dataset: mnist, fashion-mnist or folder:PATH (PATH/CLASS/*.png).
     #[arg(long, default_value = "mnist")]
     dataset: DatasetKind,
@@ -66,16 +153,17 @@ pub struct TrainArgs {
     /// Output folder: checkpoint.safetensors, metrics.jsonl, loss.png, samples/.
     #[arg(long, default_value = "runs/default")]
     out: PathBuf,
-    /// Continue the run in --out from its checkpoint (exactly; model, schedule and data
-    /// options come from the checkpoint, --epochs and --max-steps may be raised).
+    /// Continue the run in --out from its checkpoint (exactly; model, schedule, data and
+    /// budget plan come from the checkpoint, --epochs and --max-steps may be raised).
     #[arg(long)]
     resume: bool,
     /// Stop after this many optimizer steps in total.
     #[arg(long)]
     max_steps: Option<u64>,
-    /// Learning-rate warm-up steps.
-    #[arg(long, default_value_t = 500)]
-    warmup: u64,
+    /// Learning-rate warm-up steps. Default: from --recipe (full 200); with a budget and no
+    /// --warmup, fitted to 5 % of the planned steps.
+    #[arg(long)]
+    warmup: Option<u64>,
     /// Keep the learning rate constant after warm-up (no cosine decay).
     #[arg(long)]
     no_cosine: bool,
@@ -85,12 +173,14 @@ pub struct TrainArgs {
     /// DDIM steps of the sample grids.
     #[arg(long, default_value_t = 50)]
     sample_steps: usize,
-    /// Checkpoint every N steps as well as at epoch ends (0: epoch ends only).
-    #[arg(long, default_value_t = 500)]
-    checkpoint_every: u64,
+    /// Checkpoint every N steps as well as at epoch ends (0: epoch ends only). Default: from
+    /// --recipe (quick 500, full 0).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
     /// Also write a metrics line and redraw loss.png every N steps (0: epoch ends only).
-    #[arg(long, default_value_t = 0)]
-    log_every: u64,
+    /// Default: from --recipe (100).
+    #[arg(long)]
+    log_every: Option<u64>,
     /// Test-split examples for the held-out loss (0: none).
     #[arg(long, default_value_t = 1024)]
     held_out: usize,
@@ -104,19 +194,63 @@ pub struct TrainArgs {
     autocast: Option<String>,
 }
 
+/// `--budget`: a duration, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub enum BudgetArg {
+    /// No budget.
+    Off,
+    /// Seconds.
+    Seconds(f64),
+}
+
+fn parse_budget(s: &str) -> std::result::Result<BudgetArg, String> {
+    if s == "off" || s == "none" {
+        return Ok(BudgetArg::Off);
+    }
+    ddpm_train::budget::parse_duration(s).map(BudgetArg::Seconds)
+}
+
 struct Progress {
     bar: ProgressBar,
+    /// The budget's deadline, in seconds since `started`.
+    deadline_s: Option<f64>,
+    started: std::time::Instant,
 }
 
 impl TrainObserver for Progress {
+    fn on_plan(&mut self, p: &ddpm_train::BudgetPlan) {
+        let fmt = ddpm_train::budget::format_duration;
+        self.bar.println(format!(
+            "budget {}: {} steps planned ({:.2} s a step, {:.0} s a sample grid), predicted {}",
+            fmt(p.budget_s),
+            p.steps,
+            p.costs.train_step_s,
+            p.costs.grid_s,
+            fmt(p.predicted_s)
+        ));
+    }
     fn on_start(&mut self, start: u64, total: u64) {
         self.bar.set_length(total);
         self.bar.set_position(start);
     }
     fn on_step(&mut self, r: &StepReport) {
         self.bar.set_position(r.step);
+        let left = self.deadline_s.map_or(String::new(), |d| {
+            let left = d - self.started.elapsed().as_secs_f64();
+            if left >= 0.0 {
+                format!(
+                    ", budget left {}",
+                    ddpm_train::budget::format_duration(left)
+                )
+            } else {
+                format!(
+                    ", {} over budget",
+                    ddpm_train::budget::format_duration(-left)
+                )
+            }
+        });
         self.bar.set_message(format!(
-            "epoch {} loss {:.4} {:.1} img/s",
+            "epoch {} loss {:.4} {:.1} img/s{left}",
             r.epoch, r.loss, r.images_per_sec
         ));
     }
@@ -137,11 +271,15 @@ impl TrainObserver for Progress {
 
 /// Flags whose value a resumed run takes from its checkpoint instead.
 const FIXED_BY_CHECKPOINT: &[&str] = &[
+    "recipe",
+    "budget",
     "lr",
     "batch_size",
     "model",
     "schedule",
     "timesteps",
+    "prediction",
+    "loss_weighting",
     "p_uncond",
     "unconditional",
     "ema_decay",
@@ -158,8 +296,40 @@ const FIXED_BY_CHECKPOINT: &[&str] = &[
     "autocast",
 ];
 
+/// The recipe in force: `--recipe`, else quick on the CPU and full on CUDA.
+fn recipe(a: &TrainArgs) -> Recipe {
+    a.recipe.unwrap_or(match a.device {
+        DeviceArg::Cpu => Recipe::Quick,
+        DeviceArg::Cuda => Recipe::Full,
+    })
+}
+
+/// The first line of a run: what the recipe will do, and the flag that changes it.
+fn announce(a: &TrainArgs, r: Recipe, budget: Option<f64>) -> String {
+    let explicit = if a.recipe.is_some() {
+        ""
+    } else {
+        " (the default on this device)"
+    };
+    match (r, budget) {
+        (_, Some(s)) => format!(
+            "ddpm train: recipe `{}`{explicit}: ends within {} of wall-clock, sample grids and              checkpoints included (--budget changes it; --recipe full is the shipped model's recipe)",
+            r.name(),
+            ddpm_train::budget::format_duration(s)
+        ),
+        (Recipe::Full, None) => format!(
+            "ddpm train: recipe `full`{explicit}: the shipped model's recipe, about 8 min on an H100              and hours on a CPU (--budget 30m caps it; --recipe quick is the 30-minute CPU recipe)"
+        ),
+        (r, None) => format!(
+            "ddpm train: recipe `{}`{explicit} with no budget (--budget 30m sets one)",
+            r.name()
+        ),
+    }
+}
+
 /// Runs `ddpm train`; `explicit` names the flags given on the command line.
 pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
+    let process_start = std::time::Instant::now();
     let device = crate::device(a.device)?;
     if a.resume {
         let ignored: Vec<String> = explicit
@@ -180,11 +350,22 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
     let mut preloaded = None;
     let mut trainer = if a.resume {
         let (epochs, max_steps) = (a.epochs, a.max_steps);
-        Trainer::resume(&ckpt, &device, |c| {
-            c.epochs = epochs;
+        let t = Trainer::resume(&ckpt, &device, |c| {
+            if let Some(e) = epochs {
+                c.epochs = e;
+            }
             c.max_steps = max_steps;
         })
-        .with_context(|| format!("--resume: cannot continue from {}", ckpt.display()))?
+        .with_context(|| format!("--resume: cannot continue from {}", ckpt.display()))?;
+        println!(
+            "ddpm train: resuming {} at step {}{}",
+            ckpt.display(),
+            t.step(),
+            t.config()
+                .budget_steps
+                .map_or(String::new(), |n| format!(" of the budget's {n}"))
+        );
+        t
     } else {
         if ckpt.exists() {
             bail!(
@@ -192,12 +373,27 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
                 a.out.display()
             );
         }
-        let mut model = UNetConfig::preset(&a.model).context("--model")?;
+        let r = recipe(&a);
+        let v = r.values();
+        let budget_s = match a.budget {
+            Some(BudgetArg::Off) => None,
+            Some(BudgetArg::Seconds(s)) => Some(s),
+            None => v.budget,
+        };
+        println!("{}", announce(&a, r, budget_s));
+        let model_name = a.model.as_deref().unwrap_or(v.model);
+        let mut model = UNetConfig::preset(model_name).context("--model")?;
         let beta = BetaSchedule::from_name(&a.schedule).context("--schedule")?;
         let schedule = ScheduleConfig::new(beta, a.timesteps);
         schedule
             .build()
             .with_context(|| format!("--timesteps {} / --schedule {}", a.timesteps, a.schedule))?;
+        let prediction_name = a.prediction.as_deref().unwrap_or(v.prediction);
+        let prediction = Prediction::from_name(prediction_name)
+            .with_context(|| format!("--prediction {prediction_name}"))?;
+        let weighting_name = a.loss_weighting.as_deref().unwrap_or(v.loss_weighting);
+        let loss_weighting = LossWeighting::from_name(weighting_name)
+            .map_err(|e| anyhow::anyhow!("--loss-weighting {e}"))?;
         let probe = load(&a, Split::Train)?;
         let (c, h, w) = probe.image_shape();
         model.in_channels = c;
@@ -216,24 +412,32 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
                 width: w,
                 class_names: probe.class_names().to_vec(),
             },
+            prediction,
         };
         preloaded = Some(probe);
+        let budget = budget_s.map(|seconds| BudgetConfig {
+            seconds,
+            warmup_fraction: a.warmup.is_none().then_some(0.05),
+            ema_horizon_fraction: a.ema_decay.is_none().then_some(0.1),
+        });
         let config = TrainConfig {
-            epochs: a.epochs,
+            epochs: a.epochs.unwrap_or(v.epochs),
             max_steps: a.max_steps,
-            batch_size: a.batch_size,
-            lr: a.lr,
-            warmup_steps: a.warmup,
+            batch_size: a.batch_size.unwrap_or(v.batch_size),
+            lr: a.lr.unwrap_or(v.lr),
+            warmup_steps: a.warmup.unwrap_or(v.warmup),
             cosine_decay: !a.no_cosine,
             p_uncond: if a.unconditional { 0.0 } else { a.p_uncond },
-            ema_decay: a.ema_decay,
+            ema_decay: a.ema_decay.unwrap_or(v.ema_decay),
             seed: a.seed,
             sample_every: a.sample_every,
             sample_steps: a.sample_steps,
-            checkpoint_every: a.checkpoint_every,
+            checkpoint_every: a.checkpoint_every.unwrap_or(v.checkpoint_every),
             held_out_examples: a.held_out,
-            log_every: a.log_every,
+            log_every: a.log_every.unwrap_or(v.log_every),
             autocast: crate::autocast(a.autocast.as_deref(), &device)?,
+            loss_weighting,
+            budget,
             ..TrainConfig::default()
         };
         Trainer::new(card, config, &device).context("cannot set up training")?
@@ -285,20 +489,48 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
         .context("progress bar template")?
         .progress_chars("=> "),
     );
-    let mut progress = Progress { bar };
-    let outcome = fit(&mut trainer, &data, &a.out, &mut progress, &stop)
-        .with_context(|| format!("training into {}", a.out.display()))?;
+    // The budget counts from the process start on a first run; a resumed run has already
+    // spent the checkpoint's training time (its plan is fixed, so this only feeds the display).
+    let resumed_s = if a.resume { trainer.elapsed_s() } else { 0.0 };
+    let mut progress = Progress {
+        bar,
+        deadline_s: trainer.config().budget.map(|b| b.seconds - resumed_s),
+        started: process_start,
+    };
+    let spent = process_start.elapsed().as_secs_f64();
+    let outcome = fit_timed(
+        &mut trainer,
+        &data,
+        &a.out,
+        &mut progress,
+        &stop,
+        &WallClock::new(),
+        spent,
+    )
+    .with_context(|| format!("training into {}", a.out.display()))?;
     progress.bar.finish_and_clear();
     let what = match outcome {
         FitOutcome::Finished => "finished",
+        FitOutcome::MaxSteps if trainer.config().budget_steps.is_some() => {
+            "reached its step limit (budget or --max-steps)"
+        }
         FitOutcome::MaxSteps => "reached --max-steps",
         FitOutcome::Stopped => "stopped by Ctrl-C",
     };
+    let c = trainer.config();
     println!(
-        "training {what} at step {}; checkpoint: {} (continue with --resume)",
+        "training {what} at step {} in {}; checkpoint: {} (continue with --resume)",
         trainer.step(),
+        ddpm_train::budget::format_duration(process_start.elapsed().as_secs_f64()),
         ckpt.display()
     );
+    if let Some(n) = c.budget_steps {
+        println!(
+            "the budget's plan, to rerun it on any machine: --max-steps {n} --warmup {} \
+             --ema-decay {} --budget off (with the other flags of this run)",
+            c.warmup_steps, c.ema_decay
+        );
+    }
     Ok(())
 }
 

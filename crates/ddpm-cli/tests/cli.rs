@@ -34,6 +34,7 @@ fn tiny_checkpoint(dir: &Path, classes: usize) -> PathBuf {
             width: 28,
             class_names: (0..10).map(|d| d.to_string()).collect(),
         },
+        prediction: Default::default(),
     };
     let path = dir.join(format!("tiny{classes}.safetensors"));
     Trainer::new(card, TrainConfig::default(), &Device::Cpu)

@@ -66,6 +66,57 @@ pub enum PosteriorVariance {
     BetaTilde,
 }
 
+/// What a network's output means (its parameterisation). Samplers always work with ε; a
+/// network trained for another target is turned into an ε-predictor by
+/// `ddpm_sampler::Parameterized`.
+///
+/// With x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε:
+///
+/// * ε-prediction (Ho et al. 2020) regresses ε;
+/// * v-prediction (Salimans & Ho 2022) regresses v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0, from which
+///   ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t and x_0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    /// The network predicts the noise ε.
+    #[default]
+    Epsilon,
+    /// The network predicts the velocity v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0.
+    V,
+}
+
+impl Prediction {
+    /// The name used by flags and model cards: `epsilon` or `v`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Epsilon => "epsilon",
+            Self::V => "v",
+        }
+    }
+    /// Parses [`Prediction::name`] (`eps` also accepted).
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "epsilon" | "eps" => Some(Self::Epsilon),
+            "v" => Some(Self::V),
+            _ => None,
+        }
+    }
+    /// The regression target for x_0, ε and the coefficients a = √ᾱ_t, s = √(1−ᾱ_t) of one
+    /// sample: ε, or a·ε − s·x_0.
+    pub fn target(&self, x0: f64, eps: f64, a: f64, s: f64) -> f64 {
+        match self {
+            Self::Epsilon => eps,
+            Self::V => a * eps - s * x0,
+        }
+    }
+}
+
+impl std::fmt::Display for Prediction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A noise-prediction network ε_θ(x_t, t, y).
 pub trait Denoiser {
     /// Predicts the noise in `x_t` (`[B,C,H,W]` f32) at timesteps `t` (`[B]` u32).

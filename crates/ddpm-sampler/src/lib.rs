@@ -36,6 +36,7 @@
 //! ```
 
 use candle_core::{bail, DType, Result, Tensor};
+pub use ddpm_core::Prediction;
 use ddpm_core::{Denoiser, GuidancePair, NoiseSchedule, NoiseSource, PosteriorVariance};
 use ddpm_kernels::{reverse_step, Eps, StepRule};
 use serde::{Deserialize, Serialize};
@@ -533,6 +534,68 @@ impl<D: Denoiser> Denoiser for ClassifierFreeGuidance<D> {
         let yy = Tensor::cat(&[&labels.to_dtype(DType::U32)?, &nulls], 0)?;
         let pair = self.inner.predict_noise(&xx, &tt, Some(&yy))?;
         Ok(Some(GuidancePair { pair, w: self.w }))
+    }
+}
+
+/// A network trained for another target ([`Prediction`]) as an ε-predicting [`Denoiser`]:
+/// for v-prediction, ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t with one t per sample. ε-prediction passes
+/// through unchanged.
+///
+/// Wrap the network first, then guidance around it:
+/// `ClassifierFreeGuidance::new(Parameterized::new(&unet, Prediction::V, &schedule), w)`
+/// (the guidance combination is linear, so combining ε or converting the combined v agree).
+#[derive(Debug, Clone)]
+pub struct Parameterized<D> {
+    inner: D,
+    prediction: Prediction,
+    sqrt_ac: Vec<f32>,
+    sqrt_1m_ac: Vec<f32>,
+}
+
+impl<D: Denoiser> Parameterized<D> {
+    /// Wraps `inner`, whose output is a `prediction`, for `schedule`'s ᾱ.
+    pub fn new(inner: D, prediction: Prediction, schedule: &dyn NoiseSchedule) -> Self {
+        let ac = schedule.alphas_cumprod();
+        Self {
+            inner,
+            prediction,
+            sqrt_ac: ac.iter().map(|a| a.sqrt() as f32).collect(),
+            sqrt_1m_ac: ac.iter().map(|a| (1.0 - a).sqrt() as f32).collect(),
+        }
+    }
+    /// What the wrapped network predicts.
+    pub fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+    /// The wrapped network.
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+}
+
+impl<D: Denoiser> Denoiser for Parameterized<D> {
+    fn predict_noise(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        let out = self.inner.predict_noise(x, t, labels)?;
+        match self.prediction {
+            Prediction::Epsilon => Ok(out),
+            Prediction::V => {
+                let b = x.dim(0)?;
+                let t_total = self.sqrt_ac.len();
+                let dev = x.device();
+                let t = t.to_dtype(DType::U32)?;
+                let gather = |table: &[f32]| -> Result<Tensor> {
+                    Tensor::from_slice(table, t_total, dev)?
+                        .index_select(&t, 0)?
+                        .to_dtype(out.dtype())?
+                        .reshape((b, 1, 1, 1))
+                };
+                let (a, s) = (gather(&self.sqrt_ac)?, gather(&self.sqrt_1m_ac)?);
+                out.broadcast_mul(&a)? + x.to_dtype(out.dtype())?.broadcast_mul(&s)?
+            }
+        }
+    }
+    fn null_class(&self) -> Option<u32> {
+        self.inner.null_class()
     }
 }
 

@@ -45,6 +45,21 @@ pub struct ModelCard {
     pub schedule: ScheduleConfig,
     /// The data.
     pub data: DataInfo,
+    /// What the network predicts (ε or v); cards written before this field read as ε.
+    #[serde(default)]
+    pub prediction: ddpm_core::Prediction,
+}
+
+impl ModelCard {
+    /// `net` (this card's network) as an ε-predicting denoiser for the samplers: v-prediction
+    /// is converted with `schedule`'s ᾱ ([`ddpm_sampler::Parameterized`]).
+    pub fn denoiser<D: ddpm_core::Denoiser>(
+        &self,
+        net: D,
+        schedule: &dyn ddpm_core::NoiseSchedule,
+    ) -> ddpm_sampler::Parameterized<D> {
+        ddpm_sampler::Parameterized::new(net, self.prediction, schedule)
+    }
 }
 
 /// Where a training run stands: enough to continue it exactly.

@@ -11,6 +11,7 @@ use ddpm_data::{Batcher, Loader, LoaderConfig, TensorBatcher};
 use ddpm_sampler::{sample, ClassifierFreeGuidance, Ddim, SamplerConfig, Spacing};
 use serde::{Deserialize, Serialize};
 
+use crate::budget::{self, BudgetPlan, Clock, RunShape, StepCosts, WallClock};
 use crate::error::{Result, TrainError};
 use crate::viz;
 use crate::Trainer;
@@ -66,6 +67,8 @@ pub struct EpochReport {
 pub trait TrainObserver {
     /// Before the first step: the step to start from and the total planned.
     fn on_start(&mut self, _start_step: u64, _total_steps: u64) {}
+    /// A budgeted run's plan, once it is fixed (before `on_start`; only on the run's first start).
+    fn on_plan(&mut self, _plan: &BudgetPlan) {}
     /// After each step.
     fn on_step(&mut self, _report: &StepReport) {}
     /// After each metrics line.
@@ -81,7 +84,7 @@ impl TrainObserver for () {}
 pub enum FitOutcome {
     /// All epochs done.
     Finished,
-    /// `max_steps` reached.
+    /// `max_steps` or the budget's step count reached.
     MaxSteps,
     /// The stop flag was raised (Ctrl-C); a checkpoint was written.
     Stopped,
@@ -112,12 +115,15 @@ impl Period {
     }
 }
 
-/// Trains until the configured epochs or `max_steps`, or until `stop` is raised.
+/// Trains until the configured epochs, `max_steps` or budget, or until `stop` is raised.
 ///
 /// Writes into `out_dir`: `checkpoint.safetensors` (atomically, every
 /// `checkpoint_every` steps, at each epoch end and on stop), `metrics.jsonl`,
 /// `loss.png` and `samples/epoch_NNN.png`. On a NaN loss it returns the error and the
 /// last good checkpoint stays as it was.
+///
+/// A run with a [`crate::TrainConfig::budget`] and no plan yet is planned first
+/// ([`fit_timed`] with the wall clock and nothing spent before).
 pub fn fit(
     trainer: &mut Trainer,
     data: &FitData,
@@ -125,24 +131,76 @@ pub fn fit(
     observer: &mut dyn TrainObserver,
     stop: &AtomicBool,
 ) -> Result<FitOutcome> {
-    let cfg = trainer.config().clone();
+    fit_timed(
+        trainer,
+        data,
+        out_dir,
+        observer,
+        stop,
+        &WallClock::new(),
+        0.0,
+    )
+}
+
+/// [`fit`], with the clock a budget is measured with and the seconds of the budget already
+/// spent before this call (process start, data loading).
+pub fn fit_timed(
+    trainer: &mut Trainer,
+    data: &FitData,
+    out_dir: &Path,
+    observer: &mut dyn TrainObserver,
+    stop: &AtomicBool,
+    clock: &dyn Clock,
+    spent_s: f64,
+) -> Result<FitOutcome> {
+    let planned_before = trainer.config().budget_steps.is_some();
+    let (batch_size, seed) = (trainer.config().batch_size, trainer.config().seed);
     let loader = Loader::new(
         data.train_len,
         LoaderConfig {
-            batch_size: cfg.batch_size,
+            batch_size,
             shuffle: true,
-            drop_last: data.train_len >= cfg.batch_size,
-            seed: cfg.seed,
+            drop_last: data.train_len >= batch_size,
+            seed,
         },
     )?;
     let per_epoch = loader.batches_per_epoch() as u64;
     trainer.set_steps_per_epoch(per_epoch);
-    let total = trainer.total_steps_hint();
     let ckpt = checkpoint_path(out_dir);
     std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io {
         path: out_dir.to_path_buf(),
         source,
     })?;
+    if let (Some(b), false) = (trainer.config().budget, planned_before) {
+        let started = clock.now_s();
+        let costs = measure_costs(trainer, data, &loader, out_dir, clock)?;
+        let spent = spent_s + (clock.now_s() - started);
+        let c = trainer.config();
+        let by_epochs = c.epochs.saturating_mul(per_epoch);
+        let cap = Some(c.max_steps.map_or(by_epochs, |m| m.min(by_epochs)));
+        let shape = RunShape {
+            steps_per_epoch: per_epoch,
+            sample_every: c.sample_every,
+            checkpoint_every: c.checkpoint_every,
+            log_every: c.log_every,
+        };
+        let plan = budget::plan_steps(b.seconds, spent, &costs, &shape, cap)?;
+        trainer.apply_budget_plan(&plan)?;
+        let c = trainer.config();
+        tracing::info!(
+            budget = %budget::format_duration(b.seconds),
+            steps = plan.steps,
+            step_s = costs.train_step_s,
+            grid_s = costs.grid_s,
+            predicted = %budget::format_duration(plan.predicted_s),
+            warmup = c.warmup_steps,
+            ema_decay = c.ema_decay,
+            "budget planned"
+        );
+        observer.on_plan(&plan);
+    }
+    let cfg = trainer.config().clone();
+    let total = trainer.total_steps_hint();
     observer.on_start(trainer.step(), total);
     tracing::info!(
         start_step = trainer.step(),
@@ -175,7 +233,7 @@ pub fn fit(
                 images_per_sec: indices.len() as f64 / secs.max(1e-9),
             };
             observer.on_step(&report);
-            let at_max = cfg.max_steps.is_some_and(|m| trainer.step() >= m);
+            let at_max = trainer.step_cap().is_some_and(|m| trainer.step() >= m);
             let stopping = stop.load(Ordering::SeqCst);
             if at_max || stopping {
                 end_period(trainer, epoch, data, out_dir, &mut period, observer, false)?;
@@ -200,6 +258,69 @@ pub fn fit(
         save(trainer, &ckpt, observer)?;
     }
     Ok(FitOutcome::Finished)
+}
+
+/// What a step, a grid, a held-out evaluation and a checkpoint cost on this machine, timed on
+/// a scratch copy of the model (so the run itself starts from its own first step, and a run
+/// with the same `--max-steps` elsewhere is the same run).
+fn measure_costs(
+    trainer: &Trainer,
+    data: &FitData,
+    loader: &Loader,
+    out_dir: &Path,
+    clock: &dyn Clock,
+) -> Result<StepCosts> {
+    let mut cfg = trainer.config().clone();
+    cfg.budget = None;
+    let mut scratch = Trainer::new(trainer.card().clone(), cfg, trainer.device())?;
+    scratch.set_kernels(trainer.model().kernels());
+    let batches: Vec<Vec<usize>> = loader.epoch(0).take(4).collect();
+    let mut next = 0usize;
+    let train_step_s = budget::time_median(clock, 1, 3, || {
+        let batch = data.train.batch(&batches[next % batches.len().max(1)])?;
+        next += 1;
+        scratch.train_step(&batch).map(|_| ())
+    })?;
+    // A sample grid is `sample_steps` forward passes over the grid's batch (conditional and
+    // unconditional halves when guided); time one such pass.
+    let card = trainer.card();
+    let c = trainer.config();
+    let classes = card.model.num_classes;
+    let grid_n = if classes > 0 { 8 * classes } else { 64 };
+    let guided = classes > 0 && c.sample_guidance != 0.0;
+    let fwd_n = if guided { 2 * grid_n } else { grid_n };
+    let model = scratch.model();
+    let dev = trainer.device();
+    let x = Tensor::zeros(
+        (fwd_n, card.data.channels, card.data.height, card.data.width),
+        DType::F32,
+        dev,
+    )?;
+    let t = Tensor::full(0u32, fwd_n, dev)?;
+    let y = (classes > 0)
+        .then(|| Tensor::full(0u32, fwd_n, dev))
+        .transpose()?;
+    let forward_s = budget::time_median(clock, 0, 1, || {
+        model.forward_t(&x, &t, y.as_ref(), false)?;
+        Ok(())
+    })?;
+    let grid_s = if c.sample_every > 0 {
+        forward_s * c.sample_steps.clamp(1, card.schedule.num_timesteps) as f64
+    } else {
+        0.0
+    };
+    let held_out_s = data.held_out.as_ref().map_or(0.0, |(hx, _)| {
+        forward_s * hx.dim(0).unwrap_or(0) as f64 / fwd_n as f64
+    });
+    let probe = out_dir.join(".budget-probe.safetensors");
+    let checkpoint_s = budget::time_median(clock, 0, 1, || scratch.save(&probe));
+    let _ = std::fs::remove_file(&probe);
+    Ok(StepCosts {
+        train_step_s,
+        grid_s,
+        held_out_s,
+        checkpoint_s: checkpoint_s?,
+    })
 }
 
 fn save(trainer: &Trainer, path: &Path, observer: &mut dyn TrainObserver) -> Result<()> {
@@ -339,7 +460,7 @@ pub fn write_sample_grid(trainer: &Trainer, path: &Path) -> Result<()> {
     } else {
         0.0
     };
-    let guided = ClassifierFreeGuidance::new(&model, w)?;
+    let guided = ClassifierFreeGuidance::new(card.denoiser(&model, trainer.schedule()), w)?;
     let steps = cfg.sample_steps.clamp(1, card.schedule.num_timesteps);
     let mut ddim = Ddim::new(
         trainer.schedule(),

@@ -12,6 +12,7 @@
 //!     schedule: ddpm_schedule::ScheduleConfig::default(),
 //!     data: DataInfo { dataset: "mnist".into(), channels: 1, height: 8, width: 8,
 //!                      class_names: (0..10).map(|d| d.to_string()).collect() },
+//!     prediction: ddpm_core::Prediction::Epsilon,
 //! };
 //! let mut trainer = Trainer::new(card, TrainConfig { batch_size: 4, ..TrainConfig::default() }, &Device::Cpu)?;
 //! let x0 = candle_core::Tensor::zeros((4, 1, 8, 8), candle_core::DType::F32, &Device::Cpu)?;
@@ -22,26 +23,30 @@
 //! # Ok::<(), ddpm_train::TrainError>(())
 //! ```
 
+pub mod budget;
 pub mod checkpoint;
 mod error;
 mod fit;
+pub mod loss;
 pub mod optim;
 pub mod viz;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use ddpm_core::{NoiseSchedule, NoiseSource, SeededNoise};
+use ddpm_core::{NoiseSchedule, NoiseSource, Prediction, SeededNoise};
 use ddpm_data::Batch;
 use ddpm_schedule::Schedule;
 use ddpm_unet::UNet;
 use serde::{Deserialize, Serialize};
 
+pub use budget::{BudgetConfig, BudgetPlan};
 pub use checkpoint::{load_unet, DataInfo, ModelCard, TrainState, Weights};
 pub use error::{Result, TrainError};
 pub use fit::{
-    checkpoint_path, fit, metrics_path, plot_metrics, read_metrics, write_sample_grid, EpochReport,
-    FitData, FitOutcome, StepReport, TrainObserver,
+    checkpoint_path, fit, fit_timed, metrics_path, plot_metrics, read_metrics, write_sample_grid,
+    EpochReport, FitData, FitOutcome, StepReport, TrainObserver,
 };
+pub use loss::LossWeighting;
 use optim::{AdamW, AdamWConfig, Ema};
 
 /// Training options. Saved in every checkpoint.
@@ -88,6 +93,19 @@ pub struct TrainConfig {
     /// (it would need loss scaling).
     #[serde(default)]
     pub autocast: Option<ddpm_unet::Autocast>,
+    /// Per-timestep weights of the loss (uniform, or min-SNR-γ). What the network predicts
+    /// (ε or v) is part of the model card ([`ModelCard::prediction`]).
+    #[serde(default)]
+    pub loss_weighting: LossWeighting,
+    /// A wall-clock budget: [`fit`] measures this machine and fixes the step count so that
+    /// the run ends within it ([`budget`]). The first limit reached (epochs, `max_steps`,
+    /// budget) wins.
+    #[serde(default)]
+    pub budget: Option<BudgetConfig>,
+    /// The step count the budget resolved to, fixed on the run's first start and saved, so
+    /// a resumed run continues the same plan. Acts like `max_steps`.
+    #[serde(default)]
+    pub budget_steps: Option<u64>,
 }
 
 impl Default for TrainConfig {
@@ -113,6 +131,9 @@ impl Default for TrainConfig {
             held_out_examples: 1024,
             log_every: 0,
             autocast: None,
+            loss_weighting: LossWeighting::Uniform,
+            budget: None,
+            budget_steps: None,
         }
     }
 }
@@ -150,6 +171,12 @@ impl TrainConfig {
         }
         if !self.sample_guidance.is_finite() {
             return bad("the sample-grid guidance must be finite".into());
+        }
+        self.loss_weighting
+            .validate()
+            .map_err(|m| TrainError::Config(format!("--loss-weighting: {m}")))?;
+        if let Some(b) = &self.budget {
+            b.validate().map_err(TrainError::Config)?;
         }
         Ok(())
     }
@@ -345,6 +372,10 @@ impl Trainer {
     pub fn step(&self) -> u64 {
         self.opt.step_count()
     }
+    /// Wall-clock seconds trained so far (across resumes).
+    pub fn elapsed_s(&self) -> f64 {
+        self.elapsed_s
+    }
     /// The current epoch (0-based).
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -417,7 +448,9 @@ impl Trainer {
         Ok(Some(Tensor::from_vec(l, b, &self.device)?))
     }
 
-    /// The ε-prediction loss of the raw model on a batch with the given t, noise and labels.
+    /// The unweighted ε-MSE of the raw model on a batch with the given t, noise and labels
+    /// (a v-predicting model's output is converted to ε first), comparable across
+    /// parameterisations and loss weightings: what the held-out loss reports.
     pub fn loss(
         &self,
         x0: &Tensor,
@@ -427,20 +460,68 @@ impl Trainer {
         train: bool,
     ) -> Result<Tensor> {
         let x_t = self.schedule.add_noise(x0, noise, t)?;
-        self.loss_at(&x_t, t, noise, labels, train)
+        let out = self.model.forward_t(&x_t, t, labels, train)?;
+        let eps = match self.card.prediction {
+            Prediction::Epsilon => out,
+            Prediction::V => {
+                let ts: Vec<u32> = t.to_dtype(DType::U32)?.to_vec1()?;
+                let (a, s) = self.coefficients(&ts)?;
+                // ε = √ᾱ·v + √(1−ᾱ)·x_t
+                (out.broadcast_mul(&a)? + x_t.broadcast_mul(&s)?)?
+            }
+        };
+        Ok(candle_nn::loss::mse(&eps, noise)?)
     }
 
-    /// The loss from `x_t` already noised (the training loop noises with host-side timesteps).
-    fn loss_at(
+    /// `[B,1,1,1]` tensors of √ᾱ_t and √(1−ᾱ_t) for host-side timesteps.
+    fn coefficients(&self, ts: &[u32]) -> Result<(Tensor, Tensor)> {
+        let (sa, s1) = (
+            self.schedule.sqrt_alphas_cumprod(),
+            self.schedule.sqrt_one_minus_alphas_cumprod(),
+        );
+        let b = ts.len();
+        let pick = |table: &[f64]| -> Result<Tensor> {
+            let v: Vec<f32> = ts.iter().map(|&t| table[t as usize] as f32).collect();
+            Ok(Tensor::from_vec(v, (b, 1, 1, 1), &self.device)?)
+        };
+        Ok((pick(sa)?, pick(s1)?))
+    }
+
+    /// The training objective from `x_t` already noised with the host-side timesteps `ts`:
+    /// the regression target of the card's [`Prediction`], weighted per sample by the
+    /// config's [`LossWeighting`].
+    fn training_loss(
         &self,
+        x0: &Tensor,
         x_t: &Tensor,
         t: &Tensor,
+        ts: &[u32],
         noise: &Tensor,
         labels: Option<&Tensor>,
-        train: bool,
     ) -> Result<Tensor> {
-        let eps = self.model.forward_t(x_t, t, labels, train)?;
-        Ok(candle_nn::loss::mse(&eps, noise)?)
+        let out = self.model.forward_t(x_t, t, labels, true)?;
+        let prediction = self.card.prediction;
+        let target = match prediction {
+            Prediction::Epsilon => noise.clone(),
+            Prediction::V => {
+                let (a, s) = self.coefficients(ts)?;
+                (noise.broadcast_mul(&a)? - x0.broadcast_mul(&s)?)?
+            }
+        };
+        match self.config.loss_weighting {
+            LossWeighting::Uniform => Ok(candle_nn::loss::mse(&out, &target)?),
+            weighting => {
+                let ac = self.schedule.alphas_cumprod();
+                let b = ts.len();
+                let w: Vec<f32> = ts
+                    .iter()
+                    .map(|&t| weighting.weight(prediction, ac[t as usize]) as f32)
+                    .collect();
+                let w = Tensor::from_vec(w, b, &self.device)?;
+                let per_sample = (out - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+                Ok((per_sample * w)?.mean_all()?)
+            }
+        }
     }
 
     /// One optimizer step on `batch`; returns the loss before the update.
@@ -456,7 +537,7 @@ impl Trainer {
         let labels = self.labels_with_dropout(&batch.labels)?;
         // Timesteps checked on the host: no device read-back before the forward pass.
         let x_t = self.schedule.add_noise_from_host(&x0, &noise, &ts)?;
-        let loss = self.loss_at(&x_t, &t, &noise, labels.as_ref(), true)?;
+        let loss = self.training_loss(&x0, &x_t, &t, &ts, &noise, labels.as_ref())?;
         let grads = loss.backward()?;
         // The loss and the squared gradient norm come back in one read (one GPU sync a step);
         // nothing has touched the weights yet, so a non-finite value still leaves them as they
@@ -501,15 +582,48 @@ impl Trainer {
         self.steps_per_epoch = n;
     }
 
-    /// Total steps of the run for the cosine decay: `max_steps`, else epochs × batches
-    /// (set by [`fit`] through `set_steps_per_epoch`).
+    /// Total steps of the run for the cosine decay: the least of `max_steps`, the budget's
+    /// step count and epochs × batches (set by [`fit`] through `set_steps_per_epoch`).
     fn total_steps_hint(&self) -> u64 {
         let by_epochs = self.config.epochs.saturating_mul(self.steps_per_epoch);
-        match self.config.max_steps {
+        let cap = self.step_cap();
+        match cap {
             Some(m) if by_epochs > 0 => m.min(by_epochs),
             Some(m) => m,
             None => by_epochs,
         }
+    }
+
+    /// The lower of `max_steps` and the budget's step count.
+    pub(crate) fn step_cap(&self) -> Option<u64> {
+        match (self.config.max_steps, self.config.budget_steps) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Fixes a budgeted run's plan: its step count and, where the budget asks for it, the
+    /// warm-up and EMA decay fitted to that count. Called by [`fit`] before the first step;
+    /// the values are saved with the next checkpoint.
+    pub fn apply_budget_plan(&mut self, plan: &BudgetPlan) -> Result<()> {
+        let budget = self.config.budget.ok_or_else(|| {
+            TrainError::Config("apply_budget_plan: this run has no budget".into())
+        })?;
+        if self.step() > 0 {
+            return Err(TrainError::Config(
+                "a budget's plan is fixed before the first step; this run has already started"
+                    .into(),
+            ));
+        }
+        self.config.budget_steps = Some(plan.steps);
+        if let Some(w) = budget.warmup_for(plan.steps) {
+            self.config.warmup_steps = w;
+        }
+        if let Some(d) = budget.ema_decay_for(plan.steps) {
+            self.config.ema_decay = d;
+            self.ema.set_decay(d)?;
+        }
+        Ok(())
     }
 
     /// Mean ε-MSE of the raw model on `x0`/`labels` with t and noise from a fixed seed
@@ -553,5 +667,142 @@ impl Trainer {
             config: self.config.clone(),
         };
         checkpoint::save(path, &self.card, Some(&state), tensors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn tiny_card(prediction: Prediction) -> ModelCard {
+        ModelCard {
+            model: ddpm_unet::UNetConfig {
+                channel_mults: vec![1],
+                attention_levels: vec![],
+                ..ddpm_unet::UNetConfig::tiny()
+            },
+            schedule: ddpm_schedule::ScheduleConfig::default(),
+            data: DataInfo {
+                dataset: "mnist".into(),
+                channels: 1,
+                height: 4,
+                width: 4,
+                class_names: (0..10).map(|d| d.to_string()).collect(),
+            },
+            prediction,
+        }
+    }
+
+    /// The training loss against the formula computed on the host in f64: the target of the
+    /// card's prediction, the per-sample min-SNR weight, the mean over pixels, then samples.
+    #[test]
+    fn weighted_losses_match_the_formula_by_hand() {
+        let mut rng = SeededNoise::new(3);
+        let b = 3;
+        let ts = [5u32, 300, 900];
+        let x0v = rng.randn_vec(b * 16);
+        let nv = rng.randn_vec(b * 16);
+        for prediction in [Prediction::Epsilon, Prediction::V] {
+            for weighting in [LossWeighting::Uniform, LossWeighting::MinSnr { gamma: 5.0 }] {
+                let config = TrainConfig {
+                    loss_weighting: weighting,
+                    ..TrainConfig::default()
+                };
+                let tr = Trainer::new(tiny_card(prediction), config, &Device::Cpu).unwrap();
+                let x0 = Tensor::from_vec(x0v.clone(), (b, 1, 4, 4), &Device::Cpu).unwrap();
+                let noise = Tensor::from_vec(nv.clone(), (b, 1, 4, 4), &Device::Cpu).unwrap();
+                let t = Tensor::new(&ts, &Device::Cpu).unwrap();
+                let y = Tensor::new(&[1u32, 2, 10], &Device::Cpu).unwrap();
+                let x_t = tr.schedule.add_noise_from_host(&x0, &noise, &ts).unwrap();
+                let got = tr
+                    .training_loss(&x0, &x_t, &t, &ts, &noise, Some(&y))
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64;
+                // The network's output, then everything else by hand.
+                let out: Vec<f32> = tr
+                    .model
+                    .forward_t(&x_t, &t, Some(&y), true)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let ac = tr.schedule.alphas_cumprod();
+                let mut want = 0.0;
+                for (i, &ti) in ts.iter().enumerate() {
+                    let abar = ac[ti as usize];
+                    let (a, s) = (abar.sqrt(), (1.0 - abar).sqrt());
+                    let snr = abar / (1.0 - abar);
+                    let w = match (weighting, prediction) {
+                        (LossWeighting::Uniform, _) => 1.0,
+                        (_, Prediction::Epsilon) => snr.min(5.0) / snr,
+                        (_, Prediction::V) => snr.min(5.0) / (snr + 1.0),
+                    };
+                    let mut se = 0.0;
+                    for p in 0..16 {
+                        let k = i * 16 + p;
+                        let (x, e) = (x0v[k] as f64, nv[k] as f64);
+                        let target = match prediction {
+                            Prediction::Epsilon => e,
+                            Prediction::V => a * e - s * x,
+                        };
+                        se += (out[k] as f64 - target).powi(2);
+                    }
+                    want += w * se / 16.0;
+                }
+                want /= b as f64;
+                assert!(
+                    (got - want).abs() < 1e-5 * want.max(1e-3),
+                    "{prediction:?} {weighting:?}: got {got}, want {want}"
+                );
+            }
+        }
+    }
+
+    /// For v-prediction the held-out loss is still the ε-MSE: ε̂ = √ᾱ·v̂ + √(1−ᾱ)·x_t.
+    #[test]
+    fn held_out_loss_of_a_v_model_is_an_epsilon_mse() {
+        let tr = Trainer::new(
+            tiny_card(Prediction::V),
+            TrainConfig::default(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut rng = SeededNoise::new(4);
+        let x0 = rng
+            .randn(&(2, 1, 4, 4).into(), DType::F32, &Device::Cpu)
+            .unwrap();
+        let noise = rng
+            .randn(&(2, 1, 4, 4).into(), DType::F32, &Device::Cpu)
+            .unwrap();
+        let ts = [10u32, 700];
+        let t = Tensor::new(&ts, &Device::Cpu).unwrap();
+        let got = tr
+            .loss(&x0, &t, &noise, None, false)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let x_t = tr.schedule.add_noise(&x0, &noise, &t).unwrap();
+        let v: Vec<f32> = tr
+            .model
+            .forward_t(&x_t, &t, None, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let xt: Vec<f32> = x_t.flatten_all().unwrap().to_vec1().unwrap();
+        let e: Vec<f32> = noise.flatten_all().unwrap().to_vec1().unwrap();
+        let ac = tr.schedule.alphas_cumprod();
+        let mut want = 0.0f64;
+        for k in 0..32 {
+            let abar = ac[ts[k / 16] as usize];
+            let eps = abar.sqrt() * v[k] as f64 + (1.0 - abar).sqrt() * xt[k] as f64;
+            want += (eps - e[k] as f64).powi(2);
+        }
+        want /= 32.0;
+        assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
     }
 }

@@ -212,6 +212,22 @@ impl Ema {
         Ok(())
     }
 
+    /// The configured decay.
+    pub fn decay(&self) -> f64 {
+        self.decay
+    }
+
+    /// Changes the decay (a budgeted run fits it to its planned length before its first step).
+    pub fn set_decay(&mut self, decay: f64) -> Result<()> {
+        if !(0.0..1.0).contains(&decay) {
+            return Err(TrainError::Config(format!(
+                "EMA decay must lie in [0, 1), got {decay}"
+            )));
+        }
+        self.decay = decay;
+        Ok(())
+    }
+
     /// The effective decay at optimizer step `step`.
     pub fn effective_decay(&self, step: u64) -> f64 {
         self.decay.min((1.0 + step as f64) / (10.0 + step as f64))

@@ -23,6 +23,7 @@ fn card() -> ModelCard {
             width: 28,
             class_names: (0..10).map(|d| d.to_string()).collect(),
         },
+        prediction: Default::default(),
     }
 }
 
@@ -428,4 +429,172 @@ fn autocast_options_are_checked_up_front() {
     json.as_object_mut().unwrap().remove("autocast");
     let back: TrainConfig = serde_json::from_value(json).unwrap();
     assert_eq!(back.autocast, None);
+}
+
+/// A clock that advances by one second every time it is read: every timed part of the budget
+/// probe then "costs" exactly one second.
+struct FakeClock(std::cell::Cell<f64>);
+impl ddpm_train::budget::Clock for FakeClock {
+    fn now_s(&self) -> f64 {
+        let t = self.0.get();
+        self.0.set(t + 1.0);
+        t
+    }
+}
+
+/// Stops the run (as Ctrl-C would) after `at` steps, and records the losses and the plan.
+struct StopAt<'a> {
+    at: u64,
+    stop: &'a AtomicBool,
+    losses: Vec<(u64, f32)>,
+    plan: Option<ddpm_train::BudgetPlan>,
+}
+impl TrainObserver for StopAt<'_> {
+    fn on_plan(&mut self, p: &ddpm_train::BudgetPlan) {
+        self.plan = Some(*p);
+    }
+    fn on_step(&mut self, r: &StepReport) {
+        self.losses.push((r.step, r.loss));
+        if r.step == self.at {
+            self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+fn budgeted() -> TrainConfig {
+    TrainConfig {
+        budget: Some(ddpm_train::BudgetConfig::fitted(25.0)),
+        ..config()
+    }
+}
+
+fn fake_fit(t: &mut Trainer, dir: &Path, obs: &mut StopAt<'_>) -> FitOutcome {
+    let clock = FakeClock(std::cell::Cell::new(0.0));
+    let stop = obs.stop;
+    ddpm_train::fit_timed(t, &data(), dir, obs, stop, &clock, 0.0).unwrap()
+}
+
+/// The budget's arithmetic end to end with a fake clock, resume after a budgeted run, and
+/// the plan rerun with plain `--max-steps`: all three the same run.
+#[test]
+fn budgeted_runs_plan_resume_exactly_and_reproduce_with_max_steps() {
+    // Uninterrupted. With one second per clock read: a step, a forward pass (the grid costs
+    // sample_every = 0, so nothing), a checkpoint each cost 1 s; the held-out pass is 16 of the
+    // 160 images a guided grid forward holds: 0.1 s. The probe reads the clock 12 times
+    // (3 timed steps, 1 forward, 1 checkpoint, and once before and after), so 11 s are spent.
+    // Usable: 25·0.95 − 11 = 12.75 s. 4 steps an epoch; n steps cost
+    // n + 0.1·(n/4 + 1) + 1·(n/4 + 1): 9 → 12.3 fits, 10 → 13.3 does not.
+    let stop = AtomicBool::new(false);
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut a = Trainer::new(card(), budgeted(), &Device::Cpu).unwrap();
+    let mut oa = StopAt {
+        at: u64::MAX,
+        stop: &stop,
+        losses: vec![],
+        plan: None,
+    };
+    assert_eq!(
+        fake_fit(&mut a, dir_a.path(), &mut oa),
+        FitOutcome::MaxSteps
+    );
+    let plan = oa.plan.expect("a budgeted run reports its plan");
+    assert_eq!(
+        plan.costs,
+        ddpm_train::budget::StepCosts {
+            train_step_s: 1.0,
+            grid_s: 0.0,
+            held_out_s: 0.1,
+            checkpoint_s: 1.0
+        }
+    );
+    assert_eq!(plan.steps, 9);
+    assert!((plan.predicted_s - (11.0 + 12.3)).abs() < 1e-9);
+    assert_eq!(a.step(), 9);
+    assert_eq!(a.config().budget_steps, Some(9));
+    // Fitted to 9 steps: warm-up 5 % → 0, EMA horizon 10 % → at least 10 steps → 0.9.
+    assert_eq!(a.config().warmup_steps, 0);
+    assert_eq!(a.config().ema_decay, 0.9);
+    assert_eq!(a.ema().decay(), 0.9);
+
+    // Interrupted after 4 steps, then resumed: the plan comes from the checkpoint.
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut b = Trainer::new(card(), budgeted(), &Device::Cpu).unwrap();
+    let mut ob = StopAt {
+        at: 4,
+        stop: &stop,
+        losses: vec![],
+        plan: None,
+    };
+    assert_eq!(fake_fit(&mut b, dir_b.path(), &mut ob), FitOutcome::Stopped);
+    drop(b);
+    stop.store(false, std::sync::atomic::Ordering::SeqCst);
+    let ckpt = dir_b.path().join("checkpoint.safetensors");
+    let mut b2 = Trainer::resume(&ckpt, &Device::Cpu, |_| {}).unwrap();
+    assert_eq!(b2.config().budget_steps, Some(9));
+    ob.at = u64::MAX;
+    ob.plan = None;
+    assert_eq!(
+        fake_fit(&mut b2, dir_b.path(), &mut ob),
+        FitOutcome::MaxSteps
+    );
+    assert!(ob.plan.is_none(), "a resumed run keeps its plan");
+    assert_eq!(oa.losses, ob.losses, "resumed budgeted run differs");
+
+    // The printed plan, rerun without a budget.
+    let dir_c = tempfile::tempdir().unwrap();
+    let mut c = Trainer::new(
+        card(),
+        TrainConfig {
+            max_steps: Some(9),
+            warmup_steps: 0,
+            ema_decay: 0.9,
+            ..config()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut oc = StopAt {
+        at: u64::MAX,
+        stop: &stop,
+        losses: vec![],
+        plan: None,
+    };
+    assert_eq!(
+        fake_fit(&mut c, dir_c.path(), &mut oc),
+        FitOutcome::MaxSteps
+    );
+    assert_eq!(oa.losses, oc.losses, "--max-steps rerun differs");
+    let ea = a.ema_model().unwrap();
+    let ec = c.ema_model().unwrap();
+    let x = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::new(&[3u32, 50], &Device::Cpu).unwrap();
+    let diff = (ea.predict_noise(&x, &t, None).unwrap() - ec.predict_noise(&x, &t, None).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0, "EMA weights differ");
+}
+
+#[test]
+fn a_budget_too_small_for_one_step_is_a_clear_error() {
+    let stop = AtomicBool::new(false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(
+        card(),
+        TrainConfig {
+            budget: Some(ddpm_train::BudgetConfig::fitted(5.0)),
+            ..config()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let clock = FakeClock(std::cell::Cell::new(0.0));
+    let e = ddpm_train::fit_timed(&mut t, &data(), dir.path(), &mut (), &stop, &clock, 0.0)
+        .unwrap_err();
+    assert!(e.to_string().contains("not even one step fits"), "{e}");
+    assert_eq!(t.step(), 0);
 }

@@ -1,0 +1,424 @@
+//! Time budgets: turn "train for 30 minutes" into a fixed step count.
+//!
+//! A budgeted run measures what its parts cost on this machine (a training step, a sample
+//! grid, a held-out evaluation, a checkpoint) on a scratch copy of the model, then fixes the
+//! number of optimizer steps so that the whole run, grids and checkpoints included, ends
+//! within the budget. The step count is saved in the checkpoint ([`TrainConfig::budget_steps`]),
+//! so `--resume` continues the same run, and a run started with `--max-steps N` (plus the
+//! warm-up and EMA decay the plan printed) reproduces it on any machine.
+//!
+//! The arithmetic is [`plan_steps`], a pure function of the measured [`StepCosts`], tested
+//! with made-up costs; the measurement goes through the [`Clock`] trait, so tests can drive
+//! it with a fake clock.
+//!
+//! ```
+//! use ddpm_train::budget::{plan_steps, RunShape, StepCosts};
+//!
+//! let costs = StepCosts { train_step_s: 0.5, grid_s: 10.0, held_out_s: 2.0, checkpoint_s: 0.5 };
+//! let shape = RunShape { steps_per_epoch: 1000, sample_every: 1, checkpoint_every: 0, log_every: 0 };
+//! // 10 minutes, 20 s already spent loading data, 5 % kept in reserve.
+//! let plan = plan_steps(600.0, 20.0, &costs, &shape, None).unwrap();
+//! assert!(plan.steps > 1000 && plan.steps < 1100);
+//! assert!(plan.predicted_s <= 0.95 * 600.0);
+//! ```
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// Share of the budget kept in reserve against a machine that slows down mid-run
+/// (shared VMs drift by 10 % within minutes).
+pub const RESERVE: f64 = 0.05;
+
+/// A source of time in seconds; [`WallClock`] in real runs, a fake one in tests.
+pub trait Clock {
+    /// Seconds since an arbitrary origin.
+    fn now_s(&self) -> f64;
+}
+
+/// The real clock.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock(Instant);
+
+impl WallClock {
+    /// A clock whose origin is now.
+    pub fn new() -> Self {
+        Self(Instant::now())
+    }
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for WallClock {
+    fn now_s(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
+}
+
+/// A run's time budget, as saved in [`crate::TrainConfig::budget`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BudgetConfig {
+    /// Wall-clock seconds for the whole run (data loading, grids and checkpoints included).
+    pub seconds: f64,
+    /// Fit the learning-rate warm-up to this share of the planned steps (`None`: keep
+    /// `warmup_steps`).
+    pub warmup_fraction: Option<f64>,
+    /// Fit the EMA decay so that its horizon 1/(1 − decay) is this share of the planned steps
+    /// (`None`: keep `ema_decay`).
+    pub ema_horizon_fraction: Option<f64>,
+}
+
+impl BudgetConfig {
+    /// A budget of `seconds` that fits the warm-up to 5 % of the steps and the EMA horizon
+    /// to 10 %.
+    pub fn fitted(seconds: f64) -> Self {
+        Self {
+            seconds,
+            warmup_fraction: Some(0.05),
+            ema_horizon_fraction: Some(0.1),
+        }
+    }
+
+    /// Checks the options.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.seconds.is_finite() && self.seconds > 0.0) {
+            return Err(format!(
+                "--budget must be a positive duration, got {} s",
+                self.seconds
+            ));
+        }
+        for (name, f) in [
+            ("warm-up fraction", self.warmup_fraction),
+            ("EMA horizon fraction", self.ema_horizon_fraction),
+        ] {
+            if let Some(f) = f {
+                if !(f.is_finite() && (0.0..=1.0).contains(&f)) {
+                    return Err(format!("the budget's {name} must lie in [0, 1], got {f}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The warm-up steps for a plan of `steps` (`None`: not fitted).
+    pub fn warmup_for(&self, steps: u64) -> Option<u64> {
+        self.warmup_fraction
+            .map(|f| (f * steps as f64).round() as u64)
+    }
+
+    /// The EMA decay for a plan of `steps` (`None`: not fitted): 1 − 1/horizon with the
+    /// horizon at least 10 steps, rounded to 4 decimals so that it prints exactly.
+    pub fn ema_decay_for(&self, steps: u64) -> Option<f64> {
+        self.ema_horizon_fraction.map(|f| {
+            let horizon = (f * steps as f64).max(10.0);
+            ((1.0 - 1.0 / horizon) * 1e4).floor() / 1e4
+        })
+    }
+}
+
+/// Measured costs of the parts of a run, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepCosts {
+    /// One optimizer step (forward, backward, AdamW, EMA) at the run's batch size.
+    pub train_step_s: f64,
+    /// One sample grid (every `sample_every` epochs).
+    pub grid_s: f64,
+    /// One held-out loss evaluation (every metrics line).
+    pub held_out_s: f64,
+    /// Writing one checkpoint.
+    pub checkpoint_s: f64,
+}
+
+/// How often a run does each of its periodic jobs (the fields of [`crate::TrainConfig`]
+/// of the same names, and the batches per epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunShape {
+    /// Batches per epoch.
+    pub steps_per_epoch: u64,
+    /// A sample grid every this many epochs (0: never).
+    pub sample_every: u64,
+    /// A checkpoint every this many steps, besides epoch ends and the end (0: never).
+    pub checkpoint_every: u64,
+    /// A metrics line every this many steps, besides epoch ends and the end (0: never).
+    pub log_every: u64,
+}
+
+/// The outcome of [`plan_steps`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BudgetPlan {
+    /// The budget, in seconds.
+    pub budget_s: f64,
+    /// Optimizer steps that fit.
+    pub steps: u64,
+    /// Predicted wall-clock of the whole run at these costs (including what was spent before).
+    pub predicted_s: f64,
+    /// The costs the plan was made from.
+    pub costs: StepCosts,
+}
+
+/// Predicted seconds of a run of `steps` steps, not counting what was spent before it.
+pub fn predict_seconds(steps: u64, costs: &StepCosts, shape: &RunShape) -> f64 {
+    let per_epoch = shape.steps_per_epoch.max(1);
+    let epoch_ends = steps / per_epoch;
+    let grids = if shape.sample_every > 0 {
+        epoch_ends / shape.sample_every
+    } else {
+        0
+    };
+    let every = |n: u64| if n > 0 { steps / n } else { 0 };
+    // A metrics line (held-out loss) at each epoch end, every log_every steps and at the end;
+    // a checkpoint at each epoch end, every checkpoint_every steps and at the end.
+    let metrics = epoch_ends + every(shape.log_every) + 1;
+    let checkpoints = epoch_ends + every(shape.checkpoint_every) + 1;
+    steps as f64 * costs.train_step_s
+        + grids as f64 * costs.grid_s
+        + metrics as f64 * costs.held_out_s
+        + checkpoints as f64 * costs.checkpoint_s
+}
+
+/// The largest step count whose predicted run, after `spent_s` seconds already gone, ends
+/// within `budget_s` less the [`RESERVE`]; capped at `cap` (the run's other limits).
+///
+/// An error when not even one step fits, naming what a step costs.
+pub fn plan_steps(
+    budget_s: f64,
+    spent_s: f64,
+    costs: &StepCosts,
+    shape: &RunShape,
+    cap: Option<u64>,
+) -> Result<BudgetPlan> {
+    if !(budget_s.is_finite() && budget_s > 0.0) {
+        return Err(TrainError::Config(format!(
+            "--budget must be a positive duration, got {budget_s} s"
+        )));
+    }
+    let usable = budget_s * (1.0 - RESERVE) - spent_s;
+    let fits = |n: u64| predict_seconds(n, costs, shape) <= usable;
+    if !fits(1) {
+        return Err(TrainError::Config(format!(
+            "--budget {}: not even one step fits (a step costs {:.2} s, a checkpoint {:.2} s, \
+             {:.1} s were spent loading); give a longer budget or a smaller --batch-size/--model",
+            format_duration(budget_s),
+            costs.train_step_s,
+            costs.checkpoint_s,
+            spent_s
+        )));
+    }
+    // predict_seconds grows with n: find the largest n that fits by doubling, then bisection.
+    let mut hi = 2u64;
+    while fits(hi) && cap.is_none_or(|c| hi < c) && hi < (1 << 40) {
+        hi *= 2;
+    }
+    let mut lo = 1u64;
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let steps = cap.map_or(lo, |c| lo.min(c.max(1)));
+    Ok(BudgetPlan {
+        budget_s,
+        steps,
+        predicted_s: spent_s + predict_seconds(steps, costs, shape),
+        costs: *costs,
+    })
+}
+
+/// Times `f` with `clock`: runs it `warmup` times untimed, then `runs` times, and returns the
+/// median duration of the timed runs.
+pub fn time_median(
+    clock: &dyn Clock,
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(runs.max(1));
+    for _ in 0..runs.max(1) {
+        let start = clock.now_s();
+        f()?;
+        times.push((clock.now_s() - start).max(0.0));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Parses a duration: `90s`, `15m`, `1h30m`, `2h`, or a bare number of minutes.
+pub fn parse_duration(s: &str) -> std::result::Result<f64, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("an empty duration: use e.g. 15m, 30m, 1h30m or 90s".into());
+    }
+    if let Ok(minutes) = t.parse::<f64>() {
+        return check_duration(s, minutes * 60.0);
+    }
+    let (mut total, mut num, mut any) = (0.0f64, String::new(), false);
+    for c in t.chars() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            'h' => 3600.0,
+            'm' => 60.0,
+            's' => 1.0,
+            _ => {
+                return Err(format!(
+                    "`{s}`: unknown unit `{c}` (use h, m or s, e.g. 30m)"
+                ))
+            }
+        };
+        let v: f64 = num
+            .parse()
+            .map_err(|_| format!("`{s}`: expected a number before `{c}` (e.g. 30m)"))?;
+        total += v * unit;
+        num.clear();
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        return Err(format!(
+            "`{s}`: a number needs a unit (h, m or s), e.g. 30m"
+        ));
+    }
+    check_duration(s, total)
+}
+
+fn check_duration(s: &str, seconds: f64) -> std::result::Result<f64, String> {
+    if seconds.is_finite() && seconds > 0.0 {
+        Ok(seconds)
+    } else {
+        Err(format!("`{s}`: the duration must be positive"))
+    }
+}
+
+/// `1h05m`, `30m`, `45s`: a duration for messages.
+pub fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    let (h, m, sec) = (s / 3600, (s % 3600) / 60, s % 60);
+    match (h, m, sec) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// A clock that advances by `tick` seconds every time it is read.
+    struct FakeClock {
+        now: Cell<f64>,
+        tick: f64,
+    }
+
+    impl Clock for FakeClock {
+        fn now_s(&self) -> f64 {
+            let t = self.now.get();
+            self.now.set(t + self.tick);
+            t
+        }
+    }
+
+    fn shape() -> RunShape {
+        RunShape {
+            steps_per_epoch: 100,
+            sample_every: 1,
+            checkpoint_every: 50,
+            log_every: 0,
+        }
+    }
+
+    #[test]
+    fn predicted_seconds_count_every_periodic_job() {
+        let c = StepCosts {
+            train_step_s: 1.0,
+            grid_s: 10.0,
+            held_out_s: 3.0,
+            checkpoint_s: 0.5,
+        };
+        // 250 steps: 2 epoch ends (2 grids), metrics at 2 epoch ends + the end = 3,
+        // checkpoints at 2 epoch ends + 5 (every 50) + the end = 8.
+        let want = 250.0 + 2.0 * 10.0 + 3.0 * 3.0 + 8.0 * 0.5;
+        assert_eq!(predict_seconds(250, &c, &shape()), want);
+    }
+
+    #[test]
+    fn plan_is_the_largest_count_that_fits_by_hand() {
+        let c = StepCosts {
+            train_step_s: 1.0,
+            grid_s: 10.0,
+            held_out_s: 3.0,
+            checkpoint_s: 0.5,
+        };
+        // Budget 400 s, 20 s spent: 400·0.95 − 20 = 360 s usable.
+        let p = plan_steps(400.0, 20.0, &c, &shape(), None).unwrap();
+        // By hand: n = 310 costs 310 + 3 grids·10 + 4 metrics·3 + (3 + 6 + 1)·0.5 = 357;
+        // n = 311 costs 358, n = 312 costs 359, n = 313 costs 360, n = 314 costs 361.
+        assert_eq!(predict_seconds(313, &c, &shape()), 360.0);
+        assert_eq!(p.steps, 313);
+        assert_eq!(p.predicted_s, 380.0);
+        assert!(p.predicted_s <= 400.0 * (1.0 - RESERVE));
+    }
+
+    #[test]
+    fn the_cap_wins_when_it_is_lower_and_tiny_budgets_are_refused() {
+        let c = StepCosts {
+            train_step_s: 0.1,
+            grid_s: 0.0,
+            held_out_s: 0.0,
+            checkpoint_s: 0.0,
+        };
+        let p = plan_steps(3600.0, 0.0, &c, &shape(), Some(500)).unwrap();
+        assert_eq!(p.steps, 500);
+        let e = plan_steps(1.0, 0.99, &c, &shape(), None).unwrap_err();
+        assert!(e.to_string().contains("not even one step"), "{e}");
+        assert!(plan_steps(f64::NAN, 0.0, &c, &shape(), None).is_err());
+    }
+
+    #[test]
+    fn median_timing_reads_the_clock_around_each_run() {
+        let clock = FakeClock {
+            now: Cell::new(0.0),
+            tick: 0.25,
+        };
+        let mut calls = 0;
+        let t = time_median(&clock, 1, 3, || {
+            calls += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls, 4);
+        assert_eq!(t, 0.25);
+    }
+
+    #[test]
+    fn durations_parse_and_print() {
+        assert_eq!(parse_duration("15m").unwrap(), 900.0);
+        assert_eq!(parse_duration("1h30m").unwrap(), 5400.0);
+        assert_eq!(parse_duration("90s").unwrap(), 90.0);
+        assert_eq!(parse_duration("2h").unwrap(), 7200.0);
+        assert_eq!(parse_duration("30").unwrap(), 1800.0);
+        assert!(parse_duration("0m").is_err());
+        assert!(parse_duration("15x").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("15m3").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(format_duration(1800.0), "30m");
+        assert_eq!(format_duration(3900.0), "1h05m");
+        assert_eq!(format_duration(45.0), "45s");
+        assert_eq!(format_duration(95.0), "1m35s");
+    }
+}
