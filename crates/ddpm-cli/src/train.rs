@@ -59,7 +59,7 @@ impl Recipe {
                 budget: Some(30.0 * 60.0),
                 loss_weighting: "uniform",
                 prediction: "epsilon",
-                log_every: 100,
+                log_every: 200,
                 checkpoint_every: 500,
             },
             Recipe::Full => RecipeValues {
@@ -178,7 +178,7 @@ pub struct TrainArgs {
     #[arg(long)]
     checkpoint_every: Option<u64>,
     /// Also write a metrics line and redraw loss.png every N steps (0: epoch ends only).
-    /// Default: from --recipe (100).
+    /// Default: from --recipe (quick 200, full 100).
     #[arg(long)]
     log_every: Option<u64>,
     /// Test-split examples for the held-out loss (0: none).

@@ -654,3 +654,107 @@ fn autocast_runs_in_f16_on_the_cpu_and_names_what_bf16_needs() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("bf16"), "{}", stderr(&o));
 }
+
+/// `--budget`: the run plans its steps on this machine, says so, saves the plan, and prints
+/// the flags that rerun it anywhere; the first line names the recipe and how to change it.
+#[test]
+fn train_with_a_budget_plans_saves_and_prints_its_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = ddpm(&[
+        "train",
+        "--model",
+        "tiny",
+        "-b",
+        "8",
+        "--limit",
+        "32",
+        "--held-out",
+        "8",
+        "--timesteps",
+        "100",
+        "--sample-every",
+        "0",
+        "--budget",
+        "1m",
+        "--max-steps",
+        "6",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}{text}", stderr(&o));
+    let first = text.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("recipe `quick`") && first.contains("1m") && first.contains("--budget"),
+        "{first}"
+    );
+    assert!(text.contains("--max-steps"), "{text}");
+    let ckpt = out.join("checkpoint.safetensors");
+    let state = ddpm_train::checkpoint::read(&ckpt, &Device::Cpu)
+        .unwrap()
+        .train
+        .unwrap();
+    // A minute holds far more than 6 tiny steps: the plan is saved, --max-steps stops the run.
+    let planned = state.config.budget_steps.expect("the plan is saved");
+    assert!(planned > 6, "{planned}");
+    assert_eq!(state.step, 6);
+    let o = ddpm(&[
+        "train",
+        "--budget",
+        "0m",
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("positive"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// `--batch` splits a request without changing it: the deterministic samplers draw the same
+/// digits in one batch or several.
+#[test]
+fn sample_in_batches_draws_the_same_digits() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(dir.path(), 10);
+    let mut outs = Vec::new();
+    for batch in ["3", "1000"] {
+        let out = dir.path().join(format!("b{batch}.png"));
+        let o = ddpm(&[
+            "sample",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--class",
+            "all",
+            "--n",
+            "2",
+            "--steps",
+            "5",
+            "--batch",
+            batch,
+            "--guidance",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--gif",
+            dir.path().join(format!("b{batch}.gif")).to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        outs.push(std::fs::read(&out).unwrap());
+    }
+    assert_eq!(outs[0], outs[1], "batched sampling changed the digits");
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--batch",
+        "0",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--batch"),
+        "{}",
+        stderr(&o)
+    );
+}

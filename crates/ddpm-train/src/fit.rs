@@ -177,7 +177,9 @@ pub fn fit_timed(
         let spent = spent_s + (clock.now_s() - started);
         let c = trainer.config();
         let by_epochs = c.epochs.saturating_mul(per_epoch);
-        let cap = Some(c.max_steps.map_or(by_epochs, |m| m.min(by_epochs)));
+        // Capped by the epochs only: `max_steps` stays a separate limit (the lower one stops
+        // the run), so a resumed run may raise it up to the budget's own plan.
+        let cap = Some(by_epochs);
         let shape = RunShape {
             steps_per_epoch: per_epoch,
             sample_every: c.sample_every,

@@ -616,10 +616,15 @@ impl Trainer {
             ));
         }
         self.config.budget_steps = Some(plan.steps);
-        if let Some(w) = budget.warmup_for(plan.steps) {
+        // Fitted to the steps the run will take: the plan, or a lower --max-steps.
+        let steps = self
+            .config
+            .max_steps
+            .map_or(plan.steps, |m| m.min(plan.steps));
+        if let Some(w) = budget.warmup_for(steps) {
             self.config.warmup_steps = w;
         }
-        if let Some(d) = budget.ema_decay_for(plan.steps) {
+        if let Some(d) = budget.ema_decay_for(steps) {
             self.config.ema_decay = d;
             self.ema.set_decay(d)?;
         }
