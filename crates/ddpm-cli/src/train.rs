@@ -132,7 +132,7 @@ pub struct TrainArgs {
     #[arg(long)]
     unconditional: bool,
     /// EMA decay of the weights used for sampling. Default: from --recipe (full 0.995); with a
-    /// budget and no --ema-decay, fitted so that the EMA spans the last 10 % of the steps.
+    /// budget and no --ema-decay, fitted so that the EMA spans the last 25 % of the steps.
     #[arg(long)]
     ema_decay: Option<f64>,
     /// Dataset: mnist, fashion-mnist or folder:PATH (PATH/CLASS/*.png).
@@ -415,10 +415,11 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
             prediction,
         };
         preloaded = Some(probe);
+        let fitted = BudgetConfig::fitted(0.0);
         let budget = budget_s.map(|seconds| BudgetConfig {
             seconds,
-            warmup_fraction: a.warmup.is_none().then_some(0.05),
-            ema_horizon_fraction: a.ema_decay.is_none().then_some(0.1),
+            warmup_fraction: fitted.warmup_fraction.filter(|_| a.warmup.is_none()),
+            ema_horizon_fraction: fitted.ema_horizon_fraction.filter(|_| a.ema_decay.is_none()),
         });
         let config = TrainConfig {
             epochs: a.epochs.unwrap_or(v.epochs),

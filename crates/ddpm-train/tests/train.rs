@@ -511,7 +511,7 @@ fn budgeted_runs_plan_resume_exactly_and_reproduce_with_max_steps() {
     assert!((plan.predicted_s - (11.0 + 12.3)).abs() < 1e-9);
     assert_eq!(a.step(), 9);
     assert_eq!(a.config().budget_steps, Some(9));
-    // Fitted to 9 steps: warm-up 5 % → 0, EMA horizon 10 % → at least 10 steps → 0.9.
+    // Fitted to 9 steps: warm-up 5 % → 0, EMA horizon 25 % → at least 10 steps → 0.9.
     assert_eq!(a.config().warmup_steps, 0);
     assert_eq!(a.config().ema_decay, 0.9);
     assert_eq!(a.ema().decay(), 0.9);
