@@ -313,12 +313,14 @@ fn announce(a: &TrainArgs, r: Recipe, budget: Option<f64>) -> String {
     };
     match (r, budget) {
         (_, Some(s)) => format!(
-            "ddpm train: recipe `{}`{explicit}: ends within {} of wall-clock, sample grids and              checkpoints included (--budget changes it; --recipe full is the shipped model's recipe)",
+            "ddpm train: recipe `{}`{explicit}: ends within {} of wall-clock, sample grids and \
+             checkpoints included (--budget changes it; --recipe full is the shipped model's recipe)",
             r.name(),
             ddpm_train::budget::format_duration(s)
         ),
         (Recipe::Full, None) => format!(
-            "ddpm train: recipe `full`{explicit}: the shipped model's recipe, about 8 min on an H100              and hours on a CPU (--budget 30m caps it; --recipe quick is the 30-minute CPU recipe)"
+            "ddpm train: recipe `full`{explicit}: the shipped model's recipe, about 8 min on an H100 \
+             and hours on a CPU (--budget 30m caps it; --recipe quick is the 30-minute CPU recipe)"
         ),
         (r, None) => format!(
             "ddpm train: recipe `{}`{explicit} with no budget (--budget 30m sets one)",
