@@ -2,8 +2,9 @@
 //!
 //! * `ci`: fmt check, clippy (warnings are errors), tests, docs, and a check of the
 //!   optional `hub` feature of ddpm-data;
-//! * `train [ARGS]`: a release build of `ddpm train` with the default recipe; ARGS are
-//!   passed through (e.g. `cargo xtask train --epochs 5 --model small`);
+//! * `train [ARGS]`: a release build of `ddpm train` with the default recipe (on a CPU the
+//!   `quick` recipe, which ends within 30 minutes; `full` on `--device cuda`); ARGS are passed
+//!   through (e.g. `cargo xtask train --budget 15m`, `cargo xtask train --recipe full`);
 //! * `bench [OPTIONS]`: speed and memory of each preset, ours against candle's stock kernels
 //!   and the PyTorch reference (`bench/torch_reference.py`), as a table;
 //! * `gallery [OPTIONS]`: the README's pictures from one checkpoint, with the commands that

@@ -421,7 +421,9 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
         let budget = budget_s.map(|seconds| BudgetConfig {
             seconds,
             warmup_fraction: fitted.warmup_fraction.filter(|_| a.warmup.is_none()),
-            ema_horizon_fraction: fitted.ema_horizon_fraction.filter(|_| a.ema_decay.is_none()),
+            ema_horizon_fraction: fitted
+                .ema_horizon_fraction
+                .filter(|_| a.ema_decay.is_none()),
         });
         let config = TrainConfig {
             epochs: a.epochs.unwrap_or(v.epochs),

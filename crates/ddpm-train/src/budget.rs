@@ -166,12 +166,8 @@ pub struct BudgetPlan {
 pub fn predict_seconds(steps: u64, costs: &StepCosts, shape: &RunShape) -> f64 {
     let per_epoch = shape.steps_per_epoch.max(1);
     let epoch_ends = steps / per_epoch;
-    let grids = if shape.sample_every > 0 {
-        epoch_ends / shape.sample_every
-    } else {
-        0
-    };
-    let every = |n: u64| if n > 0 { steps / n } else { 0 };
+    let grids = epoch_ends.checked_div(shape.sample_every).unwrap_or(0);
+    let every = |n: u64| steps.checked_div(n).unwrap_or(0);
     // A metrics line (held-out loss) at each epoch end, every log_every steps and at the end;
     // a checkpoint at each epoch end, every checkpoint_every steps and at the end.
     let metrics = epoch_ends + every(shape.log_every) + 1;
