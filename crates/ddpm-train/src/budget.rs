@@ -166,7 +166,10 @@ pub struct BudgetPlan {
 pub fn predict_seconds(steps: u64, costs: &StepCosts, shape: &RunShape) -> f64 {
     let per_epoch = shape.steps_per_epoch.max(1);
     let epoch_ends = steps / per_epoch;
-    let grids = epoch_ends.checked_div(shape.sample_every).unwrap_or(0);
+    // A grid every sample_every epochs, and one of the final model at the end.
+    let grids = epoch_ends
+        .checked_div(shape.sample_every)
+        .map_or(0, |g| g + 1);
     let every = |n: u64| steps.checked_div(n).unwrap_or(0);
     // A metrics line (held-out loss) at each epoch end, every log_every steps and at the end;
     // a checkpoint at each epoch end, every checkpoint_every steps and at the end.
@@ -346,9 +349,9 @@ mod tests {
             held_out_s: 3.0,
             checkpoint_s: 0.5,
         };
-        // 250 steps: 2 epoch ends (2 grids), metrics at 2 epoch ends + the end = 3,
+        // 250 steps: 2 epoch ends and the end (3 grids), metrics at 2 epoch ends + the end = 3,
         // checkpoints at 2 epoch ends + 5 (every 50) + the end = 8.
-        let want = 250.0 + 2.0 * 10.0 + 3.0 * 3.0 + 8.0 * 0.5;
+        let want = 250.0 + 3.0 * 10.0 + 3.0 * 3.0 + 8.0 * 0.5;
         assert_eq!(predict_seconds(250, &c, &shape()), want);
     }
 
@@ -362,10 +365,11 @@ mod tests {
         };
         // Budget 400 s, 20 s spent: 400·0.95 − 20 = 360 s usable.
         let p = plan_steps(400.0, 20.0, &c, &shape(), None).unwrap();
-        // By hand: n = 310 costs 310 + 3 grids·10 + 4 metrics·3 + (3 + 6 + 1)·0.5 = 357;
-        // n = 311 costs 358, n = 312 costs 359, n = 313 costs 360, n = 314 costs 361.
-        assert_eq!(predict_seconds(313, &c, &shape()), 360.0);
-        assert_eq!(p.steps, 313);
+        // By hand: n = 303 costs 303 + 4 grids·10 (3 epoch ends, the end) + 4 metrics·3
+        // + (3 + 6 + 1) checkpoints·0.5 = 360; n = 304 costs 361.
+        assert_eq!(predict_seconds(303, &c, &shape()), 360.0);
+        assert_eq!(predict_seconds(304, &c, &shape()), 361.0);
+        assert_eq!(p.steps, 303);
         assert_eq!(p.predicted_s, 380.0);
         assert!(p.predicted_s <= 400.0 * (1.0 - RESERVE));
     }

@@ -399,6 +399,8 @@ fn resuming_exactly_at_an_epoch_end_still_writes_that_epochs_grid() {
     let mut t = Trainer::new(card(), cfg, &Device::Cpu).unwrap();
     fit(&mut t, &data, dir.path(), &mut (), &stop).unwrap();
     assert!(!dir.path().join("samples/epoch_001.png").exists());
+    // A run that reaches --max-steps ends with a grid of its final model.
+    assert!(dir.path().join("samples/step_000004.png").exists());
     let ckpt = dir.path().join("checkpoint.safetensors");
     let mut r = Trainer::resume(&ckpt, &Device::Cpu, |c| c.max_steps = Some(5)).unwrap();
     fit(&mut r, &data, dir.path(), &mut (), &stop).unwrap();
@@ -463,7 +465,7 @@ impl TrainObserver for StopAt<'_> {
 
 fn budgeted() -> TrainConfig {
     TrainConfig {
-        budget: Some(ddpm_train::BudgetConfig::fitted(25.0)),
+        budget: Some(ddpm_train::BudgetConfig::fitted(29.0)),
         ..config()
     }
 }
@@ -480,9 +482,9 @@ fn fake_fit(t: &mut Trainer, dir: &Path, obs: &mut StopAt<'_>) -> FitOutcome {
 fn budgeted_runs_plan_resume_exactly_and_reproduce_with_max_steps() {
     // Uninterrupted. With one second per clock read: a step, a forward pass (the grid costs
     // sample_every = 0, so nothing), a checkpoint each cost 1 s; the held-out pass is 16 of the
-    // 160 images a guided grid forward holds: 0.1 s. The probe reads the clock 12 times
-    // (3 timed steps, 1 forward, 1 checkpoint, and once before and after), so 11 s are spent.
-    // Usable: 25·0.95 − 11 = 12.75 s. 4 steps an epoch; n steps cost
+    // 160 images a guided grid forward holds: 0.1 s. The probe reads the clock 16 times
+    // (5 timed steps, 1 forward, 1 checkpoint, and once before and after), so 15 s are spent.
+    // Usable: 29·0.95 − 15 = 12.55 s. 4 steps an epoch; n steps cost
     // n + 0.1·(n/4 + 1) + 1·(n/4 + 1): 9 → 12.3 fits, 10 → 13.3 does not.
     let stop = AtomicBool::new(false);
     let dir_a = tempfile::tempdir().unwrap();
@@ -508,7 +510,7 @@ fn budgeted_runs_plan_resume_exactly_and_reproduce_with_max_steps() {
         }
     );
     assert_eq!(plan.steps, 9);
-    assert!((plan.predicted_s - (11.0 + 12.3)).abs() < 1e-9);
+    assert!((plan.predicted_s - (15.0 + 12.3)).abs() < 1e-9);
     assert_eq!(a.step(), 9);
     assert_eq!(a.config().budget_steps, Some(9));
     // Fitted to 9 steps: warm-up 5 % → 0, EMA horizon 25 % → at least 10 steps → 0.9.
