@@ -8,12 +8,12 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use ddpm_core::{Denoiser, SeededNoise};
 use ddpm_data::Batch;
-use ddpm_sampler::{sample, ClassifierFreeGuidance, SamplerConfig, Spacing};
+use ddpm_sampler::{ClassifierFreeGuidance, SamplerConfig, Spacing};
 use ddpm_schedule::ScheduleConfig;
 use ddpm_train::{DataInfo, ModelCard, TrainConfig, Trainer};
 use ddpm_unet::{Kernels, UNetConfig};
 
-use crate::sample::{make_sampler, SamplerArg};
+use crate::sample::{make_sampler, sample_batched, SamplerArg};
 use crate::DeviceArg;
 
 /// What `ddpm bench` measures.
@@ -204,28 +204,28 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 &dev,
             )?;
             let ls = Tensor::from_vec(rng.uniform_u32(a.n, 10), a.n, &dev)?;
+            // The sampler `ddpm eval` uses, in the batches `ddpm sample` uses.
+            let make = || {
+                make_sampler(
+                    SamplerArg::Ddim,
+                    &schedule,
+                    a.steps,
+                    0.0,
+                    Spacing::Leading,
+                    SamplerConfig { clip_x0: true },
+                )
+            };
             let secs = time_iters(a.warmup, a.iters, || {
                 let mut noise = SeededNoise::new(1);
-                for start in (0..a.n).step_by(batch) {
-                    let len = batch.min(a.n - start);
-                    // The sampler `ddpm eval` uses.
-                    let mut sampler = make_sampler(
-                        SamplerArg::Ddim,
-                        &schedule,
-                        a.steps,
-                        0.0,
-                        Spacing::Leading,
-                        SamplerConfig { clip_x0: true },
-                    )?;
-                    sample(
-                        &guided,
-                        sampler.as_mut(),
-                        xs.narrow(0, start, len)?,
-                        Some(&ls.narrow(0, start, len)?),
-                        &mut noise,
-                        &mut |_| Ok(()),
-                    )?;
-                }
+                sample_batched(
+                    &guided,
+                    &make,
+                    &xs,
+                    Some(&ls),
+                    batch,
+                    &mut noise,
+                    &mut |_, _| Ok(()),
+                )?;
                 sync(&dev)
             })?;
             // The forward rate at the batch guided sampling runs the network at.

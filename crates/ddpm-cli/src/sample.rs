@@ -326,7 +326,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
 /// Samples `x_t` (`[N, …]`) in batches of at most `batch`, with a fresh sampler from `make`
 /// per batch, and joins the results. The noise stream `noise` continues across batches, so
 /// one batch (N ≤ batch) is exactly [`sample`]. `on_step` gets the batch index and the step.
-fn sample_batched(
+pub(crate) fn sample_batched(
     denoiser: &dyn Denoiser,
     make: &dyn Fn() -> Result<Box<dyn Sampler>>,
     x_t: &Tensor,
