@@ -221,6 +221,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 &mut noise,
                 &mut |_| Ok(()),
             )?;
+            ddpm_core::ensure_finite(&x0, &format!("the samples at w = {wt}"))?;
             images.push(x0.clamp(-1f32, 1f32)?);
             targets.extend(labels);
             done += len;

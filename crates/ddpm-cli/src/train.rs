@@ -12,7 +12,7 @@ use ddpm_schedule::{BetaSchedule, ScheduleConfig};
 use ddpm_train::budget::WallClock;
 use ddpm_train::{
     fit_timed, BudgetConfig, DataInfo, EpochReport, FitData, FitOutcome, LossWeighting, ModelCard,
-    StepReport, TrainConfig, TrainObserver, Trainer,
+    RunLock, StepReport, TrainConfig, TrainObserver, Trainer,
 };
 use ddpm_unet::UNetConfig;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -101,7 +101,8 @@ pub struct TrainArgs {
     /// Epochs (passes over the training set). Default: from --recipe (quick 100, full 6).
     #[arg(short = 'e', long)]
     epochs: Option<u64>,
-    /// Peak learning rate (AdamW). Default: from --recipe (1e-3).
+    /// Peak learning rate (AdamW). Default: from --recipe (1e-3). With --resume, continues the
+    /// run at this rate instead (e.g. after it diverged).
     #[arg(short = 'l', long)]
     lr: Option<f64>,
     /// Batch size. Default: from --recipe (quick 64, full 256).
@@ -273,7 +274,6 @@ impl TrainObserver for Progress {
 const FIXED_BY_CHECKPOINT: &[&str] = &[
     "recipe",
     "budget",
-    "lr",
     "batch_size",
     "model",
     "schedule",
@@ -293,6 +293,7 @@ const FIXED_BY_CHECKPOINT: &[&str] = &[
     "checkpoint_every",
     "log_every",
     "held_out",
+    "limit",
     "autocast",
 ];
 
@@ -348,17 +349,40 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
             );
         }
     }
+    // Held for the whole run: a second run on this folder stops here, naming this one.
+    let _lock = RunLock::acquire(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
     let ckpt = ddpm_train::checkpoint_path(&a.out);
     let mut preloaded = None;
     let mut trainer = if a.resume {
-        let (epochs, max_steps) = (a.epochs, a.max_steps);
+        if !ckpt.exists() {
+            bail!(
+                "--resume: {} holds no checkpoint ({} is missing); start a new run with the same \
+                 --out and without --resume",
+                a.out.display(),
+                ckpt.display()
+            );
+        }
+        let (epochs, max_steps, lr) = (a.epochs, a.max_steps, a.lr);
+        let mut old_lr = None;
         let t = Trainer::resume(&ckpt, &device, |c| {
             if let Some(e) = epochs {
                 c.epochs = e;
             }
             c.max_steps = max_steps;
+            if let Some(lr) = lr {
+                old_lr = Some(c.lr);
+                c.lr = lr;
+            }
         })
         .with_context(|| format!("--resume: cannot continue from {}", ckpt.display()))?;
+        if let (Some(old), Some(new)) = (old_lr, lr) {
+            if old != new {
+                tracing::warn!(
+                    "--lr {new}: the run continues with this peak learning rate instead of its \
+                     {old} (the schedule's shape is kept); it is no longer the run it started as"
+                );
+            }
+        }
         println!(
             "ddpm train: resuming {} at step {}{}",
             ckpt.display(),
@@ -443,6 +467,7 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
             autocast: crate::autocast(a.autocast.as_deref(), &device)?,
             loss_weighting,
             budget,
+            train_limit: a.limit,
             ..TrainConfig::default()
         };
         Trainer::new(card, config, &device).context("cannot set up training")?
@@ -456,8 +481,14 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
         None => ddpm_data::load_dataset(&kind, data_dir, Split::Train, size)
             .with_context(|| format!("loading the {kind} training split"))?,
     };
-    if let Some(n) = a.limit {
+    if let Some(n) = trainer.config().train_limit {
         train = train.take(n);
+    }
+    if train.is_empty() {
+        bail!(
+            "the {kind} training split has no examples{}: nothing to train on",
+            data_dir.map_or(String::new(), |d| format!(" in {}", d.display()))
+        );
     }
     let held_n = trainer.config().held_out_examples;
     let held_out = match ddpm_data::load_dataset(&kind, data_dir, Split::Test, size) {

@@ -275,26 +275,137 @@ impl NoiseSource for SeededNoise {
     }
 }
 
-/// Writes `bytes` to `path` without ever leaving a partial file there: into `PATH.tmp`, fsync,
-/// then rename over `PATH` (creating parent folders). On error the temp file is removed.
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+/// The environment variable that makes [`write_atomic`] and [`append_durable`] fail as a full
+/// disk would (`ENOSPC`, after writing part of the data): the fault-injection tests use it where
+/// they cannot mount a small tmpfs. Any non-empty value but `0` turns it on.
+pub const FAULT_FULL_DISK_ENV: &str = "DDPM_FAULT_FULL_DISK";
+
+fn full_disk_injected() -> bool {
+    std::env::var_os(FAULT_FULL_DISK_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Writes `buf`, or, under [`FAULT_FULL_DISK_ENV`], half of it and then fails as a full disk.
+fn write_checked(f: &mut std::fs::File, buf: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
+    if full_disk_injected() {
+        f.write_all(&buf[..buf.len() / 2])?;
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!("no space left on device (injected by {FAULT_FULL_DISK_ENV})"),
+        ));
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
+    f.write_all(buf)
+}
+
+/// Writes `bytes` to `path` without ever leaving a partial file there: into a temp file in the
+/// same folder whose name is unique to this process and call, fsynced, then renamed over
+/// `path`, and the folder fsynced (creating parent folders). `path` is afterwards either its old
+/// contents or the complete new ones. On any error (a full disk included) the temp file is
+/// removed, the previous file is left as it was, and the error is returned.
+///
+/// ```
+/// let dir = std::env::temp_dir().join(format!("write-atomic-doc-{}", std::process::id()));
+/// let path = dir.join("a.txt");
+/// ddpm_core::write_atomic(&path, b"new")?;
+/// assert_eq!(std::fs::read(&path)?, b"new");
+/// // Only the file itself is left: no temp file.
+/// assert_eq!(std::fs::read_dir(&dir)?.count(), 1);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    if path.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "is a directory: give a file path",
+        ));
+    }
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path has no file name",
+        )
+    })?;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = parent.join(tmp_name);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        write_checked(&mut f, bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        sync_dir(parent);
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Appends `bytes` to `path` (creating it), then fsyncs it. Under [`FAULT_FULL_DISK_ENV`] it
+/// fails as a full disk would. For logs such as `metrics.jsonl`, where each record is one
+/// short line: a failed append is reported, never silent.
+pub fn append_durable(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    write_checked(&mut f, bytes)?;
+    f.sync_data()
+}
+
+/// Best-effort fsync of a folder, so that a rename in it survives a power cut (Unix only; an
+/// error here cannot lose data that the rename has not already made visible).
+fn sync_dir(dir: &std::path::Path) {
+    #[cfg(unix)]
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
+/// Fails, naming `what`, if `t` holds any NaN or infinite value: generated samples are checked
+/// with it before they are written, so that a diverged model or an absurd guidance weight gives
+/// an error instead of a black picture.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let ok = Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?;
+/// ddpm_core::ensure_finite(&ok, "samples")?;
+/// let bad = Tensor::new(&[0.5f32, f32::NAN, f32::INFINITY], &Device::Cpu)?;
+/// let err = ddpm_core::ensure_finite(&bad, "samples").unwrap_err().to_string();
+/// assert!(err.contains("2 of 3"), "{err}");
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn ensure_finite(t: &Tensor, what: &str) -> Result<()> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let bad = v.iter().filter(|x| !x.is_finite()).count();
+    if bad > 0 {
+        candle_core::bail!(
+            "{what}: {bad} of {} values are not finite (NaN or infinite): the model's weights \
+             or the guidance weight are out of range, so nothing was written",
+            v.len()
+        )
+    }
+    Ok(())
 }
 
 /// Builds the label tensor for a batch where every sample asks for the null class.

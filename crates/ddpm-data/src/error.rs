@@ -37,9 +37,18 @@ pub enum DataError {
         /// Found magic number.
         found: u32,
     },
+    /// The file cannot be decoded, or its header makes no sense.
+    #[error("{path} {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
     /// The file holds fewer bytes than its header promises.
     #[error(
-        "{path}: truncated: the header promises {expected} bytes of data, the file has {found}"
+        "{path}: truncated: the header promises {expected} bytes of data, the file has {found} \
+         (download it again)"
     )]
     Truncated {
         /// The file.

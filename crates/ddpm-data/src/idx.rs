@@ -8,6 +8,8 @@ use crate::ImageDataset;
 
 const IMAGES_MAGIC: u32 = 0x0000_0803;
 const LABELS_MAGIC: u32 = 0x0000_0801;
+/// The most bytes a gzipped IDX file may inflate to (MNIST's largest file is 47 MB).
+const MAX_INFLATED: u64 = 4 << 30;
 
 /// Which half of an IDX dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,10 +48,25 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
         }
     })?;
     if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len() * 4);
+        // Inflated data is read in bounded: a crafted archive cannot make us allocate more
+        // than MAX_INFLATED bytes (the header's promises are checked against what is there).
+        let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(1 << 28));
         flate2::read::GzDecoder::new(&raw[..])
+            .take(MAX_INFLATED + 1)
             .read_to_end(&mut out)
-            .map_err(io)?;
+            .map_err(|e| DataError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("is not a readable gzip file ({e}); download it again"),
+            })?;
+        if out.len() as u64 > MAX_INFLATED {
+            return Err(DataError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "inflates to more than {} GiB, far beyond any IDX dataset",
+                    MAX_INFLATED >> 30
+                ),
+            });
+        }
         Ok(out)
     } else {
         Ok(raw)
@@ -122,12 +139,23 @@ pub fn read_idx_images(path: &Path) -> Result<IdxImages> {
         });
     }
     let data = &bytes[16..];
-    check_len(path, data, n * rows * cols)?;
+    // Checked: the three header words multiply to up to 2^96.
+    let len = n
+        .checked_mul(rows)
+        .and_then(|v| v.checked_mul(cols))
+        .ok_or_else(|| DataError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!(
+                "its header promises {n} images of {rows}×{cols} pixels, more bytes than \
+                 this machine can address: the file is corrupt; download it again"
+            ),
+        })?;
+    check_len(path, data, len)?;
     Ok(IdxImages {
         n,
         rows,
         cols,
-        pixels: data[..n * rows * cols].to_vec(),
+        pixels: data[..len].to_vec(),
     })
 }
 

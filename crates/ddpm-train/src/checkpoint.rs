@@ -50,7 +50,75 @@ pub struct ModelCard {
     pub prediction: ddpm_core::Prediction,
 }
 
+/// The largest image side a model card may declare (a bound against crafted cards that would
+/// make sampling allocate without limit; MNIST is 28, the largest image folders here 256).
+pub const MAX_IMAGE_SIDE: usize = 4096;
+/// The most image channels a model card may declare.
+pub const MAX_CHANNELS: usize = 4;
+/// The most diffusion steps a schedule in a model card may declare.
+pub const MAX_TIMESTEPS: usize = 100_000;
+/// The most channels a model card's U-Net may have at any level.
+pub const MAX_MODEL_CHANNELS: usize = 8192;
+
 impl ModelCard {
+    /// Checks the card on its own, before anything is allocated from it: sizes within sane
+    /// bounds ([`MAX_IMAGE_SIDE`], [`MAX_CHANNELS`], [`MAX_TIMESTEPS`],
+    /// [`MAX_MODEL_CHANNELS`]), the data's channels and classes equal to the network's, and
+    /// the image size one the U-Net can take. The reason names the field at fault.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let d = &self.data;
+        let m = &self.model;
+        if d.height == 0 || d.width == 0 || d.height > MAX_IMAGE_SIDE || d.width > MAX_IMAGE_SIDE {
+            return Err(format!(
+                "the card's image size {}×{} is outside 1..={MAX_IMAGE_SIDE}",
+                d.height, d.width
+            ));
+        }
+        if d.channels == 0 || d.channels > MAX_CHANNELS {
+            return Err(format!(
+                "the card's {} image channels are outside 1..={MAX_CHANNELS}",
+                d.channels
+            ));
+        }
+        if m.in_channels != d.channels {
+            return Err(format!(
+                "the card's network takes {} channels but its data has {}",
+                m.in_channels, d.channels
+            ));
+        }
+        if m.num_classes != 0 && m.num_classes != d.class_names.len() {
+            return Err(format!(
+                "the card's network has {} classes but its data names {}",
+                m.num_classes,
+                d.class_names.len()
+            ));
+        }
+        let widest = m
+            .channel_mults
+            .iter()
+            .map(|&k| k.saturating_mul(m.base_channels))
+            .max()
+            .unwrap_or(0);
+        if widest > MAX_MODEL_CHANNELS || m.channel_mults.len() > 8 {
+            return Err(format!(
+                "the card's network ({} levels, up to {widest} channels) is beyond any model \
+                 this crate trains (at most 8 levels and {MAX_MODEL_CHANNELS} channels)",
+                m.channel_mults.len()
+            ));
+        }
+        m.validate()
+            .map_err(|e| format!("the card's network: {e}"))?;
+        m.check_image_size(d.height, d.width)
+            .map_err(|e| format!("the card's image size: {e}"))?;
+        let t = self.schedule.num_timesteps;
+        if t == 0 || t > MAX_TIMESTEPS {
+            return Err(format!(
+                "the card's schedule has {t} steps, outside 1..={MAX_TIMESTEPS}"
+            ));
+        }
+        Ok(())
+    }
+
     /// `net` (this card's network) as an ε-predicting denoiser for the samplers: v-prediction
     /// is converted with `schedule`'s ᾱ ([`ddpm_sampler::Parameterized`]).
     pub fn denoiser<D: ddpm_core::Denoiser>(
@@ -77,6 +145,25 @@ pub struct TrainState {
     pub elapsed_s: f64,
     /// The training options.
     pub config: TrainConfig,
+    /// The running averages of the metrics line in progress, so that a resumed run writes the
+    /// same `metrics.jsonl` as an uninterrupted one (absent in older checkpoints).
+    #[serde(default)]
+    pub period: PeriodState,
+}
+
+/// Sums since the last line of `metrics.jsonl`: what the next line averages.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct PeriodState {
+    /// Sum of the step losses.
+    pub loss_sum: f64,
+    /// Steps summed.
+    pub steps: u64,
+    /// Images trained on.
+    pub images: u64,
+    /// Seconds spent in those steps.
+    pub seconds: f64,
+    /// Learning rate of the last step.
+    pub lr: f64,
 }
 
 /// Which weights to load for sampling.
@@ -196,6 +283,8 @@ pub fn read(path: &Path, device: &Device) -> Result<Checkpoint> {
         .and_then(|s| {
             serde_json::from_str(s).map_err(|e| ckpt_err(path, format!("bad model card: {e}")))
         })?;
+    card.validate()
+        .map_err(|reason| ckpt_err(path, format!("has an invalid model card: {reason}")))?;
     let train = md
         .get("ddpm.train")
         .map(|s| {

@@ -21,16 +21,30 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
-    /// The loss became NaN or infinite; the last good checkpoint is kept.
+    /// The loss or the gradient norm became NaN or infinite; the last checkpoint is kept.
     #[error(
-        "the loss became {loss} at step {step}; training stopped and the last good checkpoint is \
-         kept. Lower the learning rate (--lr) or keep gradient clipping on."
+        "the loss became {loss} at step {step}: training stopped, and the last checkpoint \
+         written is kept (a diverged state is never checkpointed). Continue from it with a lower \
+         learning rate: `ddpm train --resume --out DIR --lr X`, X below this run's."
     )]
     NonFiniteLoss {
         /// Optimizer step.
         step: u64,
         /// The loss value.
         loss: f32,
+    },
+    /// The weights, the EMA weights or the optimizer moments became non-finite or absurdly
+    /// large ([`crate::Trainer::check_state`]); the last checkpoint is kept.
+    #[error(
+        "training diverged by step {step}: {cause}. Training stopped, and the last checkpoint \
+         written is kept (a diverged state is never checkpointed). Continue from it with a lower \
+         learning rate: `ddpm train --resume --out DIR --lr X`, X below this run's."
+    )]
+    Diverged {
+        /// Optimizer steps taken.
+        step: u64,
+        /// Which tensor went wrong, and how.
+        cause: String,
     },
     /// A training option is invalid.
     #[error("invalid training option: {0}")]
@@ -46,6 +60,17 @@ pub enum TrainError {
         /// The encoder's error.
         #[source]
         source: image::ImageError,
+    },
+    /// Another process holds the run folder (see [`crate::RunLock`]).
+    #[error(
+        "{dir} is in use by another run ({holder}); wait for it to end, stop it, or give this \
+         run another --out"
+    )]
+    Locked {
+        /// The run folder.
+        dir: PathBuf,
+        /// Who holds it, as the lock file says (its pid).
+        holder: String,
     },
     /// A tensor operation failed.
     #[error(transparent)]

@@ -1,6 +1,5 @@
 //! The training loop: epochs, checkpoints, metrics, plots and sample grids.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -12,6 +11,7 @@ use ddpm_sampler::{sample, ClassifierFreeGuidance, Ddim, SamplerConfig, Spacing}
 use serde::{Deserialize, Serialize};
 
 use crate::budget::{self, BudgetPlan, Clock, RunShape, StepCosts, WallClock};
+use crate::checkpoint::PeriodState;
 use crate::error::{Result, TrainError};
 use crate::viz;
 use crate::Trainer;
@@ -93,26 +93,6 @@ pub enum FitOutcome {
 /// The checkpoint [`fit`] writes in `out_dir`.
 pub fn checkpoint_path(out_dir: &Path) -> PathBuf {
     out_dir.join("checkpoint.safetensors")
-}
-
-struct Period {
-    loss_sum: f64,
-    steps: u64,
-    images: u64,
-    seconds: f64,
-    lr: f64,
-}
-
-impl Period {
-    fn new() -> Self {
-        Self {
-            loss_sum: 0.0,
-            steps: 0,
-            images: 0,
-            seconds: 0.0,
-            lr: 0.0,
-        }
-    }
 }
 
 /// Trains until the configured epochs, `max_steps` or budget, or until `stop` is raised.
@@ -210,7 +190,10 @@ pub fn fit_timed(
         per_epoch,
         "training"
     );
-    let mut period = Period::new();
+    // The metrics line in progress continues from the checkpoint, and lines written after the
+    // checkpoint (by a run killed before its next one) are dropped: they are written again.
+    let mut period = trainer.period;
+    truncate_metrics(out_dir, trainer.step())?;
     while trainer.epoch < cfg.epochs {
         let epoch = trainer.epoch;
         let skip = trainer.batch_in_epoch as usize;
@@ -237,10 +220,10 @@ pub fn fit_timed(
             observer.on_step(&report);
             let at_max = trainer.step_cap().is_some_and(|m| trainer.step() >= m);
             let stopping = stop.load(Ordering::SeqCst);
-            if at_max || stopping {
+            if at_max && !stopping {
                 // A run that reaches its step limit ends with a grid of the final model.
-                let final_grid = (at_max && !stopping && cfg.sample_every > 0)
-                    .then(|| final_grid_path(out_dir, trainer.step()));
+                let final_grid =
+                    (cfg.sample_every > 0).then(|| final_grid_path(out_dir, trainer.step()));
                 end_period(
                     trainer,
                     epoch,
@@ -250,18 +233,20 @@ pub fn fit_timed(
                     observer,
                     final_grid,
                 )?;
-                save(trainer, &ckpt, observer)?;
-                return Ok(if stopping {
-                    FitOutcome::Stopped
-                } else {
-                    FitOutcome::MaxSteps
-                });
+                save(trainer, period, &ckpt, observer)?;
+                return Ok(FitOutcome::MaxSteps);
+            }
+            if stopping {
+                // No metrics line: the running averages go into the checkpoint, and the
+                // resumed run writes the line this one would have written.
+                save(trainer, period, &ckpt, observer)?;
+                return Ok(FitOutcome::Stopped);
             }
             if cfg.log_every > 0 && trainer.step() % cfg.log_every == 0 {
                 end_period(trainer, epoch, data, out_dir, &mut period, observer, None)?;
             }
             if cfg.checkpoint_every > 0 && trainer.step() % cfg.checkpoint_every == 0 {
-                save(trainer, &ckpt, observer)?;
+                save(trainer, period, &ckpt, observer)?;
             }
         }
         trainer.epoch += 1;
@@ -269,7 +254,7 @@ pub fn fit_timed(
         let grid = cfg.sample_every > 0 && trainer.epoch % cfg.sample_every == 0;
         let grid = grid.then(|| grid_path(out_dir, trainer.epoch));
         end_period(trainer, epoch, data, out_dir, &mut period, observer, grid)?;
-        save(trainer, &ckpt, observer)?;
+        save(trainer, period, &ckpt, observer)?;
     }
     Ok(FitOutcome::Finished)
 }
@@ -340,7 +325,14 @@ fn measure_costs(
     })
 }
 
-fn save(trainer: &Trainer, path: &Path, observer: &mut dyn TrainObserver) -> Result<()> {
+fn save(
+    trainer: &mut Trainer,
+    period: PeriodState,
+    path: &Path,
+    observer: &mut dyn TrainObserver,
+) -> Result<()> {
+    trainer.check_state()?;
+    trainer.period = period;
     trainer.save(path)?;
     tracing::debug!(path = %path.display(), step = trainer.step(), "checkpoint written");
     observer.on_checkpoint(path);
@@ -352,7 +344,7 @@ fn end_period(
     epoch: u64,
     data: &FitData,
     out_dir: &Path,
-    period: &mut Period,
+    period: &mut PeriodState,
     observer: &mut dyn TrainObserver,
     grid: Option<PathBuf>,
 ) -> Result<()> {
@@ -389,7 +381,7 @@ fn end_period(
     plot_metrics(out_dir)?;
     tracing::info!(epoch = report.epoch, step = report.step, train_loss = report.train_loss, held_out = ?report.held_out_loss, images_per_sec = report.images_per_sec, "metrics");
     observer.on_epoch(&report);
-    *period = Period::new();
+    *period = PeriodState::default();
     Ok(())
 }
 
@@ -417,13 +409,47 @@ fn append_metrics(out_dir: &Path, report: &EpochReport) -> Result<()> {
         path: path.clone(),
         source,
     };
-    let line = serde_json::to_string(report).map_err(|e| TrainError::Config(e.to_string()))?;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(io)?;
-    writeln!(f, "{line}").map_err(io)
+    let mut line = serde_json::to_string(report).map_err(|e| TrainError::Config(e.to_string()))?;
+    line.push('\n');
+    ddpm_core::append_durable(&path, line.as_bytes()).map_err(io)
+}
+
+/// Drops the lines of `metrics.jsonl` past `step` (rewriting it atomically, and `loss.png`
+/// with it), so that a run resumed from a checkpoint at `step` continues the file where that
+/// checkpoint left it. A fresh run (`step` 0) starts the file anew.
+fn truncate_metrics(out_dir: &Path, step: u64) -> Result<()> {
+    let path = metrics_path(out_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(TrainError::Io { path, source }),
+    };
+    let mut kept = String::new();
+    let mut dropped = 0usize;
+    for line in text.lines() {
+        match serde_json::from_str::<EpochReport>(line) {
+            Ok(r) if r.step <= step => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            _ => dropped += 1,
+        }
+    }
+    if dropped == 0 {
+        return Ok(());
+    }
+    tracing::info!(
+        dropped,
+        step,
+        "metrics.jsonl: dropped the lines written after the checkpoint"
+    );
+    crate::checkpoint::write_atomic(&path, kept.as_bytes())?;
+    if kept.is_empty() {
+        let _ = std::fs::remove_file(out_dir.join("loss.png"));
+        Ok(())
+    } else {
+        plot_metrics(out_dir)
+    }
 }
 
 /// Reads `metrics.jsonl` back (lines that do not parse are skipped).

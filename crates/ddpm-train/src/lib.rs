@@ -27,6 +27,7 @@ pub mod budget;
 pub mod checkpoint;
 mod error;
 mod fit;
+mod lock;
 pub mod loss;
 pub mod optim;
 pub mod viz;
@@ -46,8 +47,18 @@ pub use fit::{
     checkpoint_path, fit, fit_timed, metrics_path, plot_metrics, read_metrics, write_sample_grid,
     EpochReport, FitData, FitOutcome, StepReport, TrainObserver,
 };
+pub use lock::RunLock;
 pub use loss::LossWeighting;
 use optim::{AdamW, AdamWConfig, Ema};
+
+/// The largest learning rate [`TrainConfig::validate`] accepts: AdamW's step is about `lr` per
+/// weight, so anything above this throws the weights far from any trained value at once.
+pub const MAX_LR: f64 = 1.0;
+
+/// The largest weight magnitude [`Trainer::check_state`] accepts. Trained U-Net weights are of
+/// order 1 (AdamW moves each by at most about `lr` a step); a weight beyond this means the run
+/// has diverged even while its loss is still finite.
+pub const MAX_WEIGHT: f32 = 1e4;
 
 /// Training options. Saved in every checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +117,10 @@ pub struct TrainConfig {
     /// a resumed run continues the same plan. Acts like `max_steps`.
     #[serde(default)]
     pub budget_steps: Option<u64>,
+    /// Train on the first N examples of the training split only (`--limit`); saved, so that a
+    /// resumed run trains on the same data.
+    #[serde(default)]
+    pub train_limit: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -134,6 +149,7 @@ impl Default for TrainConfig {
             loss_weighting: LossWeighting::Uniform,
             budget: None,
             budget_steps: None,
+            train_limit: None,
         }
     }
 }
@@ -151,8 +167,24 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return bad("--batch-size must be at least 1".into());
         }
+        if self.epochs == 0 {
+            return bad("--epochs 0 trains nothing: give at least 1".into());
+        }
+        if self.max_steps == Some(0) {
+            return bad("--max-steps 0 trains nothing: give at least 1".into());
+        }
+        if self.train_limit == Some(0) {
+            return bad("--limit 0 leaves no training examples: give at least 1".into());
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("--lr must be a positive number, got {}", self.lr));
+        }
+        if self.lr > MAX_LR {
+            return bad(format!(
+                "--lr {} is far above anything AdamW trains with (at most {MAX_LR}; 1e-3 is \
+                 usual here): the weights would diverge in a few steps",
+                self.lr
+            ));
         }
         if !(0.0..=1.0).contains(&self.p_uncond) {
             return bad(format!(
@@ -241,6 +273,7 @@ pub struct Trainer {
     pub(crate) epoch: u64,
     pub(crate) batch_in_epoch: u64,
     pub(crate) elapsed_s: f64,
+    pub(crate) period: checkpoint::PeriodState,
     steps_per_epoch: u64,
 }
 
@@ -309,6 +342,7 @@ impl Trainer {
             epoch: 0,
             batch_in_epoch: 0,
             elapsed_s: 0.0,
+            period: checkpoint::PeriodState::default(),
             steps_per_epoch: 0,
         })
     }
@@ -365,7 +399,52 @@ impl Trainer {
         t.epoch = state.epoch;
         t.batch_in_epoch = state.batch_in_epoch;
         t.elapsed_s = state.elapsed_s;
+        t.period = state.period;
         Ok(t)
+    }
+
+    /// Checks that every weight, EMA weight and optimizer moment is finite and every weight
+    /// and EMA weight is below [`MAX_WEIGHT`] in magnitude: a diverged state is never
+    /// checkpointed ([`fit`] calls this before each checkpoint). One read-back for the whole
+    /// state.
+    pub fn check_state(&self) -> Result<()> {
+        let (m, v) = self.opt.moments()?;
+        let vars = self.opt.vars();
+        let groups: [(&str, Vec<Tensor>); 4] = [
+            (
+                "weight",
+                vars.iter()
+                    .map(|(_, var)| var.as_tensor().clone())
+                    .collect(),
+            ),
+            ("EMA weight", self.ema.weights().to_vec()),
+            ("optimizer first moment", m),
+            ("optimizer second moment", v),
+        ];
+        let mut maxes = Vec::new();
+        for (_, ts) in &groups {
+            for t in ts {
+                maxes.push(t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?);
+            }
+        }
+        if maxes.is_empty() {
+            return Ok(());
+        }
+        let read = Tensor::stack(&maxes, 0)?.to_vec1::<f32>()?;
+        let mut values = read.into_iter();
+        for (gi, (what, ts)) in groups.iter().enumerate() {
+            // Weights and EMA weights are bounded; the moments only need to be finite.
+            let bounded = gi < 2;
+            for ((name, _), value) in vars.iter().zip(values.by_ref().take(ts.len())) {
+                if !value.is_finite() || (bounded && value > MAX_WEIGHT) {
+                    return Err(TrainError::Diverged {
+                        step: self.step(),
+                        cause: format!("{what} `{name}` reached a magnitude of {value:e}"),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Optimizer steps taken.
@@ -670,6 +749,7 @@ impl Trainer {
             rng: self.rng.state(),
             elapsed_s: self.elapsed_s,
             config: self.config.clone(),
+            period: self.period,
         };
         checkpoint::save(path, &self.card, Some(&state), tensors)
     }

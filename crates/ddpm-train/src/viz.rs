@@ -23,6 +23,7 @@ pub fn grid_image(images: &Tensor, ncols: usize, scale: usize) -> Result<RgbImag
             "cannot draw images with {c} channels"
         )));
     }
+    ddpm_core::ensure_finite(images, "the images to draw")?;
     let (ncols, scale) = (ncols.clamp(1, n.max(1)), scale.max(1));
     let nrows = n.div_ceil(ncols);
     let px: Vec<u8> = ((images.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
@@ -58,8 +59,42 @@ pub fn grid_image(images: &Tensor, ncols: usize, scale: usize) -> Result<RgbImag
 /// Saves a grid of images (see [`grid_image`]) as PNG.
 pub fn save_grid(images: &Tensor, ncols: usize, scale: usize, path: &Path) -> Result<()> {
     let img = grid_image(images, ncols, scale)?;
-    ensure_parent(path)?;
-    img.save(path).map_err(img_err(path))
+    write_png(&img, path)
+}
+
+/// Encodes `img` as PNG in memory and writes it atomically (see [`ddpm_core::write_atomic`]):
+/// every error, a full disk included, is returned, naming the file, and an existing picture at
+/// `path` is left intact. `path` must end in `.png`.
+pub fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
+    check_extension(path, "png")?;
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(img_err(path))?;
+    crate::checkpoint::write_atomic(path, &bytes)
+}
+
+fn check_extension(path: &Path, ext: &str) -> Result<()> {
+    if path.is_dir() {
+        return Err(TrainError::Config(format!(
+            "{} is a folder: give a file path ending in .{ext}",
+            path.display()
+        )));
+    }
+    let ok = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case(ext));
+    if !ok {
+        return Err(TrainError::Config(format!(
+            "{}: this picture is written as {}, so its name must end in .{ext}",
+            path.display(),
+            ext.to_uppercase()
+        )));
+    }
+    Ok(())
 }
 
 /// Places `panels` side by side on white, each under its title (drawn with the built-in font),
@@ -87,47 +122,36 @@ pub fn save_panels(panels: &[(String, RgbImage)], path: &Path) -> Result<()> {
         image::imageops::replace(&mut img, p, x as i64, title_h as i64);
         x += p.width() + gap;
     }
-    ensure_parent(path)?;
-    img.save(path).map_err(img_err(path))
+    write_png(&img, path)
 }
 
-fn ensure_parent(path: &Path) -> Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|source| TrainError::Io {
-            path: parent.to_path_buf(),
-            source,
-        })?;
-    }
-    Ok(())
-}
-
-/// Saves frames as a looping GIF, `delay_ms` per frame, holding the last frame 2 s.
+/// Saves frames as a looping GIF, `delay_ms` per frame, holding the last frame 2 s. Encoded in
+/// memory, then written atomically (see [`write_png`]); `path` must end in `.gif`.
 pub fn save_gif(frames: &[RgbImage], delay_ms: u32, path: &Path) -> Result<()> {
     use image::codecs::gif::{GifEncoder, Repeat};
     use image::{Delay, Frame};
-    ensure_parent(path)?;
-    let file = std::fs::File::create(path).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut enc = GifEncoder::new_with_speed(std::io::BufWriter::new(file), 10);
-    enc.set_repeat(Repeat::Infinite).map_err(img_err(path))?;
-    for (i, f) in frames.iter().enumerate() {
-        let ms = if i + 1 == frames.len() {
-            2000
-        } else {
-            delay_ms
-        };
-        let rgba = image::DynamicImage::ImageRgb8(f.clone()).to_rgba8();
-        enc.encode_frame(Frame::from_parts(
-            rgba,
-            0,
-            0,
-            Delay::from_numer_denom_ms(ms, 1),
-        ))
-        .map_err(img_err(path))?;
+    check_extension(path, "gif")?;
+    let mut bytes = Vec::new();
+    {
+        let mut enc = GifEncoder::new_with_speed(&mut bytes, 10);
+        enc.set_repeat(Repeat::Infinite).map_err(img_err(path))?;
+        for (i, f) in frames.iter().enumerate() {
+            let ms = if i + 1 == frames.len() {
+                2000
+            } else {
+                delay_ms
+            };
+            let rgba = image::DynamicImage::ImageRgb8(f.clone()).to_rgba8();
+            enc.encode_frame(Frame::from_parts(
+                rgba,
+                0,
+                0,
+                Delay::from_numer_denom_ms(ms, 1),
+            ))
+            .map_err(img_err(path))?;
+        }
     }
-    Ok(())
+    crate::checkpoint::write_atomic(path, &bytes)
 }
 
 /// 3×5 pixel glyphs for plot labels (digits, a few signs, upper-case letters).
@@ -328,8 +352,7 @@ pub fn plot_lines(
         fill_rect(&mut img, w - right - 190, ly, 20, 10, color);
         draw_text(&mut img, w - right - 160, ly, &s.label, 2, black);
     }
-    ensure_parent(path)?;
-    img.save(path).map_err(img_err(path))
+    write_png(&img, path)
 }
 
 /// A tick label for `v` on an axis spanning `span`: enough decimals to tell ticks apart.

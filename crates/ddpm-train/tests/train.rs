@@ -201,7 +201,11 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
         matches!(e, TrainError::NonFiniteLoss { step: 1, .. }),
         "{e:?}"
     );
-    assert!(e.to_string().contains("last good checkpoint"));
+    assert!(
+        e.to_string().contains("last checkpoint written is kept"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("--resume"), "{e}");
     assert_eq!(t.step(), 1, "no update applied");
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
@@ -599,4 +603,158 @@ fn a_budget_too_small_for_one_step_is_a_clear_error() {
         .unwrap_err();
     assert!(e.to_string().contains("not even one step fits"), "{e}");
     assert_eq!(t.step(), 0);
+}
+
+/// A state whose loss is still finite but whose weights have blown up is never checkpointed:
+/// the run stops naming the step and the tensor, and the checkpoint on disk stays the last
+/// good one.
+#[test]
+fn a_diverged_state_is_never_checkpointed() {
+    let data = data();
+    let dir = tempfile::tempdir().unwrap();
+    let stop = AtomicBool::new(false);
+    let cfg = TrainConfig {
+        max_steps: Some(2),
+        checkpoint_every: 1,
+        ..config()
+    };
+    let mut t = Trainer::new(card(), cfg, &Device::Cpu).unwrap();
+    fit(&mut t, &data, dir.path(), &mut (), &stop).unwrap();
+    let path = dir.path().join("checkpoint.safetensors");
+    let good = std::fs::read(&path).unwrap();
+    // Poison one weight as a huge learning rate would (finite, absurd), then go on.
+    let mut t = Trainer::resume(&path, &Device::Cpu, |c| c.max_steps = Some(4)).unwrap();
+    let (name, var) = t.optimizer().vars()[3].clone();
+    var.set(&(var.as_tensor().ones_like().unwrap() * 2e27).unwrap())
+        .unwrap();
+    let e = fit(&mut t, &data, dir.path(), &mut (), &stop).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            e,
+            TrainError::Diverged { .. } | TrainError::NonFiniteLoss { .. }
+        ),
+        "{e:?}"
+    );
+    assert!(msg.contains("--resume") && msg.contains("--lr"), "{msg}");
+    if let TrainError::Diverged { step, cause } = &e {
+        assert_eq!(*step, 3, "stopped at the first checkpoint after the damage");
+        assert!(cause.contains(&name) || cause.contains("EMA"), "{cause}");
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        good,
+        "the good checkpoint is kept"
+    );
+    // The checkpoint left on disk passes the check; the same state with one absurd weight
+    // does not, and the error names that weight.
+    let fresh = Trainer::resume(&path, &Device::Cpu, |_| {}).unwrap();
+    fresh.check_state().unwrap();
+    let (name, var) = fresh.optimizer().vars()[5].clone();
+    var.set(&(var.as_tensor().ones_like().unwrap() * 3e5).unwrap())
+        .unwrap();
+    match fresh.check_state() {
+        Err(TrainError::Diverged { step: 2, cause }) => {
+            assert!(cause.contains(&name) && cause.contains("3e5"), "{cause}")
+        }
+        other => panic!("expected Diverged, got {other:?}"),
+    }
+}
+
+#[test]
+fn absurd_learning_rates_and_empty_runs_are_refused_up_front() {
+    for (cfg, needle) in [
+        (
+            TrainConfig {
+                lr: 1e30,
+                ..config()
+            },
+            "--lr",
+        ),
+        (
+            TrainConfig {
+                epochs: 0,
+                ..config()
+            },
+            "--epochs 0",
+        ),
+        (
+            TrainConfig {
+                max_steps: Some(0),
+                ..config()
+            },
+            "--max-steps 0",
+        ),
+        (
+            TrainConfig {
+                train_limit: Some(0),
+                ..config()
+            },
+            "--limit 0",
+        ),
+    ] {
+        let e = Trainer::new(card(), cfg, &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains(needle), "{needle}: {e}");
+    }
+}
+
+/// The metrics of a run stopped mid-period (Ctrl-C, or killed after a checkpoint) and resumed
+/// equal those of the uninterrupted run: the running averages live in the checkpoint, and
+/// lines written after the checkpoint are dropped on resume.
+#[test]
+fn metrics_of_an_interrupted_run_equal_the_uninterrupted_ones() {
+    let data = data();
+    let cfg = TrainConfig {
+        max_steps: Some(7),
+        log_every: 3,
+        ..config()
+    };
+    let strip = |dir: &Path| -> Vec<(u64, u64, f64, Option<f64>, f64)> {
+        read_metrics(dir)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.epoch, r.step, r.train_loss, r.held_out_loss, r.lr))
+            .collect()
+    };
+    let stop = AtomicBool::new(false);
+    let a = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(card(), cfg.clone(), &Device::Cpu).unwrap();
+    fit(&mut t, &data, a.path(), &mut (), &stop).unwrap();
+    let want = strip(a.path());
+    assert_eq!(
+        want.iter().map(|r| r.1).collect::<Vec<_>>(),
+        vec![3, 4, 6, 7],
+        "lines every 3 steps, at the epoch end (4) and at the end"
+    );
+
+    // Stopped at step 5, in the middle of the line that closes at step 6.
+    let b = tempfile::tempdir().unwrap();
+    let stop_b = AtomicBool::new(false);
+    let mut obs = StopAt {
+        at: 5,
+        stop: &stop_b,
+        losses: vec![],
+        plan: None,
+    };
+    let mut t = Trainer::new(card(), cfg.clone(), &Device::Cpu).unwrap();
+    assert_eq!(
+        fit(&mut t, &data, b.path(), &mut obs, &stop_b).unwrap(),
+        FitOutcome::Stopped
+    );
+    // A kill after the checkpoint would leave lines past it: fake one.
+    let mut text = std::fs::read_to_string(b.path().join("metrics.jsonl")).unwrap();
+    let mut extra: ddpm_train::EpochReport =
+        serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    extra.step = 6;
+    text.push_str(&(serde_json::to_string(&extra).unwrap() + "\n"));
+    std::fs::write(b.path().join("metrics.jsonl"), text).unwrap();
+    let mut t = Trainer::resume(
+        &b.path().join("checkpoint.safetensors"),
+        &Device::Cpu,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(t.step(), 5);
+    fit(&mut t, &data, b.path(), &mut (), &stop).unwrap();
+    assert_eq!(strip(b.path()), want);
 }
