@@ -349,19 +349,26 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
             );
         }
     }
+    if a.image_size == 0 || a.image_size as usize > ddpm_train::checkpoint::MAX_IMAGE_SIDE {
+        bail!(
+            "--image-size {}: give a side between 1 and {} pixels",
+            a.image_size,
+            ddpm_train::checkpoint::MAX_IMAGE_SIDE
+        );
+    }
+    let ckpt = ddpm_train::checkpoint_path(&a.out);
+    if a.resume && !ckpt.exists() {
+        bail!(
+            "--resume: {} holds no checkpoint ({} is missing); start a new run with the same \
+             --out and without --resume",
+            a.out.display(),
+            ckpt.display()
+        );
+    }
     // Held for the whole run: a second run on this folder stops here, naming this one.
     let _lock = RunLock::acquire(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
-    let ckpt = ddpm_train::checkpoint_path(&a.out);
     let mut preloaded = None;
     let mut trainer = if a.resume {
-        if !ckpt.exists() {
-            bail!(
-                "--resume: {} holds no checkpoint ({} is missing); start a new run with the same \
-                 --out and without --resume",
-                a.out.display(),
-                ckpt.display()
-            );
-        }
         let (epochs, max_steps, lr) = (a.epochs, a.max_steps, a.lr);
         let mut old_lr = None;
         let t = Trainer::resume(&ckpt, &device, |c| {

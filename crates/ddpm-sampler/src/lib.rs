@@ -482,11 +482,15 @@ pub struct ClassifierFreeGuidance<D> {
 }
 
 impl<D: Denoiser> ClassifierFreeGuidance<D> {
-    /// Wraps `inner` with guidance weight `w`. Fails if `w` is not finite, or if `w ≠ 0`
-    /// and the model is unconditional.
+    /// Wraps `inner` with guidance weight `w`. Fails if `w` is not finite, or beyond the range
+    /// of f32 (the precision the predictions are combined in, where such a w would overflow),
+    /// or if `w ≠ 0` and the model is unconditional.
     pub fn new(inner: D, w: f64) -> Result<Self> {
-        if !w.is_finite() {
-            bail!("guidance weight w must be finite, got {w}");
+        if !w.is_finite() || !(w as f32).is_finite() || !((1.0 + w) as f32).is_finite() {
+            bail!(
+                "guidance weight w must be a finite number within f32's range (|w| < 3.4e38), \
+                 got {w:e}; useful values lie between 0 and about 10"
+            );
         }
         if w != 0.0 && inner.null_class().is_none() {
             bail!("guidance weight w = {w} needs a class-conditional model; this one is unconditional");

@@ -46,6 +46,9 @@ pub enum TrainError {
         /// Which tensor went wrong, and how.
         cause: String,
     },
+    /// An output path cannot be used as given (a folder, or the wrong extension).
+    #[error("{0}")]
+    BadPath(String),
     /// A training option is invalid.
     #[error("invalid training option: {0}")]
     Config(String),

@@ -193,7 +193,7 @@ pub fn fit_timed(
     // The metrics line in progress continues from the checkpoint, and lines written after the
     // checkpoint (by a run killed before its next one) are dropped: they are written again.
     let mut period = trainer.period;
-    truncate_metrics(out_dir, trainer.step())?;
+    truncate_metrics(out_dir, trainer.step(), period.steps > 0)?;
     while trainer.epoch < cfg.epochs {
         let epoch = trainer.epoch;
         let skip = trainer.batch_in_epoch as usize;
@@ -414,10 +414,14 @@ fn append_metrics(out_dir: &Path, report: &EpochReport) -> Result<()> {
     ddpm_core::append_durable(&path, line.as_bytes()).map_err(io)
 }
 
-/// Drops the lines of `metrics.jsonl` past `step` (rewriting it atomically, and `loss.png`
-/// with it), so that a run resumed from a checkpoint at `step` continues the file where that
-/// checkpoint left it. A fresh run (`step` 0) starts the file anew.
-fn truncate_metrics(out_dir: &Path, step: u64) -> Result<()> {
+/// Drops the lines of `metrics.jsonl` written after the checkpoint the run continues from
+/// (rewriting it atomically, and `loss.png` with it), so that the resumed run continues the
+/// file where that checkpoint left it. A fresh run (`step` 0) starts the file anew.
+///
+/// Lines past `step` came later; so did a line *at* `step` when the checkpoint holds an open
+/// line (`open`: steps summed since the last line), since writing a line closes it. (A step
+/// can be checkpointed before its line: the last step of an epoch, with `checkpoint_every`.)
+fn truncate_metrics(out_dir: &Path, step: u64, open: bool) -> Result<()> {
     let path = metrics_path(out_dir);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -428,7 +432,7 @@ fn truncate_metrics(out_dir: &Path, step: u64) -> Result<()> {
     let mut dropped = 0usize;
     for line in text.lines() {
         match serde_json::from_str::<EpochReport>(line) {
-            Ok(r) if r.step <= step => {
+            Ok(r) if r.step < step || (r.step == step && !open) => {
                 kept.push_str(line);
                 kept.push('\n');
             }

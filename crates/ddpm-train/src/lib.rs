@@ -47,7 +47,7 @@ pub use fit::{
     checkpoint_path, fit, fit_timed, metrics_path, plot_metrics, read_metrics, write_sample_grid,
     EpochReport, FitData, FitOutcome, StepReport, TrainObserver,
 };
-pub use lock::RunLock;
+pub use lock::{RunLock, LOCK_FILE};
 pub use loss::LossWeighting;
 use optim::{AdamW, AdamWConfig, Ema};
 

@@ -65,7 +65,11 @@ impl RunLock {
                 holder,
             });
         }
-        // Ours now: say who holds it, for the message a second run prints.
+        // Ours now. Temp files that a killed writer left behind cannot be in use any more:
+        // remove them.
+        remove_stale_temps(dir);
+        remove_stale_temps(&dir.join("samples"));
+        // Say who holds it, for the message a second run prints.
         let who = format!("pid {}", std::process::id());
         file.set_len(0).map_err(io(&path))?;
         file.rewind().map_err(io(&path))?;
@@ -80,6 +84,20 @@ impl RunLock {
     /// The folder this lock holds.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// Removes the temp files of [`ddpm_core::write_atomic`] (`.NAME.PID.N.tmp`) from `dir`.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".tmp") && e.path().is_file() {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 

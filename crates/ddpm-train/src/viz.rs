@@ -78,7 +78,7 @@ pub fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
 
 fn check_extension(path: &Path, ext: &str) -> Result<()> {
     if path.is_dir() {
-        return Err(TrainError::Config(format!(
+        return Err(TrainError::BadPath(format!(
             "{} is a folder: give a file path ending in .{ext}",
             path.display()
         )));
@@ -88,7 +88,7 @@ fn check_extension(path: &Path, ext: &str) -> Result<()> {
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case(ext));
     if !ok {
-        return Err(TrainError::Config(format!(
+        return Err(TrainError::BadPath(format!(
             "{}: this picture is written as {}, so its name must end in .{ext}",
             path.display(),
             ext.to_uppercase()

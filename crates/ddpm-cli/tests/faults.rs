@@ -1,0 +1,734 @@
+//! Fault injection through the `ddpm` binary and its file readers: `kill -9` during training
+//! (then resume and compare with an uninterrupted run), a full disk, two runs on one folder,
+//! crafted and mutated dataset and checkpoint files, and the bad inputs of issue #16.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use ddpm_train::{checkpoint, DataInfo, ModelCard, TrainConfig, Trainer};
+
+fn cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ddpm"));
+    c.args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .env_remove(ddpm_core::FAULT_FULL_DISK_ENV);
+    c
+}
+
+fn ddpm(args: &[&str]) -> Output {
+    cmd(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small deterministic generator for the property tests (xorshift64*).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn tiny_card() -> ModelCard {
+    ModelCard {
+        model: ddpm_unet::UNetConfig::tiny(),
+        schedule: ddpm_schedule::ScheduleConfig::new(ddpm_schedule::BetaSchedule::linear(), 100),
+        data: DataInfo {
+            dataset: "mnist".into(),
+            channels: 1,
+            height: 28,
+            width: 28,
+            class_names: (0..10).map(|d| d.to_string()).collect(),
+        },
+        prediction: Default::default(),
+    }
+}
+
+fn tiny_checkpoint(path: &Path) {
+    Trainer::new(tiny_card(), TrainConfig::default(), &Device::Cpu)
+        .unwrap()
+        .save(path)
+        .unwrap();
+}
+
+/// The flags of the short training run the kill and lock tests use.
+fn run_flags(out: &Path, max_steps: &str) -> Vec<String> {
+    [
+        "train",
+        "--model",
+        "tiny",
+        "-b",
+        "8",
+        "--limit",
+        "24",
+        "--held-out",
+        "8",
+        "--timesteps",
+        "100",
+        "--budget",
+        "off",
+        "--sample-every",
+        "0",
+        "--checkpoint-every",
+        "1",
+        "--log-every",
+        "2",
+        "--seed",
+        "3",
+        "--max-steps",
+        max_steps,
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn spawn(args: &[String]) -> Child {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cmd(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Every tensor of a checkpoint, as host vectors.
+fn tensors(path: &Path) -> HashMap<String, Vec<f32>> {
+    checkpoint::read(path, &Device::Cpu)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            (k, v.to_vec1().unwrap())
+        })
+        .collect()
+}
+
+/// The lines of metrics.jsonl without their timing fields.
+fn metrics(dir: &Path) -> Vec<(u64, u64, f64, Option<f64>, f64)> {
+    ddpm_train::read_metrics(dir)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.epoch, r.step, r.train_loss, r.held_out_loss, r.lr))
+        .collect()
+}
+
+fn temp_files(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for d in [dir.to_path_buf(), dir.join("samples")] {
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".tmp") {
+                    found.push(name);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// `kill -9` at random moments (most steps write a checkpoint, so many kills land in a
+/// write), each time resumed: the final weights, EMA, optimizer state and metrics equal those
+/// of the uninterrupted run, every checkpoint left by a kill is loadable, and no temp file is
+/// left behind.
+#[test]
+fn kill_9_during_training_then_resume_equals_the_uninterrupted_run() {
+    const STEPS: &str = "36";
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let started = Instant::now();
+    let o = cmd(&run_flags(&a, STEPS)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>())
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let full = started.elapsed();
+
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let ckpt = b.join("checkpoint.safetensors");
+    let mut kills = 0;
+    let mut finished = false;
+    for attempt in 0..40 {
+        let args = if ckpt.exists() {
+            vec![
+                "train".to_string(),
+                "--resume".into(),
+                "--max-steps".into(),
+                STEPS.into(),
+                "--out".into(),
+                b.to_str().unwrap().into(),
+            ]
+        } else {
+            run_flags(&b, STEPS)
+        };
+        let done = if ckpt.exists() {
+            checkpoint::read(&ckpt, &Device::Cpu)
+                .unwrap()
+                .train
+                .unwrap()
+                .step
+        } else {
+            0
+        };
+        let mut child = spawn(&args);
+        if attempt < 6 {
+            // Somewhere in the first 70 % of what is left of the run.
+            let left = full.as_millis() as u64 * (36 - done) / 36;
+            let ms = left * (5 + rng.below(65) as u64) / 100;
+            std::thread::sleep(Duration::from_millis(ms));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+                if ckpt.exists() {
+                    checkpoint::read(&ckpt, &Device::Cpu)
+                        .unwrap_or_else(|e| panic!("kill {kills} left a bad checkpoint: {e}"));
+                }
+                continue;
+            }
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        finished = true;
+        break;
+    }
+    assert!(finished, "the run never finished");
+    println!("{kills} kills landed");
+    assert!(kills >= 4, "only {kills} kills landed");
+    let (ta, tb) = (tensors(&a.join("checkpoint.safetensors")), tensors(&ckpt));
+    assert_eq!(ta.len(), tb.len());
+    for (name, va) in &ta {
+        assert!(tb[name] == *va, "{name} differs after {kills} kills");
+    }
+    assert_eq!(
+        metrics(&b),
+        metrics(&a),
+        "metrics.jsonl after {kills} kills"
+    );
+    assert_eq!(temp_files(&b), Vec::<String>::new());
+}
+
+/// A second run on a folder in use stops at once, naming the holder; once the holder is gone
+/// (even by `kill -9`), the folder is free again.
+#[test]
+fn two_runs_on_one_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut first = spawn(&run_flags(&out, "100000"));
+    let lock = out.join(ddpm_train::LOCK_FILE);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.contains("pid")) {
+        assert!(
+            Instant::now() < deadline,
+            "the first run never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let second = ddpm(
+        &run_flags(&out, "2")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let e = stderr(&second);
+    assert!(!second.status.success());
+    assert!(
+        e.contains("in use by another run") && e.contains(&format!("pid {}", first.id())),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "it must stop at once"
+    );
+    // A --resume on the busy folder is refused the same way (once a checkpoint exists).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out.join("checkpoint.safetensors").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let resumed = ddpm(&["train", "--resume", "--out", out.to_str().unwrap()]);
+    assert!(
+        stderr(&resumed).contains("in use by another run"),
+        "{}",
+        stderr(&resumed)
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let after = ddpm(&[
+        "train",
+        "--resume",
+        "--max-steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(after.status.success(), "{}", stderr(&after));
+}
+
+/// A full disk: every write fails with an error naming the file, exit status non-zero, and
+/// the previous file is intact. Injected (`DDPM_FAULT_FULL_DISK`), and on a real 64 KiB tmpfs
+/// where `mount` is permitted.
+#[test]
+fn a_full_disk_is_an_error_and_keeps_the_previous_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("tiny.safetensors");
+    tiny_checkpoint(&ckpt);
+    let png = dir.path().join("grid.png");
+    std::fs::write(&png, b"the previous picture").unwrap();
+    let sample = |out: &Path, scale: &str| {
+        vec![
+            "sample".to_string(),
+            "--checkpoint".into(),
+            ckpt.to_str().unwrap().into(),
+            "--n".into(),
+            "4".into(),
+            "--steps".into(),
+            "1".into(),
+            "--scale".into(),
+            scale.into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ]
+    };
+    let args = sample(&png, "1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = cmd(&args)
+        .env(ddpm_core::FAULT_FULL_DISK_ENV, "1")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success(), "reported as written: {e}");
+    assert!(e.contains("grid.png") && e.contains("no space left"), "{e}");
+    assert_eq!(std::fs::read(&png).unwrap(), b"the previous picture");
+    assert_eq!(temp_files(dir.path()), Vec::<String>::new());
+
+    // Training: the checkpoint of the last good write stays.
+    let run = dir.path().join("run");
+    let o = ddpm(
+        &run_flags(&run, "2")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let good = std::fs::read(run.join("checkpoint.safetensors")).unwrap();
+    let metrics_before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let o = cmd(&[
+        "train",
+        "--resume",
+        "--max-steps",
+        "4",
+        "--out",
+        run.to_str().unwrap(),
+    ])
+    .env(ddpm_core::FAULT_FULL_DISK_ENV, "1")
+    .output()
+    .unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("no space left") && e.contains(run.to_str().unwrap()),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("checkpoint.safetensors")).unwrap(),
+        good
+    );
+    let metrics_after = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    assert!(
+        metrics_after.starts_with(&metrics_before),
+        "earlier metrics lines are kept"
+    );
+
+    // A real full disk, where this machine lets us mount one.
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&small)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("skipping the real-tmpfs half: `mount -t tmpfs` is not permitted here");
+        return;
+    }
+    let big = small.join("big.png");
+    let args = sample(&big, "8");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = ddpm(&args);
+    let listing: Vec<String> = std::fs::read_dir(&small)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let _ = Command::new("umount").arg(&small).status();
+    let e = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "a grid larger than the disk was reported as written"
+    );
+    assert!(e.contains("big.png"), "{e}");
+    assert!(listing.is_empty(), "left behind: {listing:?}");
+}
+
+/// Random truncations and byte flips of real files: reading them gives Ok or a clear error,
+/// never a panic (or an allocation that kills the process).
+#[test]
+fn mutated_dataset_and_checkpoint_files_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/mnist");
+    let mut rng = Rng(42);
+    let mutate = |rng: &mut Rng, bytes: &[u8]| -> Vec<u8> {
+        let mut b = bytes.to_vec();
+        match rng.below(3) {
+            0 => b.truncate(rng.below(b.len())),
+            1 => {
+                for _ in 0..1 + rng.below(8) {
+                    let i = rng.below(b.len());
+                    b[i] ^= 1 << rng.below(8);
+                }
+            }
+            _ => {
+                // Flip bytes in the header, where the sizes live.
+                for _ in 0..1 + rng.below(4) {
+                    let i = rng.below(b.len().min(64));
+                    b[i] = rng.next() as u8;
+                }
+            }
+        }
+        b
+    };
+    let labels_gz = std::fs::read(assets.join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    let mut labels = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(&labels_gz[..]),
+        &mut labels,
+    )
+    .unwrap();
+    let images_gz = std::fs::read(assets.join("t10k-images-idx3-ubyte.gz")).unwrap();
+    let mut images = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(&images_gz[..]),
+        &mut images,
+    )
+    .unwrap();
+    images.truncate(16 + 50 * 784); // 50 images keep the loop fast
+    images[4..8].copy_from_slice(&50u32.to_be_bytes());
+    let ckpt = dir.path().join("tiny.safetensors");
+    tiny_checkpoint(&ckpt);
+    let ckpt_bytes = std::fs::read(&ckpt).unwrap();
+    let target = dir.path().join("mutated");
+    let (mut ok, mut err) = (0, 0);
+    for i in 0..300 {
+        let (source, kind) = match i % 4 {
+            0 => (&labels_gz, 0),
+            1 => (&labels, 0),
+            2 => (&images, 1),
+            _ => (&ckpt_bytes, 2),
+        };
+        let bytes = mutate(&mut rng, source);
+        std::fs::write(&target, &bytes).unwrap();
+        let outcome = std::panic::catch_unwind(|| match kind {
+            0 => ddpm_data::read_idx_labels(&target, 10)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            1 => ddpm_data::read_idx_images(&target)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            _ => checkpoint::read(&target, &Device::Cpu)
+                .and_then(|c| c.unet(ddpm_train::Weights::Ema, &Device::Cpu).map(|_| ()))
+                .map_err(|e| e.to_string()),
+        });
+        match outcome {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(msg)) => {
+                assert!(
+                    msg.contains("mutated"),
+                    "the error must name the file: {msg}"
+                );
+                err += 1;
+            }
+            Err(_) => panic!("mutation {i} of kind {kind} panicked"),
+        }
+    }
+    assert!(
+        err > 100,
+        "most mutations must be caught ({ok} ok, {err} errors)"
+    );
+}
+
+/// Sizes from headers and cards are checked before anything is allocated from them.
+#[test]
+fn crafted_headers_and_cards_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    // An IDX header whose n·rows·cols wraps around 64 bits.
+    let idx = dir.path().join("wrap-idx3-ubyte");
+    let mut bytes = 0x0803u32.to_be_bytes().to_vec();
+    for _ in 0..3 {
+        bytes.extend(u32::MAX.to_be_bytes());
+    }
+    bytes.extend([0u8; 64]);
+    std::fs::write(&idx, &bytes).unwrap();
+    let e = ddpm_data::read_idx_images(&idx).unwrap_err().to_string();
+    assert!(
+        e.contains("wrap-idx3-ubyte") && e.contains("corrupt"),
+        "{e}"
+    );
+    // One that promises more images than it holds.
+    bytes[4..8].copy_from_slice(&1_000_000u32.to_be_bytes());
+    bytes[8..16].copy_from_slice(&[0, 0, 0, 28, 0, 0, 0, 28]);
+    std::fs::write(&idx, &bytes).unwrap();
+    let e = ddpm_data::read_idx_images(&idx).unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
+
+    // Model cards that promise huge images, or disagree with themselves.
+    let weights = |card: &ModelCard| {
+        let t = Trainer::new(tiny_card(), TrainConfig::default(), &Device::Cpu).unwrap();
+        let tensors: Vec<(String, Tensor)> = t
+            .optimizer()
+            .vars()
+            .iter()
+            .map(|(n, v)| (format!("ema.{n}"), v.as_tensor().clone()))
+            .collect();
+        let path = dir.path().join("card.safetensors");
+        checkpoint::save(&path, card, None, tensors).unwrap();
+        path
+    };
+    let mut huge = tiny_card();
+    huge.data.height = 1 << 30;
+    huge.data.width = 1 << 30;
+    let mut channels = tiny_card();
+    channels.model.in_channels = 3;
+    let mut classes = tiny_card();
+    classes.data.class_names.truncate(4);
+    for (card, needle) in [
+        (huge, "image size"),
+        (channels, "channels"),
+        (classes, "classes"),
+    ] {
+        let path = weights(&card);
+        let e = checkpoint::read(&path, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("card.safetensors") && e.contains(needle), "{e}");
+        // And through the binary: one clear error naming the file.
+        let o = ddpm(&[
+            "sample",
+            "--checkpoint",
+            path.to_str().unwrap(),
+            "--out",
+            dir.path().join("x.png").to_str().unwrap(),
+        ]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("card.safetensors"), "{}", stderr(&o));
+    }
+}
+
+/// The bad inputs of issue #16, each one clear error (or, for resume, the right data).
+#[test]
+fn bad_inputs_give_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ckpt = d.join("tiny.safetensors");
+    tiny_checkpoint(&ckpt);
+    let out = |name: &str| d.join(name).to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "train".into(),
+                "--epochs".into(),
+                "0".into(),
+                "--out".into(),
+                out("e0"),
+            ],
+            "--epochs 0",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--limit".into(),
+                "0".into(),
+                "--out".into(),
+                out("l0"),
+            ],
+            "--limit 0",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--image-size".into(),
+                "0".into(),
+                "--out".into(),
+                out("i0"),
+            ],
+            "--image-size 0",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--lr".into(),
+                "1e30".into(),
+                "--out".into(),
+                out("lr"),
+            ],
+            "--lr",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--resume".into(),
+                "--out".into(),
+                out("none"),
+            ],
+            "without --resume",
+        ),
+        (
+            vec![
+                "sample".into(),
+                "--checkpoint".into(),
+                ckpt.to_str().unwrap().into(),
+                "--steps".into(),
+                "1".into(),
+                "--out".into(),
+                d.to_str().unwrap().into(),
+            ],
+            "is a folder",
+        ),
+        (
+            vec![
+                "sample".into(),
+                "--checkpoint".into(),
+                ckpt.to_str().unwrap().into(),
+                "--steps".into(),
+                "1".into(),
+                "--out".into(),
+                out("grid.jpg"),
+            ],
+            "must end in .png",
+        ),
+        (
+            vec![
+                "sample".into(),
+                "--checkpoint".into(),
+                ckpt.to_str().unwrap().into(),
+                "--steps".into(),
+                "1".into(),
+                "--guidance".into(),
+                "1e39".into(),
+                "--out".into(),
+                out("g.png"),
+            ],
+            "f32's range",
+        ),
+    ];
+    for (args, needle) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = ddpm(&a);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{args:?} exited 0");
+        assert!(e.contains(needle), "{args:?}: {e}");
+        if needle == "without --resume" {
+            // `train` has no --checkpoint flag: the advice must not suggest one.
+            assert!(!e.contains("--checkpoint"), "{e}");
+        }
+    }
+    assert!(
+        !d.join("none").exists(),
+        "a refused --resume creates nothing"
+    );
+    assert!(!d.join("g.png").exists() && !d.join("grid.jpg").exists());
+
+    // A model whose weights are NaN: an error, never a black picture.
+    let nan = d.join("nan.safetensors");
+    let t = Trainer::new(tiny_card(), TrainConfig::default(), &Device::Cpu).unwrap();
+    for (_, v) in t.optimizer().vars() {
+        v.set(&(v.as_tensor().ones_like().unwrap() * f64::NAN).unwrap())
+            .unwrap();
+    }
+    t.save(&nan).unwrap();
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        nan.to_str().unwrap(),
+        "--raw-weights",
+        "--steps",
+        "1",
+        "--out",
+        &out("nan.png"),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not finite"), "{}", stderr(&o));
+    assert!(!d.join("nan.png").exists());
+}
+
+/// `--resume` trains on the same data as the run it continues (`--limit` is saved), can lower
+/// the learning rate after a divergence, and logs are plain text when not on a terminal.
+#[test]
+fn resume_keeps_the_limit_and_accepts_a_new_learning_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = ddpm(
+        &run_flags(&run, "2")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cmd(&[
+        "train",
+        "--resume",
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-4",
+        "--out",
+        run.to_str().unwrap(),
+    ])
+    .env("RUST_LOG", "info")
+    .output()
+    .unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("examples=24"),
+        "the resumed run must keep --limit 24: {e}"
+    );
+    assert!(e.contains("--lr 0.0001"), "{e}");
+    assert!(
+        !e.contains('\u{1b}'),
+        "colour codes in a log that is not a terminal: {e}"
+    );
+    let state = checkpoint::read(&run.join("checkpoint.safetensors"), &Device::Cpu)
+        .unwrap()
+        .train
+        .unwrap();
+    assert_eq!(state.config.train_limit, Some(24));
+    assert_eq!(state.config.lr, 1e-4);
+    assert_eq!(state.step, 3);
+}
