@@ -143,6 +143,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let (unet, card) = ddpm_train::load_unet(&ckpt, which, &device)
         .with_context(|| format!("--checkpoint {}", ckpt.display()))?;
     let unet = unet.with_autocast(autocast.map(|a| a.dtype()))?;
+    crate::memory::check_sampling(
+        &card,
+        a.n,
+        a.batch.min(a.n),
+        true,
+        1,
+        false,
+        device.is_cpu(),
+    )?;
     let clf_path = a.classifier.clone().unwrap_or_else(default_classifier);
     let clf_path = std::fs::canonicalize(&clf_path).unwrap_or(clf_path);
     let (clf, info) = Classifier::load(&clf_path, &device)?;

@@ -9,6 +9,7 @@
 mod bench;
 mod eval;
 mod export;
+mod memory;
 mod sample;
 mod train;
 

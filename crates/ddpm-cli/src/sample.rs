@@ -186,6 +186,22 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if a.sampler != SamplerArg::Ddpm && a.steps > t_total {
         bail!("--steps {} is above the model's T = {t_total}", a.steps);
     }
+    // Checked before anything is allocated from --n, --batch and --scale.
+    let n_total = match (conditional, class) {
+        (true, None) => card.model.num_classes.checked_mul(a.n),
+        _ => Some(a.n),
+    }
+    .context("--n: more samples than this machine can count")?;
+    let batch_guess = a.batch.unwrap_or(if device.is_cpu() { 128 } else { 1024 });
+    crate::memory::check_sampling(
+        &card,
+        n_total,
+        batch_guess.min(n_total),
+        a.guidance != 0.0 || !a.sweep.is_empty(),
+        a.scale,
+        a.gif.is_some(),
+        device.is_cpu(),
+    )?;
     // Labels: one row per class, or n of one class, or none (unconditional).
     let (labels, per_row): (Option<Vec<u32>>, usize) = match (conditional, class) {
         (false, _) => (None, a.n.min(8)),

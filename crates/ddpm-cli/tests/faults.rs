@@ -646,6 +646,20 @@ fn bad_inputs_give_one_clear_error() {
             ],
             "f32's range",
         ),
+        (
+            vec![
+                "sample".into(),
+                "--checkpoint".into(),
+                ckpt.to_str().unwrap().into(),
+                "--class".into(),
+                "all".into(),
+                "--n".into(),
+                "100000000000".into(),
+                "--out".into(),
+                out("huge.png"),
+            ],
+            "GiB is available",
+        ),
     ];
     for (args, needle) in cases {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
