@@ -7,6 +7,7 @@
 //! ```
 
 mod bench;
+mod data;
 mod eval;
 mod export;
 mod memory;
@@ -40,6 +41,9 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Show the forward (noising) process on real digits.
     Noise(sample::NoiseArgs),
+    /// Look at a dataset: `ddpm data preview` draws real images, one row per class.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Write a sampling-only copy of a checkpoint (EMA weights, f16 by default, with its card).
     Export(export::ExportArgs),
     /// Measure sample quality across guidance weights: class accuracy, fid_mnist, IS.
@@ -155,6 +159,7 @@ fn main() -> Result<()> {
         Command::Train(a) => train::run(a, &explicit),
         Command::Sample(a) => sample::run(a),
         Command::Noise(a) => sample::noise(a),
+        Command::Data(c) => data::run(c),
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Export(a) => export::run(a),

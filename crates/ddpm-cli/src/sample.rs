@@ -49,7 +49,7 @@ pub struct SampleArgs {
     guidance: f64,
     /// Guidance sweep: sample the same noise at each of these weights (comma-separated) and
     /// write the grids side by side into --out, each titled with its w.
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true, conflicts_with_all = ["gif", "each"])]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true, conflicts_with_all = ["gif", "each", "npz"])]
     sweep: Vec<f64>,
     /// Samples (per class with --class all).
     #[arg(long, default_value_t = 16)]
@@ -85,12 +85,23 @@ pub struct SampleArgs {
     /// Pixel scale of the grid (1: raw 28×28 pixels).
     #[arg(long, default_value_t = 4)]
     scale: usize,
-    /// Also write one PNG per sample into DIR, named with its class.
+    /// Also write one PNG per sample into DIR, named with its index and class, at the model's
+    /// native size whatever --scale is (28×28 grayscale for MNIST), as FID tools and
+    /// classifiers expect.
     #[arg(long)]
     each: Option<PathBuf>,
+    /// Also write all samples and their labels as one .npz (arr_0: uint8 [N, H, W, C];
+    /// arr_1: int64 labels), the format diffusion evaluators read.
+    #[arg(long)]
+    npz: Option<PathBuf>,
     /// Also write the reverse-diffusion animation as a GIF.
     #[arg(long)]
     gif: Option<PathBuf>,
+    /// Colours of the GIF: dark (light digits on black, as MNIST is), light (inverted, for a
+    /// light page), or both (two files, NAME-light.gif and NAME-dark.gif, e.g. for a README's
+    /// <picture> with prefers-color-scheme).
+    #[arg(long, value_enum, default_value_t = GifTheme::Dark, requires = "gif")]
+    gif_theme: GifTheme,
     /// Sample with the raw weights instead of the EMA weights.
     #[arg(long)]
     raw_weights: bool,
@@ -332,9 +343,22 @@ pub fn run(a: SampleArgs) -> Result<()> {
         write_each(&x0, labels.as_deref(), &card.data.class_names, dir)?;
         println!("wrote {n} PNGs into {}", dir.display());
     }
+    if let Some(npz) = &a.npz {
+        viz::write_npz(&x0, labels.as_deref(), npz)
+            .with_context(|| format!("--npz {}", npz.display()))?;
+        println!(
+            "wrote {} ({n} samples{})",
+            npz.display(),
+            if labels.is_some() { " and labels" } else { "" }
+        );
+    }
     if let Some(gif) = &a.gif {
-        viz::save_gif(&frames, 80, gif).with_context(|| format!("--gif {}", gif.display()))?;
-        println!("wrote {} ({} frames)", gif.display(), frames.len());
+        for (path, theme) in gif_outputs(gif, a.gif_theme) {
+            let frames: Vec<_> = frames.iter().map(|f| viz::themed(f, theme)).collect();
+            viz::save_gif(&frames, 80, &path)
+                .with_context(|| format!("--gif {}", path.display()))?;
+            println!("wrote {} ({} frames)", path.display(), frames.len());
+        }
     }
     Ok(())
 }
@@ -370,6 +394,35 @@ pub(crate) fn sample_batched(
     Ok(Tensor::cat(&outs, 0)?)
 }
 
+/// `--gif-theme`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GifTheme {
+    /// Light digits on black.
+    Dark,
+    /// Dark digits on white.
+    Light,
+    /// Both, as NAME-light.gif and NAME-dark.gif.
+    Both,
+}
+
+/// The files `--gif PATH --gif-theme T` writes, with their theme.
+fn gif_outputs(path: &Path, theme: GifTheme) -> Vec<(PathBuf, viz::Theme)> {
+    match theme {
+        GifTheme::Dark => vec![(path.to_path_buf(), viz::Theme::Dark)],
+        GifTheme::Light => vec![(path.to_path_buf(), viz::Theme::Light)],
+        GifTheme::Both => {
+            let stem = path
+                .file_stem()
+                .map_or("reverse".into(), |s| s.to_string_lossy().into_owned());
+            let named = |t: &str| path.with_file_name(format!("{stem}-{t}.gif"));
+            vec![
+                (named("light"), viz::Theme::Light),
+                (named("dark"), viz::Theme::Dark),
+            ]
+        }
+    }
+}
+
 fn write_each(x0: &Tensor, labels: Option<&[u32]>, names: &[String], dir: &Path) -> Result<()> {
     for i in 0..x0.dim(0)? {
         let name = match labels {
@@ -380,7 +433,7 @@ fn write_each(x0: &Tensor, labels: Option<&[u32]>, names: &[String], dir: &Path)
             None => format!("{i:05}.png"),
         };
         let path = dir.join(name);
-        viz::save_grid(&x0.narrow(0, i, 1)?, 1, 1, &path)
+        viz::write_sample_png(&x0.get(i)?, &path)
             .with_context(|| format!("--each {}", path.display()))?;
     }
     Ok(())

@@ -189,9 +189,15 @@ pub struct TrainArgs {
     /// Test-split examples for the held-out loss (0: none).
     #[arg(long, default_value_t = 1024)]
     held_out: usize,
-    /// Use only the first N training examples (quick experiments).
+    /// Use only the first N training examples (quick experiments). Saved in the checkpoint:
+    /// a resumed run trains on the same examples.
     #[arg(long)]
     limit: Option<usize>,
+    /// When stderr is not a terminal (a log file, CI), the progress bar is hidden; print a
+    /// plain progress line (step, loss, images/s, time left) every this many seconds instead
+    /// (0: never).
+    #[arg(long, default_value_t = 30.0)]
+    progress_every: f64,
     /// Autocast: forward and backward of the U-Net in bf16 (convolutions, linear layers,
     /// attention products) with f32 weights, optimizer state, EMA and loss; GroupNorm and
     /// softmax stay f32. Needs --device cuda (candle's CPU matmul has no bf16).
@@ -220,6 +226,42 @@ struct Progress {
     /// The budget's deadline, in seconds since `started`.
     deadline_s: Option<f64>,
     started: std::time::Instant,
+    /// Without a terminal the bar is hidden: a plain line this often instead.
+    plain: Option<PlainLines>,
+}
+
+/// Progress as plain lines on stderr, for logs that go to a file.
+struct PlainLines {
+    every_s: f64,
+    last_s: f64,
+    /// Step and time of this process's first step, for the rate and the time left.
+    first: Option<(u64, f64)>,
+    total: u64,
+}
+
+impl PlainLines {
+    fn line(&mut self, r: &StepReport, now_s: f64, left: &str) -> Option<String> {
+        let (s0, t0) = *self.first.get_or_insert((r.step.saturating_sub(1), now_s));
+        let due = now_s - self.last_s >= self.every_s || r.step == self.total;
+        if !due {
+            return None;
+        }
+        self.last_s = now_s;
+        let done = r.step.saturating_sub(s0);
+        let per_step = (now_s - t0) / done.max(1) as f64;
+        let eta = ddpm_train::budget::format_duration(
+            per_step * self.total.saturating_sub(r.step) as f64,
+        );
+        Some(format!(
+            "step {}/{} ({:.0} %), epoch {}, loss {:.4}, {:.1} img/s, eta {eta}{left}",
+            r.step,
+            self.total,
+            100.0 * r.step as f64 / self.total.max(1) as f64,
+            r.epoch,
+            r.loss,
+            r.images_per_sec
+        ))
+    }
 }
 
 impl TrainObserver for Progress {
@@ -237,6 +279,10 @@ impl TrainObserver for Progress {
     fn on_start(&mut self, start: u64, total: u64) {
         self.bar.set_length(total);
         self.bar.set_position(start);
+        if let Some(p) = &mut self.plain {
+            p.total = total;
+            p.last_s = self.started.elapsed().as_secs_f64();
+        }
     }
     fn on_step(&mut self, r: &StepReport) {
         self.bar.set_position(r.step);
@@ -254,6 +300,11 @@ impl TrainObserver for Progress {
                 )
             }
         });
+        if let Some(p) = &mut self.plain {
+            if let Some(line) = p.line(r, self.started.elapsed().as_secs_f64(), &left) {
+                eprintln!("{line}");
+            }
+        }
         self.bar.set_message(format!(
             "epoch {} loss {:.4} {:.1} img/s{left}",
             r.epoch, r.loss, r.images_per_sec
@@ -539,10 +590,18 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
     // The budget counts from the process start on a first run; a resumed run has already
     // spent the checkpoint's training time (its plan is fixed, so this only feeds the display).
     let resumed_s = if a.resume { trainer.elapsed_s() } else { 0.0 };
+    let plain = (!std::io::IsTerminal::is_terminal(&std::io::stderr()) && a.progress_every > 0.0)
+        .then_some(PlainLines {
+            every_s: a.progress_every,
+            last_s: 0.0,
+            first: None,
+            total: 0,
+        });
     let mut progress = Progress {
         bar,
         deadline_s: trainer.config().budget.map(|b| b.seconds - resumed_s),
         started: process_start,
+        plain,
     };
     let spent = process_start.elapsed().as_secs_f64();
     let outcome = fit_timed(
@@ -563,6 +622,10 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
         }
         FitOutcome::MaxSteps => "reached --max-steps",
         FitOutcome::Stopped => "stopped by Ctrl-C",
+        FitOutcome::Deadline => {
+            "reached the budget's deadline before its planned steps (this machine ran slower \
+             than its probe measured)"
+        }
     };
     let c = trainer.config();
     println!(
@@ -571,7 +634,16 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
         ddpm_train::budget::format_duration(process_start.elapsed().as_secs_f64()),
         ckpt.display()
     );
-    if let Some(n) = c.budget_steps {
+    if let (FitOutcome::Deadline, Some(n)) = (outcome, c.budget_steps) {
+        println!(
+            "the plan was {n} steps and its learning-rate schedule ran to {n}; it ended at step \
+             {} to stay within the budget. `--max-steps {n} --warmup {} --ema-decay {} --budget \
+             off` reruns the whole plan (on a machine fast enough, or without a deadline)",
+            trainer.step(),
+            c.warmup_steps,
+            c.ema_decay
+        );
+    } else if let Some(n) = c.budget_steps {
         println!(
             "the budget's plan, to rerun it on any machine: --max-steps {n} --warmup {} \
              --ema-decay {} --budget off (with the other flags of this run)",

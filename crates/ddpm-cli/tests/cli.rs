@@ -129,6 +129,54 @@ fn train_resume_then_sample() {
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (2 * 29 + 1, 29 + 1));
     assert!(dir.path().join("a.gif").exists());
+
+    // --gif-theme both: a light and a dark file, each other's inverse.
+    let o = ddpm(&[
+        "sample",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+        "--gif",
+        dir.path().join("r.gif").to_str().unwrap(),
+        "--gif-theme",
+        "both",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first_frame = |name: &str| {
+        let f = std::fs::File::open(dir.path().join(name)).unwrap();
+        let dec = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(f)).unwrap();
+        let frame = image::AnimationDecoder::into_frames(dec)
+            .next()
+            .unwrap()
+            .unwrap();
+        frame.into_buffer()
+    };
+    let (light, dark) = (first_frame("r-light.gif"), first_frame("r-dark.gif"));
+    assert_eq!(light.dimensions(), dark.dimensions());
+    // Each other's inverse, pixel by pixel, up to GIF's colour quantisation.
+    let n = (light.width() * light.height()) as f64;
+    let off = light
+        .pixels()
+        .zip(dark.pixels())
+        .map(|(l, d)| (l[0] as f64 + d[0] as f64 - 255.0).abs())
+        .sum::<f64>()
+        / n;
+    assert!(
+        off < 10.0,
+        "light and dark differ from inverses by {off} on average"
+    );
+    let same = light
+        .pixels()
+        .zip(dark.pixels())
+        .map(|(l, d)| (l[0] as f64 - d[0] as f64).abs())
+        .sum::<f64>()
+        / n;
+    assert!(same > 20.0, "the two themes look alike ({same})");
 }
 
 #[test]
@@ -137,6 +185,7 @@ fn sample_each_and_class_all() {
     let ckpt = tiny_checkpoint(dir.path(), 10);
     let each = dir.path().join("each");
     let png = dir.path().join("grid.png");
+    let npz = dir.path().join("samples.npz");
     let o = ddpm(&[
         "sample",
         "--checkpoint",
@@ -155,6 +204,8 @@ fn sample_each_and_class_all() {
         png.to_str().unwrap(),
         "--each",
         each.to_str().unwrap(),
+        "--npz",
+        npz.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let mut files: Vec<String> = std::fs::read_dir(&each)
@@ -164,6 +215,32 @@ fn sample_each_and_class_all() {
     files.sort();
     assert_eq!(files.len(), 10);
     assert_eq!(files[3], "00003_class-3.png");
+    // Native size and grayscale, whatever --scale is.
+    let digit = image::open(each.join(&files[3])).unwrap();
+    assert_eq!((digit.width(), digit.height()), (28, 28));
+    assert_eq!(digit.color(), image::ColorType::L8);
+    // The .npz holds the same digits, channels last, and the labels.
+    let entries = read_stored_zip(&std::fs::read(&npz).unwrap());
+    let (header, pixels) = split_npy(&entries["arr_0.npy"]);
+    assert!(
+        header.contains("'descr': '|u1'") && header.contains("'shape': (10, 28, 28, 1)"),
+        "{header}"
+    );
+    assert_eq!(pixels.len(), 10 * 28 * 28);
+    assert_eq!(
+        &pixels[3 * 784..4 * 784],
+        digit.to_luma8().as_raw().as_slice()
+    );
+    let (header, labels) = split_npy(&entries["arr_1.npy"]);
+    assert!(
+        header.contains("'descr': '<i8'") && header.contains("'shape': (10,)"),
+        "{header}"
+    );
+    let labels: Vec<i64> = labels
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(labels, (0..10).collect::<Vec<i64>>());
     // One row per class, one column.
     assert_eq!(image::open(&png).unwrap().height(), 10 * 29 + 1);
 }
@@ -757,4 +834,72 @@ fn sample_in_batches_draws_the_same_digits() {
         "{}",
         stderr(&o)
     );
+}
+
+/// The entries of a stored (uncompressed) zip, read through its local headers, with each
+/// entry's CRC-32 checked.
+fn read_stored_zip(bytes: &[u8]) -> std::collections::HashMap<String, Vec<u8>> {
+    let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]) as usize;
+    let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+    let mut out = std::collections::HashMap::new();
+    let mut at = 0;
+    while u32_at(at) == 0x0403_4b50 {
+        assert_eq!(u16_at(at + 8), 0, "stored");
+        let (crc, size) = (u32_at(at + 14), u32_at(at + 18) as usize);
+        let (name_len, extra) = (u16_at(at + 26), u16_at(at + 28));
+        let name = String::from_utf8(bytes[at + 30..at + 30 + name_len].to_vec()).unwrap();
+        let start = at + 30 + name_len + extra;
+        let data = bytes[start..start + size].to_vec();
+        let mut c = flate2::Crc::new();
+        c.update(&data);
+        assert_eq!(c.sum(), crc, "{name}: CRC");
+        out.insert(name, data);
+        at = start + size;
+    }
+    assert_eq!(
+        u32_at(at),
+        0x0201_4b50,
+        "the central directory follows the entries"
+    );
+    out
+}
+
+/// An .npy file's header (checked to be format 1.0, 64-byte aligned) and its data.
+fn split_npy(b: &[u8]) -> (String, &[u8]) {
+    assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
+    let len = u16::from_le_bytes([b[8], b[9]]) as usize;
+    assert_eq!((10 + len) % 64, 0);
+    (
+        String::from_utf8(b[10..10 + len].to_vec()).unwrap(),
+        &b[10 + len..],
+    )
+}
+
+#[test]
+fn data_preview_draws_one_named_row_per_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("preview.png");
+    let o = ddpm(&[
+        "data",
+        "preview",
+        "--split",
+        "test",
+        "--per-class",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(&out).unwrap().to_rgb8();
+    // Ten rows of 28 px digits at scale 2 with their gutters, and a label column.
+    assert_eq!(img.height(), 10 * (28 * 2 + 2 + 2) + 8);
+    assert!(img.width() > 3 * (28 * 2 + 2));
+    // The label column holds dark text on white.
+    let dark = (0..img.height())
+        .flat_map(|y| (0..20).map(move |x| (x, y)))
+        .filter(|&(x, y)| img.get_pixel(x, y)[0] < 100)
+        .count();
+    assert!(dark > 50, "no labels drawn");
+    let o = ddpm(&["data", "preview", "--per-class", "0"]);
+    assert!(!o.status.success() && stderr(&o).contains("--per-class 0"));
 }

@@ -721,6 +721,8 @@ fn resume_keeps_the_limit_and_accepts_a_new_learning_rate() {
         "3",
         "--lr",
         "1e-4",
+        "--progress-every",
+        "0.000001",
         "--out",
         run.to_str().unwrap(),
     ])
@@ -737,6 +739,11 @@ fn resume_keeps_the_limit_and_accepts_a_new_learning_rate() {
     assert!(
         !e.contains('\u{1b}'),
         "colour codes in a log that is not a terminal: {e}"
+    );
+    // Without a terminal the bar is hidden, and plain progress lines say how far it is.
+    assert!(
+        e.contains("step 3/3 (100 %)"),
+        "no plain progress line: {e}"
     );
     let state = checkpoint::read(&run.join("checkpoint.safetensors"), &Device::Cpu)
         .unwrap()

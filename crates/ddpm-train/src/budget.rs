@@ -253,6 +253,26 @@ pub fn time_median(
     Ok(times[times.len() / 2])
 }
 
+/// Times `f` as [`time_median`] does, and returns the fastest of the timed runs: the step time
+/// of this machine when nothing else interferes.
+pub fn time_fastest(
+    clock: &dyn Clock,
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut fastest = f64::INFINITY;
+    for _ in 0..runs.max(1) {
+        let start = clock.now_s();
+        f()?;
+        fastest = fastest.min((clock.now_s() - start).max(0.0));
+    }
+    Ok(fastest)
+}
+
 /// Parses a duration: `90s`, `15m`, `1h30m`, `2h`, or a bare number of minutes.
 pub fn parse_duration(s: &str) -> std::result::Result<f64, String> {
     let t = s.trim();

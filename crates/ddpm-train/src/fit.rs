@@ -88,6 +88,10 @@ pub enum FitOutcome {
     MaxSteps,
     /// The stop flag was raised (Ctrl-C); a checkpoint was written.
     Stopped,
+    /// A budgeted run reached its deadline before its planned steps (the machine ran slower
+    /// than its probe measured): it ended there, with its final grid and checkpoint, within
+    /// the budget.
+    Deadline,
 }
 
 /// The checkpoint [`fit`] writes in `out_dir`.
@@ -151,6 +155,7 @@ pub fn fit_timed(
         path: out_dir.to_path_buf(),
         source,
     })?;
+    let mut deadline = None;
     if let (Some(b), false) = (trainer.config().budget, planned_before) {
         let started = clock.now_s();
         let costs = measure_costs(trainer, data, &loader, out_dir, clock)?;
@@ -180,6 +185,30 @@ pub fn fit_timed(
             "budget planned"
         );
         observer.on_plan(&plan);
+        // The run that planned also keeps to the budget's clock: a VM's speed drifts, and a
+        // run slower than its probe ends early (final grid and checkpoint included) rather
+        // than late.
+        let c = trainer.config();
+        let metrics_s = if data.held_out.is_some() {
+            costs.held_out_s
+        } else {
+            0.0
+        };
+        let grid_s = if c.sample_every > 0 {
+            costs.grid_s
+        } else {
+            0.0
+        };
+        // Ending costs the final grid, a metrics line and a checkpoint; so does an epoch end.
+        let end_s = grid_s + metrics_s + costs.checkpoint_s;
+        deadline = Some(Deadline {
+            // 2 % kept back: the end's costs are estimates too.
+            at_s: started - spent_s + b.seconds * 0.98,
+            step_s: costs.train_step_s,
+            end_s,
+            metrics_s,
+            epoch_end_s: end_s,
+        });
     }
     let cfg = trainer.config().clone();
     let total = trainer.total_steps_hint();
@@ -220,6 +249,41 @@ pub fn fit_timed(
             observer.on_step(&report);
             let at_max = trainer.step_cap().is_some_and(|m| trainer.step() >= m);
             let stopping = stop.load(Ordering::SeqCst);
+            // What the next step brings besides itself: an epoch end (grid, metrics line,
+            // checkpoint) or a metrics line.
+            let next = trainer.step() + 1;
+            let next_extra = deadline.map_or(0.0, |d| {
+                if trainer.batch_in_epoch + 1 >= per_epoch {
+                    d.epoch_end_s
+                } else if cfg.log_every > 0 && next % cfg.log_every == 0 {
+                    d.metrics_s
+                } else {
+                    0.0
+                }
+            });
+            let late =
+                !at_max && deadline.is_some_and(|d| d.would_pass(clock.now_s(), secs, next_extra));
+            if late && !stopping {
+                let final_grid =
+                    (cfg.sample_every > 0).then(|| final_grid_path(out_dir, trainer.step()));
+                tracing::warn!(
+                    step = trainer.step(),
+                    planned = trainer.step_cap().unwrap_or(0),
+                    "the budget's deadline came before the planned steps (this machine ran \
+                     slower than its probe measured): ending here"
+                );
+                end_period(
+                    trainer,
+                    epoch,
+                    data,
+                    out_dir,
+                    &mut period,
+                    observer,
+                    final_grid,
+                )?;
+                save(trainer, period, &ckpt, observer)?;
+                return Ok(FitOutcome::Deadline);
+            }
             if at_max && !stopping {
                 // A run that reaches its step limit ends with a grid of the final model.
                 let final_grid =
@@ -259,6 +323,29 @@ pub fn fit_timed(
     Ok(FitOutcome::Finished)
 }
 
+/// When a planned run must end, on the clock it was planned with.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    /// The budget's end.
+    at_s: f64,
+    /// The probe's step time.
+    step_s: f64,
+    /// What ending costs: the final grid, metrics line and checkpoint.
+    end_s: f64,
+    /// A metrics line (the held-out loss).
+    metrics_s: f64,
+    /// An epoch end: its grid, metrics line and checkpoint.
+    epoch_end_s: f64,
+}
+
+impl Deadline {
+    /// Whether one more step (as long as the slower of the last one and the probe's, plus
+    /// `extra_s`, what comes with it) and the end would pass the deadline.
+    fn would_pass(&self, now_s: f64, last_step_s: f64, extra_s: f64) -> bool {
+        now_s + last_step_s.max(self.step_s) + extra_s + self.end_s > self.at_s
+    }
+}
+
 /// What a step, a grid, a held-out evaluation and a checkpoint cost on this machine, timed on
 /// a scratch copy of the model (so the run itself starts from its own first step, and a run
 /// with the same `--max-steps` elsewhere is the same run).
@@ -278,7 +365,12 @@ fn measure_costs(
     // Untimed steps first: the first steps of a process pay for page faults and the
     // allocator's first growth (with 2 untimed and 3 timed, a 2-core Zen 3 read 1.23 s a step
     // against the run's 1.06 s average).
-    let train_step_s = budget::time_median(clock, 4, 5, || {
+    // The fastest of the timed steps: the plan is the most steps this machine can take, and
+    // the deadline (see `fit_timed`) ends a run that turns out slower. A median plans for a
+    // typical step, but on a VM whose speed drifts by a third within minutes the median of a
+    // few seconds misses either way (a 2-core Zen 3 read 0.49 s and the run then took 0.57 s;
+    // minutes later 0.65 s, and the run took 0.58 s).
+    let train_step_s = budget::time_fastest(clock, 4, 5, || {
         let batch = data.train.batch(&batches[next % batches.len().max(1)])?;
         next += 1;
         scratch.train_step(&batch).map(|_| ())

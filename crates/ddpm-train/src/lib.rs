@@ -44,8 +44,8 @@ pub use budget::{BudgetConfig, BudgetPlan};
 pub use checkpoint::{load_unet, DataInfo, ModelCard, TrainState, Weights};
 pub use error::{Result, TrainError};
 pub use fit::{
-    checkpoint_path, fit, fit_timed, metrics_path, plot_metrics, read_metrics, write_sample_grid,
-    EpochReport, FitData, FitOutcome, StepReport, TrainObserver,
+    checkpoint_path, final_grid_path, fit, fit_timed, grid_path, metrics_path, plot_metrics,
+    read_metrics, write_sample_grid, EpochReport, FitData, FitOutcome, StepReport, TrainObserver,
 };
 pub use lock::{RunLock, LOCK_FILE};
 pub use loss::LossWeighting;

@@ -23,14 +23,9 @@ pub fn grid_image(images: &Tensor, ncols: usize, scale: usize) -> Result<RgbImag
             "cannot draw images with {c} channels"
         )));
     }
-    ddpm_core::ensure_finite(images, "the images to draw")?;
     let (ncols, scale) = (ncols.clamp(1, n.max(1)), scale.max(1));
     let nrows = n.div_ceil(ncols);
-    let px: Vec<u8> = ((images.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
-        .round()?
-        .to_dtype(DType::U8)?
-        .flatten_all()?
-        .to_vec1()?;
+    let px = to_u8(images)?;
     let gutter = scale;
     let (cw, ch) = (w * scale + gutter, h * scale + gutter);
     let mut out = RgbImage::from_pixel(
@@ -54,6 +49,161 @@ pub fn grid_image(images: &Tensor, ncols: usize, scale: usize) -> Result<RgbImag
         }
     }
     Ok(out)
+}
+
+/// `[N, C, H, W]` images in `[-1, 1]` as bytes in `0..=255` (same layout): `round((x + 1)·127.5)`
+/// after clamping, the one mapping every picture and sample file uses. Fails on any non-finite
+/// value, so a diverged model gives an error instead of a black picture.
+pub fn to_u8(images: &Tensor) -> Result<Vec<u8>> {
+    ddpm_core::ensure_finite(images, "the images to write")?;
+    Ok(
+        ((images.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+            .round()?
+            .to_dtype(DType::U8)?
+            .flatten_all()?
+            .to_vec1()?,
+    )
+}
+
+/// Writes one `[C, H, W]` image in `[-1, 1]` at its native size, as a grayscale PNG (mode L)
+/// for one channel or RGB for three: the form MNIST digits have, and FID tools and classifiers
+/// read. Atomic, like [`write_png`].
+pub fn write_sample_png(image: &Tensor, path: &Path) -> Result<()> {
+    check_extension(path, "png")?;
+    let (c, h, w) = image.dims3()?;
+    let px = to_u8(image)?;
+    let (w32, h32) = (w as u32, h as u32);
+    let mut bytes = Vec::new();
+    let mut cur = std::io::Cursor::new(&mut bytes);
+    match c {
+        1 => image::GrayImage::from_raw(w32, h32, px)
+            .ok_or_else(|| TrainError::Config("image buffer size".into()))?
+            .write_to(&mut cur, image::ImageFormat::Png),
+        3 => {
+            // [C, H, W] → interleaved RGB.
+            let plane = h * w;
+            let rgb: Vec<u8> = (0..plane)
+                .flat_map(|i| [px[i], px[plane + i], px[2 * plane + i]])
+                .collect();
+            RgbImage::from_raw(w32, h32, rgb)
+                .ok_or_else(|| TrainError::Config("image buffer size".into()))?
+                .write_to(&mut cur, image::ImageFormat::Png)
+        }
+        _ => {
+            return Err(TrainError::Config(format!(
+                "cannot write images with {c} channels"
+            )))
+        }
+    }
+    .map_err(img_err(path))?;
+    crate::checkpoint::write_atomic(path, &bytes)
+}
+
+/// Writes `[N, C, H, W]` images in `[-1, 1]` and their labels as one `.npz` file, the form the
+/// standard diffusion evaluators read: `arr_0`, uint8 `[N, H, W, C]` (channels last), and, when
+/// given, `arr_1`, the int64 labels `[N]`. An uncompressed zip of `.npy` files (format 1.0),
+/// written atomically.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let dir = std::env::temp_dir().join(format!("npz-doc-{}", std::process::id()));
+/// let x = Tensor::zeros((2, 1, 4, 4), candle_core::DType::F32, &Device::Cpu)?;
+/// let path = dir.join("s.npz");
+/// ddpm_train::viz::write_npz(&x, Some(&[3, 7]), &path)?;
+/// let bytes = std::fs::read(&path).unwrap();
+/// assert_eq!(&bytes[..4], b"PK\x03\x04");
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok::<(), ddpm_train::TrainError>(())
+/// ```
+pub fn write_npz(images: &Tensor, labels: Option<&[u32]>, path: &Path) -> Result<()> {
+    check_extension(path, "npz")?;
+    let (n, c, h, w) = images.dims4()?;
+    if let Some(l) = labels {
+        if l.len() != n {
+            return Err(TrainError::Config(format!(
+                "{} labels for {n} images",
+                l.len()
+            )));
+        }
+    }
+    let px = to_u8(&images.permute((0, 2, 3, 1))?.contiguous()?)?;
+    let mut entries = vec![("arr_0.npy", npy("|u1", &[n, h, w, c], &px))];
+    if let Some(l) = labels {
+        let data: Vec<u8> = l.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect();
+        entries.push(("arr_1.npy", npy("<i8", &[n], &data)));
+    }
+    let zip = stored_zip(&entries).ok_or_else(|| {
+        TrainError::Config(format!(
+            "{}: {n} samples make an .npz beyond 4 GiB (zip64 is not written); ask for fewer",
+            path.display()
+        ))
+    })?;
+    crate::checkpoint::write_atomic(path, &zip)
+}
+
+/// An `.npy` file (format 1.0) of C-ordered `data` with numpy type `descr` and `shape`.
+fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + length (2) + header, padded with spaces to a multiple of 64,
+    // ending in a newline.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat(unpadded.div_ceil(64) * 64 - unpadded));
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(data);
+    out
+}
+
+/// A zip archive of `entries`, stored (no compression); `None` beyond zip's 32-bit sizes.
+fn stored_zip(entries: &[(&str, Vec<u8>)]) -> Option<Vec<u8>> {
+    let u32_of = |v: usize| u32::try_from(v).ok();
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for (name, data) in entries {
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        let (crc, size, offset) = (crc.sum(), u32_of(data.len())?, u32_of(out.len())?);
+        let name_len = u16::try_from(name.len()).ok()?;
+        // Local file header: version 2.0, no flags, stored, 1980-01-01 00:00.
+        out.extend(0x0403_4b50u32.to_le_bytes());
+        out.extend([20, 0, 0, 0, 0, 0, 0, 0, 0x21, 0]);
+        out.extend(crc.to_le_bytes());
+        out.extend(size.to_le_bytes());
+        out.extend(size.to_le_bytes());
+        out.extend(name_len.to_le_bytes());
+        out.extend(0u16.to_le_bytes());
+        out.extend(name.as_bytes());
+        out.extend(data);
+        // Its central directory record.
+        central.extend(0x0201_4b50u32.to_le_bytes());
+        central.extend([20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0x21, 0]);
+        central.extend(crc.to_le_bytes());
+        central.extend(size.to_le_bytes());
+        central.extend(size.to_le_bytes());
+        central.extend(name_len.to_le_bytes());
+        central.extend([0u8; 12]); // extra, comment, disk, internal and external attributes
+        central.extend(offset.to_le_bytes());
+        central.extend(name.as_bytes());
+    }
+    let (cd_offset, cd_size) = (u32_of(out.len())?, u32_of(central.len())?);
+    let count = u16::try_from(entries.len()).ok()?;
+    out.extend(central);
+    out.extend(0x0605_4b50u32.to_le_bytes());
+    out.extend([0u8; 4]); // this disk, the central directory's disk
+    out.extend(count.to_le_bytes());
+    out.extend(count.to_le_bytes());
+    out.extend(cd_size.to_le_bytes());
+    out.extend(cd_offset.to_le_bytes());
+    out.extend(0u16.to_le_bytes());
+    Some(out)
 }
 
 /// Saves a grid of images (see [`grid_image`]) as PNG.
@@ -123,6 +273,48 @@ pub fn save_panels(panels: &[(String, RgbImage)], path: &Path) -> Result<()> {
         x += p.width() + gap;
     }
     write_png(&img, path)
+}
+
+/// Stacks `rows` vertically on white, each with its label drawn to its left (the built-in
+/// font), e.g. one row of real digits per class.
+pub fn labelled_rows(rows: &[(String, RgbImage)]) -> RgbImage {
+    let (s, gap) = (3i64, 8u32);
+    let label_w = rows
+        .iter()
+        .map(|(l, _)| l.chars().count() as u32 * 4 * s as u32)
+        .max()
+        .unwrap_or(0)
+        + 2 * gap;
+    let width = label_w + rows.iter().map(|(_, r)| r.width()).max().unwrap_or(0) + gap;
+    let height = rows.iter().map(|(_, r)| r.height()).sum::<u32>() + gap;
+    let mut img = RgbImage::from_pixel(width.max(1), height.max(1), Rgb([255, 255, 255]));
+    let mut y = gap / 2;
+    for (label, row) in rows {
+        let ty = y as i64 + (row.height() as i64 - 5 * s) / 2;
+        draw_text(&mut img, gap as i64, ty, label, s, Rgb([20, 20, 20]));
+        image::imageops::replace(&mut img, row, label_w as i64, y as i64);
+        y += row.height();
+    }
+    img
+}
+
+/// The colours of a picture: MNIST's own light digits on a dark ground, or inverted for a
+/// light page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Theme {
+    /// Light digits on a dark ground (the data as it is).
+    Dark,
+    /// Dark digits on a light ground (every pixel inverted).
+    Light,
+}
+
+/// `img` in `theme`: unchanged for [`Theme::Dark`], inverted for [`Theme::Light`].
+pub fn themed(img: &RgbImage, theme: Theme) -> RgbImage {
+    let mut out = img.clone();
+    if theme == Theme::Light {
+        image::imageops::invert(&mut out);
+    }
+    out
 }
 
 /// Saves frames as a looping GIF, `delay_ms` per frame, holding the last frame 2 s. Encoded in
@@ -195,6 +387,13 @@ fn glyph(c: char) -> [u8; 5] {
         'W' => ["101", "101", "111", "111", "101"],
         'X' => ["101", "101", "010", "101", "101"],
         'Y' => ["101", "101", "010", "010", "010"],
+        'J' => ["001", "001", "001", "101", "111"],
+        'Q' => ["111", "101", "101", "111", "001"],
+        'Z' => ["111", "001", "010", "100", "111"],
+        '/' => ["001", "001", "010", "100", "100"],
+        '_' => ["000", "000", "000", "000", "111"],
+        ':' => ["000", "010", "000", "010", "000"],
+        ',' => ["000", "000", "000", "010", "100"],
         _ => ["000", "000", "000", "000", "000"],
     };
     rows.map(|r| r.bytes().fold(0u8, |acc, b| (acc << 1) | (b == b'1') as u8))

@@ -758,3 +758,79 @@ fn metrics_of_an_interrupted_run_equal_the_uninterrupted_ones() {
     fit(&mut t, &data, b.path(), &mut (), &stop).unwrap();
     assert_eq!(strip(b.path()), want);
 }
+
+/// A clock that advances one second a read until `slow_after` reads, then `slow` seconds a
+/// read: a machine that slows down once the budget is planned.
+struct SlowingClock {
+    reads: std::cell::Cell<u64>,
+    now: std::cell::Cell<f64>,
+    slow_after: u64,
+    slow: f64,
+}
+impl ddpm_train::budget::Clock for SlowingClock {
+    fn now_s(&self) -> f64 {
+        let (r, t) = (self.reads.get(), self.now.get());
+        self.reads.set(r + 1);
+        self.now
+            .set(t + if r >= self.slow_after { self.slow } else { 1.0 });
+        t
+    }
+}
+
+/// A run that turns out slower than its probe ends at the budget's deadline, with its final
+/// grid and checkpoint, instead of running over; the plan stays the saved one.
+#[test]
+fn a_run_slower_than_its_probe_ends_at_the_deadline() {
+    let stop = AtomicBool::new(false);
+    // The plan on a steady clock, then the same run on a clock that runs three times slower
+    // once the plan is made.
+    let cfg = TrainConfig {
+        sample_every: 1,
+        ..budgeted()
+    };
+    let mut planned = Trainer::new(card(), cfg.clone(), &Device::Cpu).unwrap();
+    let d0 = tempfile::tempdir().unwrap();
+    let steady = FakeClock(std::cell::Cell::new(0.0));
+    let out = ddpm_train::fit_timed(
+        &mut planned,
+        &data(),
+        d0.path(),
+        &mut (),
+        &stop,
+        &steady,
+        0.0,
+    )
+    .unwrap();
+    assert_eq!(out, FitOutcome::MaxSteps);
+    let plan = planned.config().budget_steps.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(card(), cfg, &Device::Cpu).unwrap();
+    let clock = SlowingClock {
+        reads: std::cell::Cell::new(0),
+        now: std::cell::Cell::new(0.0),
+        slow_after: 16,
+        slow: 3.0,
+    };
+    let out =
+        ddpm_train::fit_timed(&mut t, &data(), dir.path(), &mut (), &stop, &clock, 0.0).unwrap();
+    assert_eq!(out, FitOutcome::Deadline);
+    assert!(t.step() < plan, "ended at {} of {plan}", t.step());
+    assert!(t.step() >= 1);
+    // It stopped in time: the clock's reading at the end, plus the end's own costs, is
+    // within the 29 s budget.
+    assert!(
+        clock.now.get() <= 29.0 + 3.0,
+        "ended at {} s",
+        clock.now.get()
+    );
+    let ckpt = Trainer::resume(
+        &dir.path().join("checkpoint.safetensors"),
+        &Device::Cpu,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(ckpt.step(), t.step());
+    assert_eq!(ckpt.config().budget_steps, t.config().budget_steps);
+    assert!(ddpm_train::final_grid_path(dir.path(), t.step()).exists());
+}
