@@ -9,6 +9,47 @@ use ddpm_train::ModelCard;
 /// peaked at 2.4 GB RSS, about 7.4 such maps per image), rounded up.
 const LIVE_MAPS: u64 = 8;
 
+/// Live f32 maps per image of a training step (activations kept for the backward pass, their
+/// gradients and the convolution scratch), per element of the largest feature maps: `small` at
+/// batch 128 peaked at 956 MiB RSS (docs/performance.md), about 40 such maps per image.
+const TRAIN_MAPS: u64 = 40;
+
+/// The f32 elements of one image's feature maps at every level of the U-Net.
+fn maps_per_image(card: &ModelCard) -> u64 {
+    let (d, m) = (&card.data, &card.model);
+    (0..m.channel_mults.len())
+        .map(|l| {
+            let side = |s: usize| (s >> l).max(1) as u64;
+            m.level_channels(l) as u64 * side(d.height) * side(d.width)
+        })
+        .sum()
+}
+
+/// Bytes a training step at `batch` needs, roughly.
+pub(crate) fn training_bytes(card: &ModelCard, batch: usize) -> u64 {
+    (batch as u64).saturating_mul(maps_per_image(card) * 4 * TRAIN_MAPS)
+}
+
+/// Fails, naming what fits, when a training step at `batch` cannot fit in the memory this
+/// machine has available.
+pub(crate) fn check_training(card: &ModelCard, batch: usize) -> Result<()> {
+    let Some(avail) = available_bytes() else {
+        return Ok(());
+    };
+    let need = training_bytes(card, batch);
+    if need <= avail {
+        return Ok(());
+    }
+    let per_image = training_bytes(card, 1).max(1);
+    bail!(
+        "--batch-size {batch}: a training step needs about {:.1} GiB, but only {:.1} GiB is \
+         available: use --batch-size {} or less",
+        gib(need),
+        gib(avail),
+        (avail / per_image).max(1)
+    )
+}
+
 /// Bytes a sampling request needs, roughly: the noise and the samples of all `n` images, the
 /// activations of one batch of `batch` (twice that when guided), and the pictures.
 pub(crate) fn sampling_bytes(
@@ -20,14 +61,8 @@ pub(crate) fn sampling_bytes(
     gif: bool,
 ) -> u64 {
     let d = &card.data;
-    let m = &card.model;
     let pixels = (d.channels * d.height * d.width) as u64;
-    let per_level: u64 = (0..m.channel_mults.len())
-        .map(|l| {
-            let side = |s: usize| (s >> l).max(1) as u64;
-            m.level_channels(l) as u64 * side(d.height) * side(d.width)
-        })
-        .sum();
+    let per_level = maps_per_image(card);
     let fwd = batch as u64 * if guided { 2 } else { 1 };
     let working = fwd.saturating_mul(per_level * 4 * LIVE_MAPS);
     let images = (n as u64).saturating_mul(pixels * 4 * 3);
@@ -150,6 +185,9 @@ mod tests {
         assert!(sampling_bytes(&c, 1000, 128, true, 8, false) > batched);
         assert!(sampling_bytes(&c, 1000, 128, true, 1, true) > batched);
         assert!(sampling_bytes(&c, 1000, 128, false, 1, false) < batched);
+        // Training: the measured peak of `small` at batch 128 (956 MiB).
+        let train = training_bytes(&c, 128) as f64;
+        assert!((0.6e9..1.3e9).contains(&train), "{train}");
         // Absurd requests saturate instead of wrapping around.
         assert_eq!(
             sampling_bytes(&c, usize::MAX, 128, true, 1, false),

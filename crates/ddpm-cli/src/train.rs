@@ -532,6 +532,9 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
             train_limit: a.limit,
             ..TrainConfig::default()
         };
+        if device.is_cpu() {
+            crate::memory::check_training(&card, config.batch_size)?;
+        }
         Trainer::new(card, config, &device).context("cannot set up training")?
     };
     let card = trainer.card().clone();

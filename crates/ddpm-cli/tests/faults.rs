@@ -592,6 +592,16 @@ fn bad_inputs_give_one_clear_error() {
         (
             vec![
                 "train".into(),
+                "--batch-size".into(),
+                "10000000".into(),
+                "--out".into(),
+                out("b"),
+            ],
+            "GiB is",
+        ),
+        (
+            vec![
+                "train".into(),
                 "--lr".into(),
                 "1e30".into(),
                 "--out".into(),
