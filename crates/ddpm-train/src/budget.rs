@@ -232,14 +232,14 @@ pub fn plan_steps(
     })
 }
 
-/// Times `f` with `clock`: runs it `warmup` times untimed, then `runs` times, and returns the
-/// median duration of the timed runs.
-pub fn time_median(
+/// Runs `f` `warmup` times untimed, then `runs` times (at least once) timed with `clock`;
+/// returns the timed durations, sorted.
+fn time_runs(
     clock: &dyn Clock,
     warmup: usize,
     runs: usize,
     mut f: impl FnMut() -> Result<()>,
-) -> Result<f64> {
+) -> Result<Vec<f64>> {
     for _ in 0..warmup {
         f()?;
     }
@@ -250,6 +250,18 @@ pub fn time_median(
         times.push((clock.now_s() - start).max(0.0));
     }
     times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+/// Times `f` with `clock`: runs it `warmup` times untimed, then `runs` times, and returns the
+/// median duration of the timed runs.
+pub fn time_median(
+    clock: &dyn Clock,
+    warmup: usize,
+    runs: usize,
+    f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    let times = time_runs(clock, warmup, runs, f)?;
     Ok(times[times.len() / 2])
 }
 
@@ -259,18 +271,9 @@ pub fn time_fastest(
     clock: &dyn Clock,
     warmup: usize,
     runs: usize,
-    mut f: impl FnMut() -> Result<()>,
+    f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    let mut fastest = f64::INFINITY;
-    for _ in 0..runs.max(1) {
-        let start = clock.now_s();
-        f()?;
-        fastest = fastest.min((clock.now_s() - start).max(0.0));
-    }
-    Ok(fastest)
+    Ok(time_runs(clock, warmup, runs, f)?[0])
 }
 
 /// Parses a duration: `90s`, `15m`, `1h30m`, `2h`, or a bare number of minutes.

@@ -263,29 +263,17 @@ pub fn fit_timed(
             });
             let late =
                 !at_max && deadline.is_some_and(|d| d.would_pass(clock.now_s(), secs, next_extra));
-            if late && !stopping {
-                let final_grid =
-                    (cfg.sample_every > 0).then(|| final_grid_path(out_dir, trainer.step()));
-                tracing::warn!(
-                    step = trainer.step(),
-                    planned = trainer.step_cap().unwrap_or(0),
-                    "the budget's deadline came before the planned steps (this machine ran \
-                     slower than its probe measured): ending here"
-                );
-                end_period(
-                    trainer,
-                    epoch,
-                    data,
-                    out_dir,
-                    &mut period,
-                    observer,
-                    final_grid,
-                )?;
-                save(trainer, period, &ckpt, observer)?;
-                return Ok(FitOutcome::Deadline);
-            }
-            if at_max && !stopping {
-                // A run that reaches its step limit ends with a grid of the final model.
+            if (at_max || late) && !stopping {
+                if late {
+                    tracing::warn!(
+                        step = trainer.step(),
+                        planned = trainer.step_cap().unwrap_or(0),
+                        "the budget's deadline came before the planned steps (this machine ran \
+                         slower than its probe measured): ending here"
+                    );
+                }
+                // A run that reaches its step limit or its deadline ends with a grid of the
+                // final model.
                 let final_grid =
                     (cfg.sample_every > 0).then(|| final_grid_path(out_dir, trainer.step()));
                 end_period(
@@ -298,7 +286,11 @@ pub fn fit_timed(
                     final_grid,
                 )?;
                 save(trainer, period, &ckpt, observer)?;
-                return Ok(FitOutcome::MaxSteps);
+                return Ok(if late {
+                    FitOutcome::Deadline
+                } else {
+                    FitOutcome::MaxSteps
+                });
             }
             if stopping {
                 // No metrics line: the running averages go into the checkpoint, and the
