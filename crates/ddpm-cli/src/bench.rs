@@ -8,12 +8,11 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use ddpm_core::{Denoiser, SeededNoise};
 use ddpm_data::Batch;
-use ddpm_sampler::{ClassifierFreeGuidance, SamplerConfig, Spacing};
+use ddpm_pipeline::{Labels, Request, SamplerKind, SamplerSpec};
 use ddpm_schedule::ScheduleConfig;
 use ddpm_train::{DataInfo, ModelCard, TrainConfig, Trainer};
 use ddpm_unet::{Kernels, UNetConfig};
 
-use crate::sample::{make_sampler, sample_batched, SamplerArg};
 use crate::DeviceArg;
 
 /// What `ddpm bench` measures.
@@ -196,36 +195,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .ema_model()?
                 .with_kernels(kernels)
                 .with_autocast(dtype)?;
-            let guided = ClassifierFreeGuidance::new(&model, 3.0)?;
             let schedule = trainer.card().schedule.build()?;
-            let xs = Tensor::from_vec(
-                rng.randn_vec(a.n * cfg.in_channels * s * s),
-                (a.n, cfg.in_channels, s, s),
-                &dev,
-            )?;
-            let ls = Tensor::from_vec(rng.uniform_u32(a.n, 10), a.n, &dev)?;
+            let classes = rng.uniform_u32(a.n, 10);
             // The sampler `ddpm eval` uses, in the batches `ddpm sample` uses.
-            let make = || {
-                make_sampler(
-                    SamplerArg::Ddim,
-                    &schedule,
-                    a.steps,
-                    0.0,
-                    Spacing::Leading,
-                    SamplerConfig { clip_x0: true },
-                )
+            let request = Request {
+                labels: Labels::Classes(classes),
+                guidance: 3.0,
+                seed: 1,
+                sampler: SamplerSpec::new(SamplerKind::Ddim).with_steps(a.steps),
+                batch,
             };
+            let dims = (cfg.in_channels, s, s);
             let secs = time_iters(a.warmup, a.iters, || {
-                let mut noise = SeededNoise::new(1);
-                sample_batched(
-                    &guided,
-                    &make,
-                    &xs,
-                    Some(&ls),
-                    batch,
-                    &mut noise,
-                    &mut |_, _| Ok(()),
-                )?;
+                ddpm_pipeline::generate(&model, &schedule, dims, &dev, &request, &mut |_| Ok(()))?;
                 sync(&dev)
             })?;
             // The forward rate at the batch guided sampling runs the network at.

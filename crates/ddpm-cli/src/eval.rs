@@ -4,17 +4,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Shape, Tensor};
 use clap::Args;
-use ddpm_core::{NoiseSource, SeededNoise};
 use ddpm_data::{load_dataset, DatasetKind, Split};
 use ddpm_eval::{Classifier, ClassifierTrainConfig, Reference, SetMetrics};
-use ddpm_sampler::{sample, ClassifierFreeGuidance, SamplerConfig, Spacing};
+use ddpm_pipeline::{generate_with, Labels, Model, Request, SamplerKind, SamplerSpec};
 use ddpm_train::{viz, ModelCard, Weights};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::sample::{make_sampler, SamplerArg};
 use crate::DeviceArg;
 
 /// The shipped classifier, found from the workspace or the current directory.
@@ -54,8 +51,8 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 50)]
     steps: usize,
     /// Sampler.
-    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
-    sampler: SamplerArg,
+    #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
+    sampler: SamplerKind,
     /// Samples generated per batch.
     #[arg(long, default_value_t = 500)]
     batch: usize,
@@ -140,9 +137,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Weights::Ema
     };
     let autocast = crate::autocast(a.autocast.as_deref(), &device)?;
-    let (unet, card) = ddpm_train::load_unet(&ckpt, which, &device)
+    let model = Model::load(&ckpt, which, &device)
+        .and_then(|m| m.map_unet(|u| u.with_autocast(autocast.map(|a| a.dtype()))))
         .with_context(|| format!("--checkpoint {}", ckpt.display()))?;
-    let unet = unet.with_autocast(autocast.map(|a| a.dtype()))?;
+    let card = model.card().clone();
     crate::memory::check_sampling(
         &card,
         a.n,
@@ -189,57 +187,43 @@ pub fn run(a: EvalArgs) -> Result<()> {
         "real-data floor (train vs test)"
     );
 
-    let schedule = card.schedule.build().context("the checkpoint's schedule")?;
     let weights: Vec<f64> = if k == 0 {
         vec![0.0]
     } else {
         a.guidance.clone()
     };
+    let labels = if k > 0 {
+        Labels::cycle(k, a.n)
+    } else {
+        Labels::Unconditional(a.n)
+    };
+    let spec = SamplerSpec::new(a.sampler).with_steps(a.steps);
     let mut rows = Vec::new();
     for &wt in &weights {
-        let guided = ClassifierFreeGuidance::new(card.denoiser(&unet, &schedule), wt)?;
         let bar = ProgressBar::new(a.n as u64);
         bar.set_style(ProgressStyle::with_template(&format!(
             "w = {wt:<4} [{{bar:30}}] {{pos}}/{{len}} samples {{elapsed_precise}} (eta {{eta}})"
         ))?);
         let started = Instant::now();
-        let mut images = Vec::new();
-        let mut targets = Vec::new();
-        let mut noise = SeededNoise::new(a.seed);
-        let mut done = 0;
-        while done < a.n {
-            let len = a.batch.min(a.n - done);
-            let labels: Vec<u32> = (done..done + len).map(|i| (i % k.max(1)) as u32).collect();
-            let lt = (k > 0)
-                .then(|| Tensor::from_vec(labels.clone(), len, &device))
-                .transpose()?;
-            let mut sampler = make_sampler(
-                a.sampler,
-                &schedule,
-                a.steps,
-                0.0,
-                Spacing::Leading,
-                SamplerConfig { clip_x0: true },
-            )?;
-            let x_t = noise.randn(&Shape::from((len, c, h, w)), DType::F32, &device)?;
-            let x0 = sample(
-                &guided,
-                sampler.as_mut(),
-                x_t,
-                lt.as_ref(),
-                &mut noise,
-                &mut |_| Ok(()),
-            )?;
-            ddpm_core::ensure_finite(&x0, &format!("the samples at w = {wt}"))?;
-            images.push(x0.clamp(-1f32, 1f32)?);
-            targets.extend(labels);
-            done += len;
-            bar.set_position(done as u64);
-        }
+        let request = Request {
+            labels: labels.clone(),
+            guidance: wt,
+            seed: a.seed,
+            sampler: spec,
+            batch: a.batch,
+        };
+        let x0 = generate_with(&model, &request, &mut |p| {
+            if p.step.index + 1 == p.step.total {
+                bar.inc(p.step.sample.dim(0)? as u64);
+            }
+            Ok(())
+        })?;
+        ddpm_core::ensure_finite(&x0, &format!("the samples at w = {wt}"))?;
+        let all = x0.clamp(-1f32, 1f32)?;
+        let targets = labels.classes();
         bar.finish_and_clear();
         let secs = started.elapsed().as_secs_f64();
-        let all = Tensor::cat(&images, 0)?;
-        let metrics = reference.evaluate(&clf, &all, (k > 0).then_some(targets.as_slice()))?;
+        let metrics = reference.evaluate(&clf, &all, targets)?;
         tracing::info!(
             w = wt,
             fid_mnist = metrics.fid_mnist,
@@ -258,7 +242,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         card,
         n: a.n,
         steps: a.steps,
-        sampler: format!("{:?}", a.sampler).to_lowercase(),
+        sampler: a.sampler.to_string(),
         classifier: clf_path.display().to_string(),
         classifier_test_accuracy: info.test_accuracy,
         real_data_floor: floor,
@@ -266,6 +250,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     write_outputs(&report, &a.out)?;
     Ok(())
+}
+
+/// Whether two reports name one sampler (older reports wrote `dpmpp` for `dpm++`).
+fn same_sampler(a: &str, b: &str) -> bool {
+    let norm = |s: &str| s.parse::<SamplerKind>().map_or(s.to_string(), |k| k.to_string());
+    norm(a) == norm(b)
 }
 
 /// Reads the reports at `paths` and merges their rows (the first report's floor and header).
@@ -282,7 +272,7 @@ fn merge_reports(paths: &[PathBuf]) -> Result<Report> {
                 let same = m.checkpoint == r.checkpoint
                     && m.n == r.n
                     && m.steps == r.steps
-                    && m.sampler == r.sampler
+                    && same_sampler(&m.sampler, &r.sampler)
                     && serde_json::to_value(&m.card)? == serde_json::to_value(&r.card)?;
                 if !same {
                     bail!(

@@ -3,31 +3,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Shape, Tensor};
-use clap::{Args, ValueEnum};
-use ddpm_core::{Denoiser, NoiseSchedule, NoiseSource, PosteriorVariance, SeededNoise};
+use candle_core::{DType, Tensor};
+use clap::Args;
+use ddpm_core::{NoiseSchedule, NoiseSource, PosteriorVariance, SeededNoise};
 use ddpm_data::{Dataset, DatasetKind, Split};
-use ddpm_sampler::{
-    sample, ClassifierFreeGuidance, Ddim, Ddpm, DpmSolverPp2M, Sampler, SamplerConfig, Spacing,
-    StepInfo,
-};
+use ddpm_pipeline::{generate_with, Labels, Model, Request, SamplerKind, SamplerSpec};
+use ddpm_sampler::Spacing;
 use ddpm_schedule::{BetaSchedule, ScheduleConfig};
 use ddpm_train::{viz, Weights};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::DeviceArg;
-
-/// Reverse-diffusion sampler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SamplerArg {
-    /// DDIM (Song et al. 2021): --steps steps, stochasticity --eta.
-    Ddim,
-    /// DDPM ancestral sampling over all T steps (--steps is ignored).
-    Ddpm,
-    /// DPM-Solver++(2M): good samples in 10–20 steps.
-    #[value(name = "dpm++")]
-    DpmPp,
-}
 
 /// Options of `ddpm sample`.
 #[derive(Debug, Args)]
@@ -65,8 +51,8 @@ pub struct SampleArgs {
     steps: usize,
     /// Sampler. The default, DPM-Solver++(2M) in 20 steps, draws the same digits as DDIM in 50
     /// steps from the same seed, in 40 % of the time.
-    #[arg(long, value_enum, default_value_t = SamplerArg::DpmPp)]
-    sampler: SamplerArg,
+    #[arg(long, value_enum, default_value_t = SamplerKind::DpmPp)]
+    sampler: SamplerKind,
     /// Timestep spacing of ddim and dpm++: leading, trailing or linspace.
     #[arg(long, default_value = "leading", value_parser = ["leading", "trailing", "linspace"])]
     spacing: String,
@@ -115,45 +101,17 @@ pub struct SampleArgs {
     autocast: Option<String>,
 }
 
-/// Builds the sampler named by `--sampler`.
-pub fn make_sampler(
-    kind: SamplerArg,
-    schedule: &ddpm_schedule::Schedule,
-    steps: usize,
-    eta: f64,
-    spacing: Spacing,
-    cfg: SamplerConfig,
-) -> Result<Box<dyn Sampler>> {
-    Ok(match kind {
-        SamplerArg::Ddim => Box::new(Ddim::new(schedule, steps, eta, spacing, cfg)?),
-        SamplerArg::Ddpm => Box::new(Ddpm::new(schedule, PosteriorVariance::BetaTilde, cfg)),
-        SamplerArg::DpmPp => Box::new(DpmSolverPp2M::new(schedule, steps, spacing, cfg)?),
-    })
-}
-
 /// Resolves `--class` against the model's classes: `Ok(None)` for `all`.
-fn parse_class(arg: &str, names: &[String], conditional: bool) -> Result<Option<u32>> {
+fn parse_class(arg: &str, model: &Model) -> Result<Option<u32>> {
     if arg == "all" {
         return Ok(None);
     }
-    if !conditional {
+    if !model.is_conditional() {
         bail!("--class {arg}: this checkpoint is an unconditional model; leave --class out (or use --class all)");
     }
-    if let Some(i) = names.iter().position(|n| n == arg) {
-        return Ok(Some(i as u32));
-    }
-    match arg.parse::<usize>() {
-        Ok(i) if i < names.len() => Ok(Some(i as u32)),
-        Ok(i) => bail!(
-            "--class {i} is out of range: this model has classes 0..{} ({})",
-            names.len() - 1,
-            names.join(", ")
-        ),
-        Err(_) => bail!(
-            "--class {arg}: not a class of this model ({}), an index, or `all`",
-            names.join(", ")
-        ),
-    }
+    Ok(Some(model.class(arg).map_err(|e| {
+        anyhow::anyhow!("--class: {e}, or `all`")
+    })?))
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
@@ -187,14 +145,14 @@ pub fn run(a: SampleArgs) -> Result<()> {
         Weights::Ema
     };
     let autocast = crate::autocast(a.autocast.as_deref(), &device)?;
-    let (unet, card) = ddpm_train::load_unet(&ckpt_path, which, &device)
+    let model = Model::load(&ckpt_path, which, &device)
+        .and_then(|m| m.map_unet(|u| u.with_autocast(autocast.map(|a| a.dtype()))))
         .with_context(|| format!("--checkpoint {}", ckpt_path.display()))?;
-    let unet = unet.with_autocast(autocast.map(|a| a.dtype()))?;
-    let conditional = card.model.num_classes > 0;
-    let class = parse_class(&a.class, &card.data.class_names, conditional)?;
-    let schedule = card.schedule.build().context("the checkpoint's schedule")?;
-    let t_total = schedule.num_train_timesteps();
-    if a.sampler != SamplerArg::Ddpm && a.steps > t_total {
+    let card = model.card().clone();
+    let conditional = model.is_conditional();
+    let class = parse_class(&a.class, &model)?;
+    let t_total = model.schedule().num_train_timesteps();
+    if a.sampler != SamplerKind::Ddpm && a.steps > t_total {
         bail!("--steps {} is above the model's T = {t_total}", a.steps);
     }
     // Checked before anything is allocated from --n, --batch and --scale.
@@ -203,43 +161,45 @@ pub fn run(a: SampleArgs) -> Result<()> {
         _ => Some(a.n),
     }
     .context("--n: more samples than this machine can count")?;
-    let batch_guess = a.batch.unwrap_or(if device.is_cpu() { 128 } else { 1024 });
+    let batch = a.batch.unwrap_or(if device.is_cpu() { 128 } else { 1024 });
+    if batch == 0 {
+        bail!("--batch 0: denoise at least one sample at a time");
+    }
     crate::memory::check_sampling(
         &card,
         n_total,
-        batch_guess.min(n_total),
+        batch.min(n_total),
         a.guidance != 0.0 || !a.sweep.is_empty(),
         a.scale,
         a.gif.is_some(),
         device.is_cpu(),
     )?;
     // Labels: one row per class, or n of one class, or none (unconditional).
-    let (labels, per_row): (Option<Vec<u32>>, usize) = match (conditional, class) {
-        (false, _) => (None, a.n.min(8)),
-        (true, Some(c)) => (Some(vec![c; a.n]), a.n.min(8)),
-        (true, None) => {
-            let k = card.model.num_classes;
-            (Some((0..k * a.n).map(|i| (i / a.n) as u32).collect()), a.n)
-        }
+    let (labels, per_row) = match (conditional, class) {
+        (false, _) => (Labels::Unconditional(a.n), a.n.min(8)),
+        (true, Some(c)) => (Labels::one(c, a.n), a.n.min(8)),
+        (true, None) => (Labels::rows(card.model.num_classes, a.n), a.n),
     };
-    let n = labels.as_ref().map_or(a.n, Vec::len);
+    let n = labels.len();
     let w = if conditional { a.guidance } else { 0.0 };
     if !conditional && a.guidance != 0.0 {
         tracing::warn!("the model is unconditional: --guidance is ignored");
     }
-    let cfg = SamplerConfig {
+    let spec = SamplerSpec {
+        kind: a.sampler,
+        steps: a.steps,
+        eta: a.eta,
+        spacing: Spacing::from_name(&a.spacing).context("--spacing")?,
         clip_x0: !a.no_clip,
+        variance: PosteriorVariance::BetaTilde,
     };
-    let spacing = Spacing::from_name(&a.spacing).context("--spacing")?;
-    let labels_t = labels
-        .as_ref()
-        .map(|l| Tensor::from_vec(l.clone(), n, &device))
-        .transpose()?;
-    let shape = Shape::from((n, card.data.channels, card.data.height, card.data.width));
-    let batch = a.batch.unwrap_or(if device.is_cpu() { 128 } else { 1024 });
-    if batch == 0 {
-        bail!("--batch 0: denoise at least one sample at a time");
-    }
+    let request = |guidance: f64| Request {
+        labels: labels.clone(),
+        guidance,
+        seed: a.seed,
+        sampler: spec,
+        batch,
+    };
     if !a.sweep.is_empty() {
         if !conditional {
             bail!("--sweep: this checkpoint is an unconditional model; guidance needs classes");
@@ -247,19 +207,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         let mut panels = Vec::new();
         let started = std::time::Instant::now();
         for &sw in &a.sweep {
-            let guided = ClassifierFreeGuidance::new(card.denoiser(&unet, &schedule), sw)?;
-            let mut noise = SeededNoise::new(a.seed);
-            let x_t = noise.randn(&shape, DType::F32, &device)?;
-            let make = || make_sampler(a.sampler, &schedule, a.steps, a.eta, spacing, cfg);
-            let x0 = sample_batched(
-                &guided,
-                &make,
-                &x_t,
-                labels_t.as_ref(),
-                batch,
-                &mut noise,
-                &mut |_, _| Ok(()),
-            )?;
+            let x0 = generate_with(&model, &request(sw), &mut |_| Ok(()))?;
             panels.push((format!("W = {sw}"), viz::grid_image(&x0, per_row, a.scale)?));
         }
         let out = a.out.clone().unwrap_or_else(|| {
@@ -276,13 +224,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let guided = ClassifierFreeGuidance::new(card.denoiser(&unet, &schedule), w)?;
-    let make = || make_sampler(a.sampler, &schedule, a.steps, a.eta, spacing, cfg);
-    let mut noise = SeededNoise::new(a.seed);
-    let x_t = noise.randn(&shape, DType::F32, &device)?;
-    let total = make()?.timesteps().len();
-    let chunks = n.div_ceil(batch);
-    let bar = ProgressBar::new((total * chunks) as u64);
+    let total = spec.num_steps(t_total);
+    let bar = ProgressBar::new((total * n.div_ceil(batch)) as u64);
     bar.set_style(ProgressStyle::with_template(
         "sampling [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})",
     )?);
@@ -292,30 +235,23 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let want_gif = a.gif.is_some();
     let mut frame_no = 0usize;
     let started = std::time::Instant::now();
-    let x0 = sample_batched(
-        &guided,
-        &make,
-        &x_t,
-        labels_t.as_ref(),
-        batch,
-        &mut noise,
-        &mut |chunk, info| {
-            bar.inc(1);
-            if want_gif && (info.index % every == 0 || info.index + 1 == info.total) {
-                if info.index == 0 {
-                    frame_no = 0;
-                }
-                if chunk == 0 {
-                    frame_parts.push(Vec::new());
-                }
-                if let Some(parts) = frame_parts.get_mut(frame_no) {
-                    parts.push(info.sample.copy()?);
-                }
-                frame_no += 1;
+    let x0 = generate_with(&model, &request(w), &mut |p| {
+        bar.inc(1);
+        let info = p.step;
+        if want_gif && (info.index % every == 0 || info.index + 1 == info.total) {
+            if info.index == 0 {
+                frame_no = 0;
             }
-            Ok(())
-        },
-    )?;
+            if p.batch == 0 {
+                frame_parts.push(Vec::new());
+            }
+            if let Some(parts) = frame_parts.get_mut(frame_no) {
+                parts.push(info.sample.copy()?);
+            }
+            frame_no += 1;
+        }
+        Ok(())
+    })?;
     bar.finish_and_clear();
     let frames = frame_parts
         .iter()
@@ -334,22 +270,20 @@ pub fn run(a: SampleArgs) -> Result<()> {
     println!(
         "wrote {} ({n} samples, {} {total} steps, w = {w}, {secs:.1} s) from {}",
         out.display(),
-        clap::ValueEnum::to_possible_value(&a.sampler)
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default(),
+        a.sampler,
         ckpt_path.display()
     );
+    let classes = labels.classes();
     if let Some(dir) = &a.each {
-        write_each(&x0, labels.as_deref(), &card.data.class_names, dir)?;
+        write_each(&x0, classes, &card.data.class_names, dir)?;
         println!("wrote {n} PNGs into {}", dir.display());
     }
     if let Some(npz) = &a.npz {
-        viz::write_npz(&x0, labels.as_deref(), npz)
-            .with_context(|| format!("--npz {}", npz.display()))?;
+        viz::write_npz(&x0, classes, npz).with_context(|| format!("--npz {}", npz.display()))?;
         println!(
             "wrote {} ({n} samples{})",
             npz.display(),
-            if labels.is_some() { " and labels" } else { "" }
+            if classes.is_some() { " and labels" } else { "" }
         );
     }
     if let Some(gif) = &a.gif {
@@ -361,37 +295,6 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Samples `x_t` (`[N, …]`) in batches of at most `batch`, with a fresh sampler from `make`
-/// per batch, and joins the results. The noise stream `noise` continues across batches, so
-/// one batch (N ≤ batch) is exactly [`sample`]. `on_step` gets the batch index and the step.
-pub(crate) fn sample_batched(
-    denoiser: &dyn Denoiser,
-    make: &dyn Fn() -> Result<Box<dyn Sampler>>,
-    x_t: &Tensor,
-    labels: Option<&Tensor>,
-    batch: usize,
-    noise: &mut dyn NoiseSource,
-    on_step: &mut dyn FnMut(usize, StepInfo<'_>) -> candle_core::Result<()>,
-) -> Result<Tensor> {
-    let n = x_t.dim(0)?;
-    let mut outs = Vec::with_capacity(n.div_ceil(batch.max(1)));
-    for (chunk, start) in (0..n).step_by(batch.max(1)).enumerate() {
-        let len = batch.min(n - start);
-        let xb = x_t.narrow(0, start, len)?;
-        let lb = labels.map(|l| l.narrow(0, start, len)).transpose()?;
-        let mut sampler = make()?;
-        outs.push(sample(
-            denoiser,
-            sampler.as_mut(),
-            xb,
-            lb.as_ref(),
-            noise,
-            &mut |info| on_step(chunk, info),
-        )?);
-    }
-    Ok(Tensor::cat(&outs, 0)?)
 }
 
 /// `--gif-theme`.

@@ -430,6 +430,7 @@ fn trains_and_samples_on_an_image_folder_of_another_size() {
 fn checkpoint_card(path: &Path) -> ModelCard {
     ddpm_train::checkpoint::read(path, &Device::Cpu)
         .unwrap()
+        .file
         .card
 }
 

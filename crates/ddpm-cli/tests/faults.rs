@@ -112,6 +112,7 @@ fn spawn(args: &[String]) -> Child {
 fn tensors(path: &Path) -> HashMap<String, Vec<f32>> {
     checkpoint::read(path, &Device::Cpu)
         .unwrap()
+        .file
         .tensors
         .into_iter()
         .map(|(k, t)| {
@@ -462,8 +463,12 @@ fn mutated_dataset_and_checkpoint_files_never_panic() {
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
             _ => checkpoint::read(&target, &Device::Cpu)
-                .and_then(|c| c.unet(ddpm_train::Weights::Ema, &Device::Cpu).map(|_| ()))
-                .map_err(|e| e.to_string()),
+                .map_err(|e| e.to_string())
+                .and_then(|c| {
+                    c.unet(ddpm_train::Weights::Ema, &Device::Cpu)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }),
         });
         match outcome {
             Ok(Ok(())) => ok += 1,

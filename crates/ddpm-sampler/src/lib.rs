@@ -150,6 +150,21 @@ pub fn spaced_timesteps(t_total: usize, steps: usize, spacing: Spacing) -> Resul
     Ok(ts)
 }
 
+/// Checks that `ts` is a usable timestep list for a schedule of `t_total` steps: non-empty,
+/// strictly descending, each below `t_total`.
+pub fn check_timesteps(ts: &[usize], t_total: usize) -> Result<()> {
+    if ts.is_empty() {
+        bail!("sampler: an empty list of timesteps");
+    }
+    if let Some(&bad) = ts.iter().find(|&&t| t >= t_total) {
+        bail!("sampler: timestep {bad} is outside 0..{t_total} (the schedule's T)");
+    }
+    if ts.windows(2).any(|w| w[1] >= w[0]) {
+        bail!("sampler: timesteps must strictly descend, got {ts:?}");
+    }
+    Ok(())
+}
+
 /// Host copies of the schedule terms the samplers need.
 #[derive(Debug, Clone)]
 struct Tables {
@@ -248,6 +263,28 @@ impl Ddpm {
 }
 
 impl Ddpm {
+    /// A DDPM sampler over the consecutive timesteps `ts` (`t, t−1, …`, each below T), e.g.
+    /// `t, t−1, …, 0` to denoise an image noised to `t`. Fails on a gap: the ancestral step
+    /// is the posterior q(x_{t−1} | x_t, x̂₀) of one timestep (use DDIM to skip).
+    pub fn with_timesteps(
+        schedule: &dyn NoiseSchedule,
+        ts: Vec<usize>,
+        variance: PosteriorVariance,
+        config: SamplerConfig,
+    ) -> Result<Self> {
+        let tables = Tables::new(schedule);
+        check_timesteps(&ts, tables.t_total())?;
+        if ts.windows(2).any(|w| w[0] != w[1] + 1) {
+            bail!("DDPM steps one timestep at a time: {ts:?} has a gap (use DDIM to skip steps)");
+        }
+        Ok(Self {
+            tables,
+            timesteps: ts,
+            variance,
+            config,
+        })
+    }
+
     fn fused_step(
         &mut self,
         index: usize,
@@ -328,6 +365,27 @@ impl Ddim {
 }
 
 impl Ddim {
+    /// A DDIM sampler over the timesteps `ts` (strictly descending, each below T): e.g. a
+    /// spaced grid that starts at the `t` a real image was noised to.
+    pub fn with_timesteps(
+        schedule: &dyn NoiseSchedule,
+        ts: Vec<usize>,
+        eta: f64,
+        config: SamplerConfig,
+    ) -> Result<Self> {
+        if !(eta.is_finite() && eta >= 0.0) {
+            bail!("DDIM η must be finite and >= 0, got {eta}");
+        }
+        let tables = Tables::new(schedule);
+        check_timesteps(&ts, tables.t_total())?;
+        Ok(Self {
+            tables,
+            timesteps: ts,
+            eta,
+            config,
+        })
+    }
+
     fn fused_step(
         &mut self,
         index: usize,
@@ -402,6 +460,22 @@ fn lambda(ac: f64) -> f64 {
 }
 
 impl DpmSolverPp2M {
+    /// A DPM-Solver++(2M) sampler over the timesteps `ts` (strictly descending, each below T).
+    pub fn with_timesteps(
+        schedule: &dyn NoiseSchedule,
+        ts: Vec<usize>,
+        config: SamplerConfig,
+    ) -> Result<Self> {
+        let tables = Tables::new(schedule);
+        check_timesteps(&ts, tables.t_total())?;
+        Ok(Self {
+            tables,
+            timesteps: ts,
+            config,
+            last: None,
+        })
+    }
+
     fn fused_step(
         &mut self,
         index: usize,

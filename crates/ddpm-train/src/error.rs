@@ -82,3 +82,29 @@ pub enum TrainError {
 
 /// Result alias of this crate.
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+impl From<ddpm_unet::ModelFileError> for TrainError {
+    fn from(e: ddpm_unet::ModelFileError) -> Self {
+        match e {
+            ddpm_unet::ModelFileError::Invalid { path, reason } => {
+                TrainError::Checkpoint { path, reason }
+            }
+            ddpm_unet::ModelFileError::Io { path, source } => TrainError::Io { path, source },
+            ddpm_unet::ModelFileError::Candle(e) => TrainError::Tensor(e),
+            other => TrainError::Checkpoint {
+                path: std::path::PathBuf::new(),
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<ddpm_pipeline::PipelineError> for TrainError {
+    fn from(e: ddpm_pipeline::PipelineError) -> Self {
+        match e {
+            ddpm_pipeline::PipelineError::ModelFile(e) => e.into(),
+            ddpm_pipeline::PipelineError::Candle(e) => TrainError::Tensor(e),
+            other => TrainError::Tensor(candle_core::Error::Msg(other.to_string())),
+        }
+    }
+}

@@ -4,10 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Shape, Tensor};
-use ddpm_core::{NoiseSource, SeededNoise};
+use candle_core::{DType, Tensor};
 use ddpm_data::{Batcher, Loader, LoaderConfig, TensorBatcher};
-use ddpm_sampler::{sample, ClassifierFreeGuidance, Ddim, SamplerConfig, Spacing};
+use ddpm_pipeline::{Labels, Request, SamplerKind, SamplerSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::budget::{self, BudgetPlan, Clock, RunShape, StepCosts, WallClock};
@@ -581,38 +580,27 @@ pub fn write_sample_grid(trainer: &Trainer, path: &Path) -> Result<()> {
     let cfg = trainer.config();
     let card = trainer.card();
     let model = trainer.ema_model()?;
-    let dev = trainer.device();
     let (per_row, classes) = (8usize, card.model.num_classes);
-    let n = if classes > 0 { per_row * classes } else { 64 };
-    let labels = if classes > 0 {
-        let l: Vec<u32> = (0..n).map(|i| (i / per_row) as u32).collect();
-        Some(Tensor::from_vec(l, n, dev)?)
+    let (labels, w) = if classes > 0 {
+        (Labels::rows(classes, per_row), cfg.sample_guidance)
     } else {
-        None
+        (Labels::Unconditional(64), 0.0)
     };
-    let w = if classes > 0 {
-        cfg.sample_guidance
-    } else {
-        0.0
-    };
-    let guided = ClassifierFreeGuidance::new(card.denoiser(&model, trainer.schedule()), w)?;
     let steps = cfg.sample_steps.clamp(1, card.schedule.num_timesteps);
-    let mut ddim = Ddim::new(
-        trainer.schedule(),
-        steps,
-        0.0,
-        Spacing::Leading,
-        SamplerConfig::default(),
-    )?;
-    let mut noise = SeededNoise::new(cfg.seed.wrapping_add(1));
-    let shape = Shape::from((n, card.data.channels, card.data.height, card.data.width));
-    let x_t = noise.randn(&shape, DType::F32, dev)?;
-    let x0 = sample(
-        &guided,
-        &mut ddim,
-        x_t,
-        labels.as_ref(),
-        &mut noise,
+    let request = Request {
+        batch: labels.len(),
+        labels,
+        guidance: w,
+        seed: cfg.seed.wrapping_add(1),
+        sampler: SamplerSpec::new(SamplerKind::Ddim).with_steps(steps),
+    };
+    let schedule = trainer.schedule();
+    let x0 = ddpm_pipeline::generate(
+        &ddpm_pipeline::denoiser(&model, card, schedule),
+        schedule,
+        (card.data.channels, card.data.height, card.data.width),
+        trainer.device(),
+        &request,
         &mut |_| Ok(()),
     )?;
     viz::save_grid(&x0, per_row, 2, path)

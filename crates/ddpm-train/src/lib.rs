@@ -41,7 +41,8 @@ use ddpm_unet::UNet;
 use serde::{Deserialize, Serialize};
 
 pub use budget::{BudgetConfig, BudgetPlan};
-pub use checkpoint::{load_unet, DataInfo, ModelCard, TrainState, Weights};
+pub use checkpoint::{DataInfo, ModelCard, TrainState, Weights};
+pub use ddpm_unet::load_unet;
 pub use error::{Result, TrainError};
 pub use fit::{
     checkpoint_path, final_grid_path, fit, fit_timed, grid_path, metrics_path, plot_metrics,

@@ -44,6 +44,7 @@
 //! ```
 
 mod config;
+pub mod file;
 pub mod ops;
 
 use candle_core::{DType, Module, Result, Tensor};
@@ -51,6 +52,7 @@ use candle_nn::{conv2d, embedding, linear, Conv2dConfig, Embedding, Linear, VarB
 use ddpm_core::Denoiser;
 
 pub use config::{ConfigError, UNetConfig};
+pub use file::{load_unet, DataInfo, ModelCard, ModelFile, ModelFileError, Weights};
 pub use ops::Kernels;
 
 /// Reduced-precision compute with f32 weights ([`UNet::with_autocast`]); the name a flag or a
@@ -483,6 +485,11 @@ impl UNet {
     /// The kernels in use.
     pub fn kernels(&self) -> Kernels {
         self.kernels
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.conv_in.weight.device()
     }
 
     /// The configuration the model was built with.

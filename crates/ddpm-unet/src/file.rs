@@ -1,0 +1,336 @@
+//! Model files: safetensors checkpoints and exports that carry their own configuration, and
+//! the U-Net built from them.
+//!
+//! Tensors: `model.<name>` (raw weights), `ema.<name>` (EMA weights) and, in training
+//! checkpoints, whatever else the trainer keeps (`adam.m.<name>`, `adam.v.<name>`). A
+//! sampling-only export holds just `ema.<name>`, in f32 or f16. Metadata: `ddpm.format` =
+//! [`FORMAT`], `ddpm.card` = the [`ModelCard`] as JSON, and any further keys the writer adds
+//! (the trainer's `ddpm.train`), kept in [`ModelFile::metadata`].
+//!
+//! ```
+//! use candle_core::Device;
+//! use ddpm_unet::file::{load_unet, Weights};
+//!
+//! // The model shipped in the repository's assets/ (doc tests run in crates/ddpm-unet).
+//! let path = std::path::Path::new("../../assets/ddpm-mnist.safetensors");
+//! let (unet, card) = load_unet(path, Weights::Ema, &Device::Cpu)?;
+//! assert_eq!(card.data.class_names.len(), unet.config().num_classes);
+//! # Ok::<(), ddpm_unet::file::ModelFileError>(())
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use ddpm_schedule::ScheduleConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::{UNet, UNetConfig};
+
+/// Why a model file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelFileError {
+    /// The file is missing, corrupt, of another format, or does not match its card.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// Reading or writing failed (a full disk lands here).
+    #[error("cannot write or read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tensor operation failed while converting the weights.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> ModelFileError {
+    ModelFileError::Invalid {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Format tag written into every checkpoint.
+pub const FORMAT: &str = "ddpm-rs/1";
+
+/// What the data looked like: enough to sample without the dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataInfo {
+    /// `mnist`, `fashion-mnist` or `folder:PATH`.
+    pub dataset: String,
+    /// Image channels.
+    pub channels: usize,
+    /// Image height.
+    pub height: usize,
+    /// Image width.
+    pub width: usize,
+    /// Class names in label order.
+    pub class_names: Vec<String>,
+}
+
+/// Everything needed to rebuild and sample a model: architecture, schedule and data shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// The U-Net.
+    pub model: UNetConfig,
+    /// The noise schedule.
+    pub schedule: ScheduleConfig,
+    /// The data.
+    pub data: DataInfo,
+    /// What the network predicts (ε or v); cards written before this field read as ε.
+    #[serde(default)]
+    pub prediction: ddpm_core::Prediction,
+}
+
+/// The largest image side a model card may declare (a bound against crafted cards that would
+/// make sampling allocate without limit; MNIST is 28, the largest image folders here 256).
+pub const MAX_IMAGE_SIDE: usize = 4096;
+/// The most image channels a model card may declare.
+pub const MAX_CHANNELS: usize = 4;
+/// The most diffusion steps a schedule in a model card may declare.
+pub const MAX_TIMESTEPS: usize = 100_000;
+/// The most channels a model card's U-Net may have at any level.
+pub const MAX_MODEL_CHANNELS: usize = 8192;
+
+impl ModelCard {
+    /// Checks the card on its own, before anything is allocated from it: sizes within sane
+    /// bounds ([`MAX_IMAGE_SIDE`], [`MAX_CHANNELS`], [`MAX_TIMESTEPS`],
+    /// [`MAX_MODEL_CHANNELS`]), the data's channels and classes equal to the network's, and
+    /// the image size one the U-Net can take. The reason names the field at fault.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let d = &self.data;
+        let m = &self.model;
+        if d.height == 0 || d.width == 0 || d.height > MAX_IMAGE_SIDE || d.width > MAX_IMAGE_SIDE {
+            return Err(format!(
+                "the card's image size {}×{} is outside 1..={MAX_IMAGE_SIDE}",
+                d.height, d.width
+            ));
+        }
+        if d.channels == 0 || d.channels > MAX_CHANNELS {
+            return Err(format!(
+                "the card's {} image channels are outside 1..={MAX_CHANNELS}",
+                d.channels
+            ));
+        }
+        if m.in_channels != d.channels {
+            return Err(format!(
+                "the card's network takes {} channels but its data has {}",
+                m.in_channels, d.channels
+            ));
+        }
+        if m.num_classes != 0 && m.num_classes != d.class_names.len() {
+            return Err(format!(
+                "the card's network has {} classes but its data names {}",
+                m.num_classes,
+                d.class_names.len()
+            ));
+        }
+        let widest = m
+            .channel_mults
+            .iter()
+            .map(|&k| k.saturating_mul(m.base_channels))
+            .max()
+            .unwrap_or(0);
+        if widest > MAX_MODEL_CHANNELS || m.channel_mults.len() > 8 {
+            return Err(format!(
+                "the card's network ({} levels, up to {widest} channels) is beyond any model \
+                 this crate trains (at most 8 levels and {MAX_MODEL_CHANNELS} channels)",
+                m.channel_mults.len()
+            ));
+        }
+        m.validate()
+            .map_err(|e| format!("the card's network: {e}"))?;
+        m.check_image_size(d.height, d.width)
+            .map_err(|e| format!("the card's image size: {e}"))?;
+        let t = self.schedule.num_timesteps;
+        if t == 0 || t > MAX_TIMESTEPS {
+            return Err(format!(
+                "the card's schedule has {t} steps, outside 1..={MAX_TIMESTEPS}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+
+/// Which weights to load for sampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weights {
+    /// The exponential moving average (the default for sampling).
+    #[default]
+    Ema,
+    /// The raw optimizer weights.
+    Raw,
+}
+
+impl Weights {
+    /// The tensor-name prefix of these weights in a model file (`ema.` or `model.`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Weights::Ema => "ema.",
+            Weights::Raw => "model.",
+        }
+    }
+}
+
+/// A model file read from disk: its card, its metadata and all its tensors.
+#[derive(Debug)]
+pub struct ModelFile {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// Its model card.
+    pub card: ModelCard,
+    /// Every metadata entry (`ddpm.format`, `ddpm.card`, and what else the writer added).
+    pub metadata: HashMap<String, String>,
+    /// All tensors by name, as stored (f32 or f16).
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Serialises `tensors`, the card and `extra` metadata into a model file at `path`, written
+/// atomically ([`ddpm_core::write_atomic`]): `path` is either the old file or the new one.
+pub fn save(
+    path: &Path,
+    card: &ModelCard,
+    extra: &[(&str, String)],
+    tensors: Vec<(String, Tensor)>,
+) -> Result<(), ModelFileError> {
+    let mut meta = HashMap::new();
+    meta.insert("ddpm.format".to_string(), FORMAT.to_string());
+    let card_json = serde_json::to_string(card).map_err(|e| invalid(path, e.to_string()))?;
+    meta.insert("ddpm.card".to_string(), card_json);
+    for (k, v) in extra {
+        meta.insert((*k).to_string(), v.clone());
+    }
+    let tensors: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+        .collect::<Result<_, ModelFileError>>()?;
+    let bytes = safetensors::serialize(tensors, Some(meta))
+        .map_err(|e| invalid(path, format!("cannot serialise: {e}")))?;
+    ddpm_core::write_atomic(path, &bytes).map_err(|source| ModelFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads a model file, checking its format tag and validating its card
+/// ([`ModelCard::validate`]) before any tensor is built from it.
+pub fn read(path: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            invalid(
+                path,
+                "does not exist. Train a model with `cargo xtask train` or pass --checkpoint PATH",
+            )
+        } else {
+            ModelFileError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        invalid(
+            path,
+            format!("not a readable safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    match metadata.get("ddpm.format") {
+        Some(f) if f == FORMAT => {}
+        Some(f) => {
+            return Err(invalid(
+                path,
+                format!("format `{f}` is not supported (expected {FORMAT})"),
+            ))
+        }
+        None => return Err(invalid(path, "not a ddpm-rs checkpoint (no ddpm.format metadata)")),
+    }
+    let card: ModelCard = metadata
+        .get("ddpm.card")
+        .ok_or_else(|| invalid(path, "has no model card (ddpm.card metadata)"))
+        .and_then(|s| {
+            serde_json::from_str(s).map_err(|e| invalid(path, format!("bad model card: {e}")))
+        })?;
+    card.validate()
+        .map_err(|reason| invalid(path, format!("has an invalid model card: {reason}")))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        invalid(
+            path,
+            format!("cannot read tensors (truncated or corrupt?): {e}"),
+        )
+    })?;
+    Ok(ModelFile {
+        path: path.to_path_buf(),
+        card,
+        metadata,
+        tensors,
+    })
+}
+
+impl ModelFile {
+    /// The tensors under `prefix`, with the prefix stripped.
+    pub fn group(&self, prefix: &str) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// Builds the U-Net with the chosen weights, converted to f32 (exports may be f16).
+    pub fn unet(&self, which: Weights, device: &Device) -> Result<UNet, ModelFileError> {
+        let weights = self.group(which.prefix());
+        if weights.is_empty() {
+            return Err(invalid(
+                &self.path,
+                format!("holds no `{}*` weights", which.prefix()),
+            ));
+        }
+        let weights = weights
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<HashMap<_, _>, ModelFileError>>()?;
+        let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+        UNet::new(&self.card.model, vb).map_err(|e| {
+            invalid(
+                &self.path,
+                format!("weights do not match its model config: {e}"),
+            )
+        })
+    }
+
+    /// Writes a sampling-only export of this file to `dst`: the EMA weights as `dtype` (F16
+    /// halves the size) and the card.
+    pub fn export_ema(&self, dst: &Path, dtype: DType) -> Result<(), ModelFileError> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (name, t) in self.group("ema.") {
+            tensors.push((format!("ema.{name}"), t.to_dtype(dtype)?));
+        }
+        if tensors.is_empty() {
+            return Err(invalid(&self.path, "holds no EMA weights to export"));
+        }
+        save(dst, &self.card, &[], tensors)
+    }
+}
+
+/// Reads `path` and builds its U-Net: the usual entry point for sampling.
+pub fn load_unet(
+    path: &Path,
+    which: Weights,
+    device: &Device,
+) -> Result<(UNet, ModelCard), ModelFileError> {
+    let file = read(path, device)?;
+    let unet = file.unet(which, device)?;
+    Ok((unet, file.card))
+}
