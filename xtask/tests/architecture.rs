@@ -44,9 +44,13 @@ fn normal_deps() -> HashMap<String, Vec<String>> {
 fn layer(name: &str) -> Option<u32> {
     match name {
         "ddpm-core" | "ddpm-data" | "ddpm-kernels" => Some(1),
-        "ddpm-schedule" | "ddpm-unet" | "ddpm-sampler" => Some(2),
-        "ddpm-train" | "ddpm-eval" => Some(3),
-        "ddpm-cli" => Some(4),
+        // The schedule sits below the U-Net: a model file's card records the schedule its
+        // weights were trained with (docs/architecture.md).
+        "ddpm-schedule" => Some(2),
+        "ddpm-unet" | "ddpm-sampler" => Some(3),
+        "ddpm-pipeline" | "ddpm-eval" => Some(4),
+        "ddpm-train" => Some(5),
+        "ddpm-cli" => Some(6),
         _ => None,
     }
 }
@@ -56,7 +60,7 @@ fn crate_graph_invariants_hold() {
     let deps = normal_deps();
     assert!(deps.len() >= 8, "{deps:?}");
     let uses = |krate: &str, dep: &str| deps[krate].iter().any(|d| d == dep);
-    for forbidden in ["ddpm-schedule", "ddpm-sampler", "ddpm-train"] {
+    for forbidden in ["ddpm-sampler", "ddpm-pipeline", "ddpm-train"] {
         assert!(
             !uses("ddpm-unet", forbidden),
             "ddpm-unet must not depend on {forbidden}"
@@ -88,6 +92,61 @@ fn crate_graph_invariants_hold() {
                 assert!(
                     dl < l,
                     "{krate} (layer {l}) depends on {d} (layer {dl}): arrows only point down"
+                );
+            }
+        }
+    }
+}
+
+/// The Rust sources under `dir` (relative to the workspace root), with their text.
+fn sources(dir: &str) -> Vec<(String, String)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut out = Vec::new();
+    let mut stack = vec![root.join(dir)];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push((
+                    p.display().to_string(),
+                    std::fs::read_to_string(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    assert!(!out.is_empty(), "no sources under {dir}");
+    out
+}
+
+/// One sampling loop: the CLI, the trainer and the evaluator call ddpm-pipeline's `generate`
+/// and build no sampler, guidance wrapper or loop of their own.
+#[test]
+fn no_sampling_loop_outside_the_pipeline() {
+    let loop_parts = [
+        "ClassifierFreeGuidance",
+        "Ddim::new",
+        "DpmSolverPp2M::new",
+        "Ddpm::new",
+        "ddpm_sampler::sample",
+        "sample(",
+        "make_sampler",
+    ];
+    for dir in [
+        "crates/ddpm-cli/src",
+        "crates/ddpm-train/src",
+        "crates/ddpm-eval/src",
+    ] {
+        for (path, text) in sources(dir) {
+            for part in loop_parts {
+                let hit = text.lines().any(|l| {
+                    let code = l.split("//").next().unwrap_or("");
+                    code.contains(part) && !code.contains("fn sample(")
+                });
+                assert!(
+                    !hit,
+                    "{path} uses `{part}`: sample through ddpm_pipeline::generate"
                 );
             }
         }

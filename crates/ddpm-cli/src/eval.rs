@@ -125,12 +125,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.guidance.is_empty() || a.guidance.iter().any(|w| !w.is_finite()) {
         bail!("--guidance: give finite weights, e.g. 0,1,3");
     }
-    let ckpt = match a.checkpoint.clone().or_else(crate::default_checkpoint) {
-        Some(p) => p,
-        None => bail!(
-            "no --checkpoint given and no trained model found; train one with `cargo xtask train`"
-        ),
-    };
+    let ckpt = crate::checkpoint_or_default(a.checkpoint.clone())?;
     let which = if a.raw_weights {
         Weights::Raw
     } else {
@@ -254,7 +249,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
 /// Whether two reports name one sampler (older reports wrote `dpmpp` for `dpm++`).
 fn same_sampler(a: &str, b: &str) -> bool {
-    let norm = |s: &str| s.parse::<SamplerKind>().map_or(s.to_string(), |k| k.to_string());
+    let norm = |s: &str| {
+        s.parse::<SamplerKind>()
+            .map_or(s.to_string(), |k| k.to_string())
+    };
     norm(a) == norm(b)
 }
 

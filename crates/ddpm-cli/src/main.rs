@@ -11,6 +11,7 @@ mod data;
 mod eval;
 mod export;
 mod memory;
+mod reconstruct;
 mod sample;
 mod train;
 
@@ -41,6 +42,8 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Show the forward (noising) process on real digits.
     Noise(sample::NoiseArgs),
+    /// Noise real test digits to each t and denoise them back (optionally as another class).
+    Reconstruct(reconstruct::ReconstructArgs),
     /// Look at a dataset: `ddpm data preview` draws real images, one row per class.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -96,8 +99,25 @@ pub fn autocast(arg: Option<&str>, device: &Device) -> Result<Option<ddpm_unet::
     Ok(Some(a))
 }
 
-/// The checkpoint `sample` uses when none is given: the model shipped in assets/, else
-/// the default training run's checkpoint.
+/// `--checkpoint`, or the default model ([`default_checkpoint`]), or an error saying how to
+/// get one.
+pub fn checkpoint_or_default(arg: Option<PathBuf>) -> Result<PathBuf> {
+    match arg.or_else(default_checkpoint) {
+        Some(p) => Ok(p),
+        None => bail!(
+            "no --checkpoint given and no trained model found (assets/ddpm-mnist.safetensors or \
+             runs/default/checkpoint.safetensors). Train one with `cargo xtask train` \
+             (or `cargo run --release -p ddpm-cli -- train --model small`), then run this again."
+        ),
+    }
+}
+
+/// The model `sample`, `eval` and `reconstruct` use when no `--checkpoint` is given, the first
+/// that exists of: the shipped model in the source tree this binary was built from
+/// (`<workspace>/assets/ddpm-mnist.safetensors`, so `cargo run` works from any directory),
+/// `assets/ddpm-mnist.safetensors` under the current directory, then the default training
+/// run's checkpoint in those two places (`runs/default/checkpoint.safetensors`). Only the
+/// binary looks there; the libraries take paths (docs/architecture.md).
 pub fn default_checkpoint() -> Option<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     [
@@ -159,6 +179,7 @@ fn main() -> Result<()> {
         Command::Train(a) => train::run(a, &explicit),
         Command::Sample(a) => sample::run(a),
         Command::Noise(a) => sample::noise(a),
+        Command::Reconstruct(a) => reconstruct::run(a),
         Command::Data(c) => data::run(c),
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),

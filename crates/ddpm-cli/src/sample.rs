@@ -109,21 +109,16 @@ fn parse_class(arg: &str, model: &Model) -> Result<Option<u32>> {
     if !model.is_conditional() {
         bail!("--class {arg}: this checkpoint is an unconditional model; leave --class out (or use --class all)");
     }
-    Ok(Some(model.class(arg).map_err(|e| {
-        anyhow::anyhow!("--class: {e}, or `all`")
-    })?))
+    Ok(Some(
+        model
+            .class(arg)
+            .map_err(|e| anyhow::anyhow!("--class: {e}, or `all`"))?,
+    ))
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
     let device = crate::device(a.device)?;
-    let ckpt_path = match a.checkpoint.clone().or_else(crate::default_checkpoint) {
-        Some(p) => p,
-        None => bail!(
-            "no --checkpoint given and no trained model found (assets/ddpm-mnist.safetensors or \
-             runs/default/checkpoint.safetensors). Train one with `cargo xtask train` \
-             (or `cargo run --release -p ddpm-cli -- train --model small`), then run sample again."
-        ),
-    };
+    let ckpt_path = crate::checkpoint_or_default(a.checkpoint.clone())?;
     if a.n == 0 {
         bail!("--n 0: ask for at least one sample");
     }

@@ -139,7 +139,10 @@ fn assert_grid_matches(fixture: &str, args: &[&str]) {
 
 #[test]
 fn the_same_seed_draws_the_same_grid_with_dpmpp() {
-    assert_grid_matches("shipped-dpmpp5-w3.png", &["--steps", "5", "--guidance", "3"]);
+    assert_grid_matches(
+        "shipped-dpmpp5-w3.png",
+        &["--steps", "5", "--guidance", "3"],
+    );
 }
 
 /// A stochastic sampler over three batches: pins the order in which x_T and the step noise
@@ -149,7 +152,16 @@ fn the_same_seed_draws_the_same_grid_with_stochastic_ddim_in_batches() {
     assert_grid_matches(
         "shipped-ddim8-eta1-w1-batch4.png",
         &[
-            "--sampler", "ddim", "--eta", "1", "--steps", "8", "--batch", "4", "--guidance", "1",
+            "--sampler",
+            "ddim",
+            "--eta",
+            "1",
+            "--steps",
+            "8",
+            "--batch",
+            "4",
+            "--guidance",
+            "1",
         ],
     );
 }

@@ -66,6 +66,44 @@ pub enum PosteriorVariance {
     BetaTilde,
 }
 
+impl PosteriorVariance {
+    /// The variance σ²_t of the reverse step p(x_{t−1} | x_t) at 0-based timestep `t`, given
+    /// β_t and β̃_t ([`Posterior::variance`]). At t = 0, the last step, it is 0 for both
+    /// choices: the step returns the posterior mean without noise (Ho et al. 2020,
+    /// Algorithm 2: z = 0 at their t = 1).
+    pub fn sigma2(self, t: usize, beta: f64, beta_tilde: f64) -> f64 {
+        match self {
+            _ if t == 0 => 0.0,
+            PosteriorVariance::Beta => beta,
+            PosteriorVariance::BetaTilde => beta_tilde,
+        }
+    }
+}
+
+/// The forward-process posterior q(x_{t−1} | x_t, x_0) = N(c_x0·x_0 + c_xt·x_t, β̃_t) at one
+/// timestep (Ho et al. 2020, eq. 6–7): the one place its terms are written. The schedule's
+/// tables and the DDPM sampler both come from here.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Posterior {
+    /// c_x0 = β_t·√ᾱ_{t−1} / (1 − ᾱ_t).
+    pub coef_x0: f64,
+    /// c_xt = (1 − ᾱ_{t−1})·√α_t / (1 − ᾱ_t).
+    pub coef_xt: f64,
+    /// β̃_t = β_t·(1 − ᾱ_{t−1}) / (1 − ᾱ_t) (0 at t = 0, where ᾱ_{t−1} = 1).
+    pub variance: f64,
+}
+
+impl Posterior {
+    /// The terms from β_t, ᾱ_t and ᾱ_{t−1} (1 for t = 0).
+    pub fn new(beta: f64, alpha_bar: f64, alpha_bar_prev: f64) -> Self {
+        Self {
+            coef_x0: beta * alpha_bar_prev.sqrt() / (1.0 - alpha_bar),
+            coef_xt: (1.0 - alpha_bar_prev) * (1.0 - beta).sqrt() / (1.0 - alpha_bar),
+            variance: beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar),
+        }
+    }
+}
+
 /// What a network's output means (its parameterisation). Samplers always work with ε; a
 /// network trained for another target is turned into an ε-predictor by
 /// `ddpm_sampler::Parameterized`.
@@ -145,21 +183,15 @@ pub trait Denoiser {
     }
 }
 
-/// The two halves classifier-free guidance combines as ε̂ = (1 + w)·ε_cond − w·ε_uncond.
+/// The two halves classifier-free guidance combines as ε̂ = (1 + w)·ε_cond − w·ε_uncond
+/// (the combination itself is `ddpm_kernels::guidance_combine`, the formula's one source;
+/// the samplers fold it into their fused step).
 #[derive(Debug, Clone)]
 pub struct GuidancePair {
     /// `[2B, …]`: ε(x, t, c) for the `B` samples, then ε(x, t, ∅).
     pub pair: Tensor,
     /// The guidance weight w.
     pub w: f64,
-}
-
-impl GuidancePair {
-    /// ε̂ = (1 + w)·ε_cond − w·ε_uncond, composed from candle ops.
-    pub fn combine(&self) -> Result<Tensor> {
-        let b = self.pair.dim(0)? / 2;
-        (self.pair.narrow(0, 0, b)? * (1.0 + self.w))? - (self.pair.narrow(0, b, b)? * self.w)?
-    }
 }
 
 impl<D: Denoiser + ?Sized> Denoiser for &D {

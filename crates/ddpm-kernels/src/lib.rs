@@ -45,4 +45,4 @@ pub use optim::{
     adam_moments, adam_moments_composed, adamw_apply, adamw_apply_composed, ema_update,
     ema_update_composed, AdamWApply,
 };
-pub use step::{reverse_step, reverse_step_composed, Eps, StepRule};
+pub use step::{guidance_combine, guided_eps, reverse_step, reverse_step_composed, Eps, StepRule};

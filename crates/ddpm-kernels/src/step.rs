@@ -180,6 +180,27 @@ pub fn reverse_step(
     Ok((out.get(0)?, out.get(1)?))
 }
 
+/// Classifier-free guidance's combination for one element: ε̂ = (1 + w)·ε_cond − w·ε_uncond.
+/// The one Rust source of the formula: [`guidance_combine`], the fused step's CPU loop and
+/// (through them) every sampler use it; `kernels/fused.cu` holds its CUDA twin, which the GPU
+/// tests hold to this.
+#[inline(always)]
+pub fn guided_eps(cond: f32, uncond: f32, w: f32) -> f32 {
+    (1.0 + w) * cond - w * uncond
+}
+
+/// [`guided_eps`] over a `[2B, …]` pair (the conditional half, then the unconditional half):
+/// returns the `[B, …]` guided ε. Composed from candle ops, for any dtype and device.
+pub fn guidance_combine(pair: &Tensor, w: f64) -> Result<Tensor> {
+    let b2 = pair.dim(0)?;
+    if b2 % 2 != 0 {
+        bail!("guidance: the pair has an odd batch {b2}; expected [ε_cond ‖ ε_uncond]");
+    }
+    let b = b2 / 2;
+    // (1 + w)·c − w·u, as guided_eps computes it.
+    (pair.narrow(0, 0, b)? * (1.0 + w))? - (pair.narrow(0, b, b)? * w)?
+}
+
 /// [`reverse_step`] as a composition of candle ops: the fallback for other dtypes and devices,
 /// and the reference the fused op is tested against.
 pub fn reverse_step_composed(
@@ -191,10 +212,7 @@ pub fn reverse_step_composed(
     let (w, e) = check(x, eps, extra, rule)?;
     let e = match w {
         None => e.clone(),
-        Some(w) => {
-            let b = x.dim(0)?;
-            ((e.narrow(0, 0, b)? * (1.0 + w))? - (e.narrow(0, b, b)? * w)?)?
-        }
+        Some(w) => guidance_combine(e, w)?,
     };
     let ac = rule.alpha_bar;
     let mut x0 = ((x - (&e * (1.0 - ac).sqrt())?)? / ac.sqrt())?;
@@ -239,7 +257,7 @@ impl ReverseStep {
         for (k, (p, o)) in prev.iter_mut().zip(x0.iter_mut()).enumerate() {
             let i = start + k;
             let mut ei = if self.guided {
-                (1.0 + w) * e[i] - w * e[n + i]
+                guided_eps(e[i], e[n + i], w)
             } else {
                 e[i]
             };

@@ -23,8 +23,7 @@
 //!
 //! ```
 //! use candle_core::Device;
-//! use ddpm_pipeline::{generate_with, Labels, Model, Request, SamplerSpec};
-//! use ddpm_unet::Weights;
+//! use ddpm_pipeline::{generate_with, Labels, Model, Request, SamplerSpec, Weights};
 //!
 //! // The model shipped in the repository (doc tests run in crates/ddpm-pipeline).
 //! let model = Model::load("../../assets/ddpm-mnist.safetensors".as_ref(), Weights::Ema, &Device::Cpu)?;
@@ -48,13 +47,16 @@ use candle_core::{DType, Device, Shape, Tensor};
 use ddpm_core::{Denoiser, NoiseSchedule, NoiseSource, PosteriorVariance, SeededNoise};
 use ddpm_sampler::{
     sample, ClassifierFreeGuidance, Ddim, Ddpm, DpmSolverPp2M, Parameterized, Sampler,
-    SamplerConfig, Spacing, StepInfo,
+    SamplerConfig,
 };
 use ddpm_schedule::Schedule;
-use ddpm_unet::{ModelCard, ModelFileError, UNet, Weights};
+use ddpm_unet::{ModelFileError, UNet};
 use serde::{Deserialize, Serialize};
 
 mod reconstruct;
+
+pub use ddpm_sampler::{Spacing, StepInfo};
+pub use ddpm_unet::{DataInfo, ModelCard, Weights};
 
 pub use reconstruct::{
     reconstruct, Reconstruction, ReconstructionAt, ReconstructionError, ReconstructionRequest,
@@ -218,12 +220,9 @@ impl SamplerSpec {
                 cfg,
             )?),
             SamplerKind::Ddpm => Box::new(Ddpm::new(schedule, self.variance, cfg)),
-            SamplerKind::DpmPp => Box::new(DpmSolverPp2M::new(
-                schedule,
-                self.steps,
-                self.spacing,
-                cfg,
-            )?),
+            SamplerKind::DpmPp => {
+                Box::new(DpmSolverPp2M::new(schedule, self.steps, self.spacing, cfg)?)
+            }
         })
     }
 }
@@ -512,7 +511,10 @@ pub fn generate(
     for (batch, start) in (0..n).step_by(request.batch).enumerate() {
         let len = request.batch.min(n - start);
         let xb = x_t.narrow(0, start, len)?;
-        let lb = labels.as_ref().map(|l| l.narrow(0, start, len)).transpose()?;
+        let lb = labels
+            .as_ref()
+            .map(|l| l.narrow(0, start, len))
+            .transpose()?;
         let mut sampler = request.sampler.build(schedule)?;
         outs.push(sample(
             &guided,

@@ -107,17 +107,12 @@ impl SamplerSpec {
                 self.variance,
                 cfg,
             )?),
-            SamplerKind::Ddim => Box::new(Ddim::with_timesteps(
-                schedule,
-                grid(self)?,
-                self.eta,
-                cfg,
-            )?),
-            SamplerKind::DpmPp => Box::new(DpmSolverPp2M::with_timesteps(
-                schedule,
-                grid(self)?,
-                cfg,
-            )?),
+            SamplerKind::Ddim => {
+                Box::new(Ddim::with_timesteps(schedule, grid(self)?, self.eta, cfg)?)
+            }
+            SamplerKind::DpmPp => {
+                Box::new(DpmSolverPp2M::with_timesteps(schedule, grid(self)?, cfg)?)
+            }
         })
     }
 }
@@ -157,10 +152,7 @@ pub fn reconstruct(
         (true, Some(k), _) => Some(vec![k; b]),
         (true, None, Some(l)) if l.len() == b => Some(l.to_vec()),
         (true, None, Some(l)) => {
-            return Err(request_err(format!(
-                "{} labels for {b} images",
-                l.len()
-            )))
+            return Err(request_err(format!("{} labels for {b} images", l.len())))
         }
         (true, None, None) => {
             return Err(request_err(

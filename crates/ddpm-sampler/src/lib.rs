@@ -37,8 +37,8 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 pub use ddpm_core::Prediction;
-use ddpm_core::{Denoiser, GuidancePair, NoiseSchedule, NoiseSource, PosteriorVariance};
-use ddpm_kernels::{reverse_step, Eps, StepRule};
+use ddpm_core::{Denoiser, GuidancePair, NoiseSchedule, NoiseSource, Posterior, PosteriorVariance};
+use ddpm_kernels::{guidance_combine, reverse_step, Eps, StepRule};
 use serde::{Deserialize, Serialize};
 
 /// The result of one reverse step.
@@ -90,7 +90,7 @@ pub trait Sampler {
         x_t: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Step> {
-        let eps = guidance.combine()?;
+        let eps = guidance_combine(&guidance.pair, guidance.w)?;
         self.step(index, &eps, x_t, noise)
     }
     /// Forgets any history kept between steps (multistep solvers); call before a new run.
@@ -296,24 +296,20 @@ impl Ddpm {
         let tb = &self.tables;
         let (ac, ac_prev) = (tb.ac(Some(t)), tb.ac(t.checked_sub(1)));
         let beta = tb.betas[t];
-        // Posterior mean c1·x̂₀ + c2·x_t, plus σ·z except at t = 0.
-        let c1 = beta * ac_prev.sqrt() / (1.0 - ac);
-        let c2 = (1.0 - ac_prev) * (1.0 - beta).sqrt() / (1.0 - ac);
-        let (z, sigma) = if t == 0 {
-            (None, 0.0)
-        } else {
-            let var = match self.variance {
-                PosteriorVariance::BetaTilde => beta * (1.0 - ac_prev) / (1.0 - ac),
-                PosteriorVariance::Beta => beta,
-            };
+        // Posterior mean c_x0·x̂₀ + c_xt·x_t, plus σ·z except at t = 0.
+        let post = Posterior::new(beta, ac, ac_prev);
+        let var = self.variance.sigma2(t, beta, post.variance);
+        let (z, sigma) = if var > 0.0 {
             (Some(randn_like(noise, x_t)?), var.sqrt())
+        } else {
+            (None, 0.0)
         };
         let rule = StepRule {
             alpha_bar: ac,
             clip_x0: self.config.clip_x0,
-            c_x0: c1,
+            c_x0: post.coef_x0,
             c_eps: 0.0,
-            c_x: c2,
+            c_x: post.coef_xt,
             c_extra: sigma,
         };
         let (prev_sample, pred_x0) = reverse_step(x_t, eps, z.as_ref(), &rule)?;
@@ -584,7 +580,7 @@ impl<D: Denoiser> ClassifierFreeGuidance<D> {
 impl<D: Denoiser> Denoiser for ClassifierFreeGuidance<D> {
     fn predict_noise(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         match self.predict_guidance_pair(x, t, labels)? {
-            Some(g) => g.combine(),
+            Some(g) => guidance_combine(&g.pair, g.w),
             None => self.inner.predict_noise(x, t, labels),
         }
     }

@@ -644,3 +644,62 @@ fn parameterized_turns_v_into_epsilon_per_sample() {
         assert!((ge[k] - ev[k]).abs() < 1e-5);
     }
 }
+
+/// The schedule's variance table and the DDPM sampler agree at every t, both variance
+/// choices, t = 0 included: the last step adds no noise (Ho et al. 2020, Algorithm 2), so
+/// its result does not depend on the noise stream.
+#[test]
+fn ddpm_variance_agrees_with_the_schedule_at_t_zero() {
+    let s = schedule(50);
+    for choice in [PosteriorVariance::Beta, PosteriorVariance::BetaTilde] {
+        assert_eq!(s.variance(0, choice), 0.0, "{choice:?}");
+        assert!(s.variance(1, choice) > 0.0, "{choice:?}");
+        let x = target_image();
+        let eps = (x.ones_like().unwrap() * 0.1).unwrap();
+        let last = |seed: u64| {
+            let mut d = Ddpm::new(&s, choice, SamplerConfig::default());
+            let index = d.timesteps().len() - 1;
+            assert_eq!(d.timesteps()[index], 0);
+            d.step(index, &eps, &x, &mut SeededNoise::new(seed))
+                .unwrap()
+                .prev_sample
+        };
+        assert_eq!(max_abs_diff(&last(1), &last(2)), 0.0, "{choice:?}");
+        // One step earlier the noise is there, with the schedule's σ.
+        let at1 = |seed: u64| {
+            let mut d = Ddpm::new(&s, choice, SamplerConfig::default());
+            let index = d.timesteps().len() - 2;
+            d.step(index, &eps, &x, &mut SeededNoise::new(seed))
+                .unwrap()
+                .prev_sample
+        };
+        let (a, b) = (at1(1), at1(2));
+        let spread = max_abs_diff(&a, &b) as f64;
+        let sigma = s.variance(1, choice).sqrt();
+        assert!(
+            spread > sigma && spread < 12.0 * sigma,
+            "{choice:?}: {spread} vs σ {sigma}"
+        );
+    }
+}
+
+/// A sampler over a caller's timesteps (the reconstruction path) checks them, and DDPM refuses
+/// gaps.
+#[test]
+fn samplers_over_given_timesteps_check_them() {
+    let s = schedule(100);
+    let cfg = SamplerConfig::default();
+    assert!(Ddim::with_timesteps(&s, vec![40, 20, 0], 0.0, cfg).is_ok());
+    assert!(DpmSolverPp2M::with_timesteps(&s, vec![40, 20, 0], cfg).is_ok());
+    assert!(
+        Ddpm::with_timesteps(&s, (0..=40).rev().collect(), PosteriorVariance::Beta, cfg).is_ok()
+    );
+    let gap = Ddpm::with_timesteps(&s, vec![40, 20, 0], PosteriorVariance::Beta, cfg);
+    assert!(gap.unwrap_err().to_string().contains("gap"));
+    for bad in [vec![], vec![100, 0], vec![10, 20], vec![10, 10]] {
+        assert!(
+            Ddim::with_timesteps(&s, bad.clone(), 0.0, cfg).is_err(),
+            "{bad:?}"
+        );
+    }
+}

@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use ddpm_core::NoiseSchedule;
+//! use ddpm_core::{NoiseSchedule, Posterior};
 //! use ddpm_schedule::{BetaSchedule, ScheduleConfig};
 //!
 //! let schedule = ScheduleConfig::new(BetaSchedule::cosine(), 300).build()?;
@@ -24,8 +24,8 @@
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use ddpm_core::NoiseSchedule;
 pub use ddpm_core::PosteriorVariance;
+use ddpm_core::{NoiseSchedule, Posterior};
 use serde::{Deserialize, Serialize};
 
 /// Errors raised when a schedule configuration is invalid.
@@ -289,19 +289,16 @@ impl Schedule {
         let mut alphas_cumprod_prev = vec![1.0];
         alphas_cumprod_prev.extend_from_slice(&alphas_cumprod[..alphas_cumprod.len() - 1]);
         let n = betas.len();
-        let posterior_variance: Vec<f64> = (0..n)
-            .map(|t| betas[t] * (1.0 - alphas_cumprod_prev[t]) / (1.0 - alphas_cumprod[t]))
+        let posterior: Vec<Posterior> = (0..n)
+            .map(|t| Posterior::new(betas[t], alphas_cumprod[t], alphas_cumprod_prev[t]))
             .collect();
+        let posterior_variance: Vec<f64> = posterior.iter().map(|p| p.variance).collect();
         // β̃_0 = 0: clip its log by using β̃_1 in its place (Ho et al. 2020).
         let posterior_log_variance_clipped: Vec<f64> = (0..n)
             .map(|t| posterior_variance[if t == 0 { 1 } else { t }].ln())
             .collect();
-        let posterior_mean_coef1 = (0..n)
-            .map(|t| betas[t] * alphas_cumprod_prev[t].sqrt() / (1.0 - alphas_cumprod[t]))
-            .collect();
-        let posterior_mean_coef2 = (0..n)
-            .map(|t| (1.0 - alphas_cumprod_prev[t]) * alphas[t].sqrt() / (1.0 - alphas_cumprod[t]))
-            .collect();
+        let posterior_mean_coef1 = posterior.iter().map(|p| p.coef_x0).collect();
+        let posterior_mean_coef2 = posterior.iter().map(|p| p.coef_xt).collect();
         if let Some((t, &a)) = alphas_cumprod
             .iter()
             .enumerate()
@@ -372,16 +369,12 @@ impl Schedule {
     pub fn posterior_mean_coef2(&self) -> &[f64] {
         &self.posterior_mean_coef2
     }
-    /// The reverse-step variance σ²_t under the chosen convention.
-    ///
-    /// `Beta` uses β̃_1 at t = 0 as Ho et al.'s "fixed large" does, so the last step adds
-    /// little noise; `BetaTilde` gives 0 at t = 0.
+    /// The variance σ²_t the DDPM reverse step adds at `t` under the chosen convention
+    /// ([`PosteriorVariance::sigma2`], what the DDPM sampler uses): β_t or β̃_t, and 0 at
+    /// t = 0 for both (the last step adds no noise). For the clipped log-variance of a
+    /// likelihood, use [`Schedule::posterior_log_variance_clipped`].
     pub fn variance(&self, t: usize, choice: PosteriorVariance) -> f64 {
-        match choice {
-            PosteriorVariance::BetaTilde => self.posterior_variance[t],
-            PosteriorVariance::Beta if t == 0 => self.posterior_variance[1],
-            PosteriorVariance::Beta => self.betas[t],
-        }
+        choice.sigma2(t, self.betas[t], self.posterior_variance[t])
     }
 
     /// [`NoiseSchedule::add_noise`] with the timesteps given on the host: they are checked

@@ -126,6 +126,15 @@ fn posterior_identities() {
             // β̃_t ≤ β_t, and the two variance choices.
             assert!(s.posterior_variance()[t] <= s.betas()[t]);
             assert_eq!(s.variance(t, PosteriorVariance::Beta), s.betas()[t]);
+            // Against the paper's formulas (Ho et al. 2020, eq. 7), written out here.
+            let (b, a, ap) = (s.betas()[t], ac[t], acp[t]);
+            assert!(close(c1, b * ap.sqrt() / (1.0 - a), 1e-14));
+            assert!(close(c2, (1.0 - ap) * (1.0 - b).sqrt() / (1.0 - a), 1e-14));
+            assert!(close(
+                s.posterior_variance()[t],
+                (1.0 - ap) / (1.0 - a) * b,
+                1e-14
+            ));
             assert_eq!(
                 s.variance(t, PosteriorVariance::BetaTilde),
                 s.posterior_variance()[t]

@@ -163,7 +163,6 @@ impl ModelCard {
     }
 }
 
-
 /// Which weights to load for sampling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Weights {
@@ -255,7 +254,12 @@ pub fn read(path: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
                 format!("format `{f}` is not supported (expected {FORMAT})"),
             ))
         }
-        None => return Err(invalid(path, "not a ddpm-rs checkpoint (no ddpm.format metadata)")),
+        None => {
+            return Err(invalid(
+                path,
+                "not a ddpm-rs checkpoint (no ddpm.format metadata)",
+            ))
+        }
     }
     let card: ModelCard = metadata
         .get("ddpm.card")

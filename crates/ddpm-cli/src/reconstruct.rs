@@ -1,0 +1,193 @@
+//! `ddpm reconstruct`: noise real test images to each t and denoise them back
+//! ([`ddpm_pipeline::reconstruct`]), optionally as another class.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ddpm_data::{Batcher, Dataset, DatasetKind, Split, TensorBatcher};
+use ddpm_pipeline::{reconstruct, Model, ReconstructionRequest, SamplerKind, SamplerSpec};
+use ddpm_train::{viz, Weights};
+
+use crate::DeviceArg;
+
+/// Options of `ddpm reconstruct`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Each row is one test image: the original, then its reconstruction from each --t. \
+    Small t keeps the digit; t near T leaves almost nothing of it, and the model draws a fresh one. \
+    With --as-class C the denoising is guided towards class C (SDEdit-style editing). \
+    Guidance convention: eps = (1+w)*eps(x,t,c) - w*eps(x,t,null); w = 0 is no guidance."
+)]
+pub struct ReconstructArgs {
+    /// Checkpoint (default: as for `sample`).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Test images by index, comma-separated (default: the first of each class).
+    #[arg(long, value_delimiter = ',', conflicts_with = "count")]
+    index: Vec<usize>,
+    /// The first N test images instead of one per class.
+    #[arg(long)]
+    count: Option<usize>,
+    /// Timesteps to noise to, comma-separated, each in 0..T.
+    #[arg(long, value_delimiter = ',', default_value = "50,200,400,600,800,999")]
+    t: Vec<usize>,
+    /// Denoise every image as this class (index or name) instead of its own.
+    #[arg(long)]
+    as_class: Option<String>,
+    /// Guidance weight w while denoising (0 = none; diffusers' guidance_scale = 1 + w).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    guidance: f64,
+    /// Sampler; its grid of --steps timesteps is cut at each t (ddpm: every step from t).
+    #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
+    sampler: SamplerKind,
+    /// Steps of the sampler's grid over the whole of 0..T.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Seed of the forward noise and any step noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Dataset the test images come from (default: the model's own).
+    #[arg(long)]
+    dataset: Option<DatasetKind>,
+    /// Folder with the IDX files.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Pixel scale.
+    #[arg(long, default_value_t = 3)]
+    scale: usize,
+    /// Output PNG.
+    #[arg(long, default_value = "reconstruct.png")]
+    out: PathBuf,
+}
+
+/// Runs `ddpm reconstruct`.
+pub fn run(a: ReconstructArgs) -> Result<()> {
+    let device = crate::device(a.device)?;
+    let ckpt = crate::checkpoint_or_default(a.checkpoint.clone())?;
+    if !a.guidance.is_finite() {
+        bail!("--guidance {}: give a finite weight", a.guidance);
+    }
+    if a.t.is_empty() {
+        bail!("--t: give at least one timestep");
+    }
+    if a.scale == 0 || a.scale > 16 {
+        bail!("--scale {}: use 1 to 16", a.scale);
+    }
+    let model = Model::load(&ckpt, Weights::Ema, &device)
+        .with_context(|| format!("--checkpoint {}", ckpt.display()))?;
+    let t_total = model.schedule().config().num_timesteps;
+    if let Some(&bad) = a.t.iter().find(|&&t| t >= t_total) {
+        bail!("--t {bad} is outside 0..{t_total} (the model's T)");
+    }
+    let as_class = a
+        .as_class
+        .as_deref()
+        .map(|c| {
+            model
+                .class(c)
+                .map_err(|e| anyhow::anyhow!("--as-class: {e}"))
+        })
+        .transpose()?;
+    let kind = match &a.dataset {
+        Some(k) => k.clone(),
+        None => model.card().data.dataset.parse().map_err(|e: String| {
+            anyhow::anyhow!(
+                "the model's dataset `{}`: {e}; pass --dataset",
+                model.card().data.dataset
+            )
+        })?,
+    };
+    let (_, h, w) = model.image_dims();
+    let ds = ddpm_data::load_dataset(
+        &kind,
+        a.data_dir.as_deref(),
+        Split::Test,
+        (h as u32, w as u32),
+    )
+    .with_context(|| format!("loading the test split of --dataset {kind}"))?;
+    let indices = pick(&a, &ds)?;
+    let batch = TensorBatcher::new(&ds, &device)?.batch(&indices)?;
+    let request = ReconstructionRequest {
+        timesteps: a.t.clone(),
+        as_class,
+        guidance: a.guidance,
+        seed: a.seed,
+        sampler: SamplerSpec::new(a.sampler).with_steps(a.steps),
+    };
+    let labels: Option<Vec<u32>> = model
+        .is_conditional()
+        .then(|| batch.labels.to_vec1::<u32>())
+        .transpose()?;
+    let started = std::time::Instant::now();
+    let rec = reconstruct(&model, &batch.images, labels.as_deref(), &request)?;
+    let secs = started.elapsed().as_secs_f64();
+    let names = ds.class_names();
+    let cols = 1 + rec.rows.len();
+    let grid = rec.grid()?;
+    let mut rows = Vec::new();
+    for (r, &i) in indices.iter().enumerate() {
+        let label = labels
+            .as_ref()
+            .and_then(|l| names.get(l[r] as usize))
+            .map_or(format!("#{i}"), |n| format!("#{i} {n}"));
+        let row = grid.narrow(0, r * cols, cols)?;
+        rows.push((label, viz::grid_image(&row, cols, a.scale)?));
+    }
+    viz::write_png(&viz::labelled_rows(&rows), &a.out)
+        .with_context(|| format!("--out {}", a.out.display()))?;
+    let target = match as_class {
+        Some(c) => format!(
+            " as class {}",
+            names.get(c as usize).map_or(c.to_string(), |n| n.clone())
+        ),
+        None => String::new(),
+    };
+    println!(
+        "wrote {}: {} test images{target}, columns = original, then t = {:?} ({}, w = {}, {secs:.1} s)",
+        a.out.display(),
+        indices.len(),
+        a.t,
+        request.sampler,
+        a.guidance
+    );
+    println!("\n| t | √ᾱ_t | steps | mse | psnr dB |\n|---|---|---|---|---|");
+    for r in &rec.rows {
+        println!(
+            "| {} | {:.3} | {} | {:.4} | {:.2} |",
+            r.t, r.signal, r.steps, r.error.mse, r.error.psnr_db
+        );
+    }
+    Ok(())
+}
+
+/// The test images to reconstruct: `--index`, the first `--count`, or the first of each class.
+fn pick(a: &ReconstructArgs, ds: &ddpm_data::ImageDataset) -> Result<Vec<usize>> {
+    let n = ds.len();
+    let indices: Vec<usize> = if !a.index.is_empty() {
+        a.index.clone()
+    } else if let Some(c) = a.count {
+        (0..c).collect()
+    } else {
+        let mut first = vec![None; ds.class_names().len()];
+        for (i, &l) in ds.labels().iter().enumerate() {
+            if let Some(slot @ None) = first.get_mut(l as usize) {
+                *slot = Some(i);
+            }
+        }
+        first.into_iter().flatten().collect()
+    };
+    if indices.is_empty() || indices.len() > 100 {
+        bail!(
+            "reconstruct between 1 and 100 images (got {}); use --index or --count",
+            indices.len()
+        );
+    }
+    if let Some(&bad) = indices.iter().find(|&&i| i >= n) {
+        bail!("--index {bad} is past the {n} test images");
+    }
+    Ok(indices)
+}
