@@ -182,6 +182,74 @@ pub fn gallery(cli: &[String]) -> Result<()> {
             ]),
             "Reverse diffusion, one digit per class".into(),
         ),
+        (
+            "reverse-light.gif".into(),
+            args(&[
+                "sample",
+                "--checkpoint",
+                &c,
+                "--class",
+                "all",
+                "--n",
+                "1",
+                "--gif",
+                &out("reverse.gif"),
+                "--gif-theme",
+                "both",
+                "--out",
+                &out("reverse-final.png"),
+            ]),
+            "The same animation for light and dark pages (reverse-light.gif and reverse-dark.gif, \
+             for a README's <picture> with prefers-color-scheme)"
+                .into(),
+        ),
+        (
+            "preview.png".into(),
+            args(&[
+                "data",
+                "preview",
+                "--dataset",
+                "mnist",
+                "--per-class",
+                "10",
+                "--out",
+                &out("preview.png"),
+            ]),
+            "The training data: ten real digits per class".into(),
+        ),
+        (
+            "reconstruct.png".into(),
+            args(&[
+                "reconstruct",
+                "--checkpoint",
+                &c,
+                "--t",
+                "50,200,400,600,800,999",
+                "--out",
+                &out("reconstruct.png"),
+            ]),
+            "Reconstruction: one test digit per class (first column) noised to t = 50 … 999 and \
+             denoised back with DDIM; small t keeps the digit, t near T draws a fresh one"
+                .into(),
+        ),
+        (
+            "reconstruct-as-3.png".into(),
+            args(&[
+                "reconstruct",
+                "--checkpoint",
+                &c,
+                "--t",
+                "200,400,600,800",
+                "--as-class",
+                "3",
+                "--guidance",
+                "2",
+                "--out",
+                &out("reconstruct-as-3.png"),
+            ]),
+            "Guided editing (SDEdit): the same digits noised to t and denoised as a 3 at w = 2"
+                .into(),
+        ),
     ];
     let eval_dir = o.out.join("eval");
     if let Some(report) = &o.eval_report {

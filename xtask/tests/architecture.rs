@@ -152,3 +152,27 @@ fn no_sampling_loop_outside_the_pipeline() {
         }
     }
 }
+
+/// No library compiles a path of the build machine in: only the `ddpm` binary looks for its
+/// own source tree (its default model and MNIST copy, documented in main.rs).
+#[test]
+fn no_library_compiles_a_source_path_in() {
+    for krate in [
+        "ddpm-core",
+        "ddpm-kernels",
+        "ddpm-schedule",
+        "ddpm-data",
+        "ddpm-unet",
+        "ddpm-sampler",
+        "ddpm-pipeline",
+        "ddpm-train",
+        "ddpm-eval",
+    ] {
+        for (path, text) in sources(&format!("crates/{krate}/src")) {
+            assert!(
+                !text.contains(concat!("env!(\"CARGO_", "MANIFEST_DIR\")")),
+                "{path} compiles the build machine's source path in"
+            );
+        }
+    }
+}

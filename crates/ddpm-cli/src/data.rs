@@ -65,8 +65,13 @@ fn preview(a: PreviewArgs) -> Result<()> {
         Split::Train
     };
     let size = (a.image_size, a.image_size);
-    let ds = ddpm_data::load_dataset(&a.dataset, a.data_dir.as_deref(), split, size)
-        .with_context(|| format!("loading --dataset {}", a.dataset))?;
+    let ds = ddpm_data::load_dataset(
+        &a.dataset,
+        crate::data_dir(&a.dataset, a.data_dir.as_deref()).as_deref(),
+        split,
+        size,
+    )
+    .with_context(|| format!("loading --dataset {}", a.dataset))?;
     if ds.is_empty() {
         bail!(
             "--dataset {}: the {} split has no images",

@@ -168,10 +168,20 @@ pub fn run(a: EvalArgs) -> Result<()> {
         );
     }
     let kind = DatasetKind::Mnist;
-    let test = load_dataset(&kind, a.data_dir.as_deref(), Split::Test, (28, 28))
-        .context("loading the MNIST test split (the reference set)")?;
-    let train = load_dataset(&kind, a.data_dir.as_deref(), Split::Train, (28, 28))
-        .context("loading the MNIST train split (the real-data floor)")?;
+    let test = load_dataset(
+        &kind,
+        crate::data_dir(&kind, a.data_dir.as_deref()).as_deref(),
+        Split::Test,
+        (28, 28),
+    )
+    .context("loading the MNIST test split (the reference set)")?;
+    let train = load_dataset(
+        &kind,
+        crate::data_dir(&kind, a.data_dir.as_deref()).as_deref(),
+        Split::Train,
+        (28, 28),
+    )
+    .context("loading the MNIST train split (the real-data floor)")?;
     let (tx, _) = test.to_tensors(&device)?;
     let reference = Reference::new(&clf, &tx)?;
     let (rx, ry) = train.take(a.n.min(10_000)).to_tensors(&device)?;
@@ -434,10 +444,20 @@ pub struct TrainClassifierArgs {
 pub fn train_classifier(a: TrainClassifierArgs) -> Result<()> {
     let device = crate::device(a.device)?;
     let kind = DatasetKind::Mnist;
-    let train = load_dataset(&kind, a.data_dir.as_deref(), Split::Train, (28, 28))
-        .context("loading the MNIST train split")?;
-    let test = load_dataset(&kind, a.data_dir.as_deref(), Split::Test, (28, 28))
-        .context("loading the MNIST test split")?;
+    let train = load_dataset(
+        &kind,
+        crate::data_dir(&kind, a.data_dir.as_deref()).as_deref(),
+        Split::Train,
+        (28, 28),
+    )
+    .context("loading the MNIST train split")?;
+    let test = load_dataset(
+        &kind,
+        crate::data_dir(&kind, a.data_dir.as_deref()).as_deref(),
+        Split::Test,
+        (28, 28),
+    )
+    .context("loading the MNIST test split")?;
     let cfg = ClassifierTrainConfig {
         epochs: a.epochs,
         batch_size: a.batch_size,

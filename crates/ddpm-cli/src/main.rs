@@ -99,6 +99,29 @@ pub fn autocast(arg: Option<&str>, device: &Device) -> Result<Option<ddpm_unet::
     Ok(Some(a))
 }
 
+/// The IDX folder to load `kind` from: `--data-dir` if given; else, for MNIST when neither
+/// `$DDPM_DATA_DIR` is set nor a checkout's `assets/mnist` lies around the current directory,
+/// the copy in the source tree this binary was built from; else `None` (ddpm-data then looks
+/// for itself, see [`ddpm_data::resolve_idx_dir`]).
+pub fn data_dir(
+    kind: &ddpm_data::DatasetKind,
+    explicit: Option<&std::path::Path>,
+) -> Option<PathBuf> {
+    if let Some(d) = explicit {
+        return Some(d.to_path_buf());
+    }
+    let env_set = std::env::var_os(ddpm_data::DATA_DIR_ENV).is_some_and(|v| !v.is_empty());
+    if *kind != ddpm_data::DatasetKind::Mnist || env_set || ddpm_data::shipped_mnist_dir().is_some()
+    {
+        return None;
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/mnist");
+    built
+        .join("train-images-idx3-ubyte.gz")
+        .exists()
+        .then_some(built)
+}
+
 /// `--checkpoint`, or the default model ([`default_checkpoint`]), or an error saying how to
 /// get one.
 pub fn checkpoint_or_default(arg: Option<PathBuf>) -> Result<PathBuf> {

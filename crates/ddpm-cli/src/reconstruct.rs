@@ -104,7 +104,7 @@ pub fn run(a: ReconstructArgs) -> Result<()> {
     let (_, h, w) = model.image_dims();
     let ds = ddpm_data::load_dataset(
         &kind,
-        a.data_dir.as_deref(),
+        crate::data_dir(&kind, a.data_dir.as_deref()).as_deref(),
         Split::Test,
         (h as u32, w as u32),
     )

@@ -383,8 +383,13 @@ pub fn noise(a: NoiseArgs) -> Result<()> {
     if a.rows == 0 || a.t.is_empty() {
         bail!("--rows and --t must be non-empty");
     }
-    let ds = ddpm_data::load_dataset(&a.dataset, a.data_dir.as_deref(), Split::Test, (28, 28))
-        .with_context(|| format!("loading --dataset {}", a.dataset))?;
+    let ds = ddpm_data::load_dataset(
+        &a.dataset,
+        crate::data_dir(&a.dataset, a.data_dir.as_deref()).as_deref(),
+        Split::Test,
+        (28, 28),
+    )
+    .with_context(|| format!("loading --dataset {}", a.dataset))?;
     if a.index + a.rows > ds.len() {
         bail!(
             "--index {} + --rows {} is past the {} test images",

@@ -540,7 +540,8 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
     let card = trainer.card().clone();
     let kind: DatasetKind = card.data.dataset.parse().map_err(anyhow::Error::msg)?;
     let size = (card.data.height as u32, card.data.width as u32);
-    let data_dir = a.data_dir.as_deref();
+    let data_dir = crate::data_dir(&kind, a.data_dir.as_deref());
+    let data_dir = data_dir.as_deref();
     let mut train = match preloaded {
         Some(t) => t,
         None => ddpm_data::load_dataset(&kind, data_dir, Split::Train, size)
@@ -659,7 +660,7 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
 fn load(a: &TrainArgs, split: Split) -> Result<ddpm_data::ImageDataset> {
     ddpm_data::load_dataset(
         &a.dataset,
-        a.data_dir.as_deref(),
+        crate::data_dir(&a.dataset, a.data_dir.as_deref()).as_deref(),
         split,
         (a.image_size, a.image_size),
     )

@@ -904,3 +904,80 @@ fn data_preview_draws_one_named_row_per_class() {
     let o = ddpm(&["data", "preview", "--per-class", "0"]);
     assert!(!o.status.success() && stderr(&o).contains("--per-class 0"));
 }
+
+/// `ddpm reconstruct`: the grid's shape (rows = digits, columns = original then each t), the
+/// per-t table, and its errors.
+#[test]
+fn reconstruct_writes_the_grid_and_the_error_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = tiny_checkpoint(dir.path(), 10);
+    let png = dir.path().join("rec.png");
+    let c = ckpt.to_str().unwrap();
+    let o = ddpm(&[
+        "reconstruct",
+        "--checkpoint",
+        c,
+        "--index",
+        "0,1,2",
+        "--t",
+        "5,50,99",
+        "--steps",
+        "5",
+        "--scale",
+        "1",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("| t | √ᾱ_t | steps | mse | psnr dB |"),
+        "{out}"
+    );
+    for t in ["| 5 |", "| 50 |", "| 99 |"] {
+        assert!(out.contains(t), "{out}");
+    }
+    let img = image::open(&png).unwrap();
+    // 3 rows (a one-row grid of 28-px cells with 1-px frames each, 30 px high) and an 8-px
+    // margin; 4 cells (4·29 + 1 px) beside the row labels.
+    assert_eq!(img.height(), 3 * 30 + 8);
+    assert!(img.width() > 4 * 29 + 1);
+    let guided = ddpm(&[
+        "reconstruct",
+        "--checkpoint",
+        c,
+        "--count",
+        "2",
+        "--t",
+        "50",
+        "--steps",
+        "5",
+        "--as-class",
+        "3",
+        "--guidance",
+        "2",
+        "--scale",
+        "1",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(guided.status.success(), "{}", stderr(&guided));
+    assert!(String::from_utf8_lossy(&guided.stdout).contains("as class 3"));
+    for (args, want) in [
+        (vec!["--t", "100"], "outside 0..100"),
+        (vec!["--as-class", "10"], "out of range"),
+        (vec!["--index", "99999"], "past the"),
+    ] {
+        let mut all = vec![
+            "reconstruct",
+            "--checkpoint",
+            c,
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        all.extend(args);
+        let o = ddpm(&all);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(want), "{want}: {}", stderr(&o));
+    }
+}

@@ -5,7 +5,8 @@
 //!
 //! Where MNIST comes from, in this order ([`resolve_idx_dir`]):
 //! 1. an explicit directory (`--data-dir`), then the `DDPM_DATA_DIR` environment variable;
-//! 2. the copy shipped in the repository (`assets/mnist/`);
+//! 2. the copy shipped in the repository (`assets/mnist/`), found under the current directory
+//!    or a parent of it ([`shipped_mnist_dir`]; no build-machine path is compiled in);
 //! 3. the Hugging Face hub through candle-datasets, with the `hub` cargo feature.
 //!
 //! ```

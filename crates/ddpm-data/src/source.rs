@@ -72,12 +72,14 @@ impl DatasetKind {
     }
 }
 
-/// The MNIST copy shipped with the repository (`assets/mnist`), if it can be found:
-/// next to the workspace this crate was built in, or under the current directory.
+/// The MNIST copy shipped with the repository (`assets/mnist`), if it can be found under the
+/// current directory or one of its parents (so it is found from anywhere inside a checkout).
+/// No path from the build machine is compiled in: a binary that wants its own source tree's
+/// copy passes it as `explicit` to [`resolve_idx_dir`] (the `ddpm` command does).
 pub fn shipped_mnist_dir() -> Option<PathBuf> {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/mnist");
-    [built, PathBuf::from("assets/mnist")]
-        .into_iter()
+    let cwd = std::env::current_dir().ok()?;
+    cwd.ancestors()
+        .map(|d| d.join("assets/mnist"))
         .find(|p| p.join("train-images-idx3-ubyte.gz").exists())
 }
 

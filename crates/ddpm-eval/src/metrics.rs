@@ -21,7 +21,7 @@ pub struct FeatureStats {
 impl FeatureStats {
     /// Statistics of `count` row vectors of width `dim` stored row-major in `features`.
     pub fn from_rows(features: &[f32], dim: usize) -> Result<Self, EvalError> {
-        if dim == 0 || features.len() % dim != 0 {
+        if dim == 0 || !features.len().is_multiple_of(dim) {
             return Err(EvalError::Shape(format!(
                 "{} feature values are not rows of width {dim}",
                 features.len()
@@ -141,7 +141,7 @@ pub fn class_histogram_entropy(predicted: &[u32], classes: usize) -> f64 {
 }
 
 fn check_rows(probs: &[f32], classes: usize) -> Result<usize, EvalError> {
-    if classes == 0 || probs.is_empty() || probs.len() % classes != 0 {
+    if classes == 0 || probs.is_empty() || !probs.len().is_multiple_of(classes) {
         return Err(EvalError::Shape(format!(
             "{} probabilities are not rows of {classes} classes",
             probs.len()

@@ -254,7 +254,7 @@ pub fn fit_timed(
             let next_extra = deadline.map_or(0.0, |d| {
                 if trainer.batch_in_epoch + 1 >= per_epoch {
                     d.epoch_end_s
-                } else if cfg.log_every > 0 && next % cfg.log_every == 0 {
+                } else if cfg.log_every > 0 && next.is_multiple_of(cfg.log_every) {
                     d.metrics_s
                 } else {
                     0.0
@@ -297,16 +297,16 @@ pub fn fit_timed(
                 save(trainer, period, &ckpt, observer)?;
                 return Ok(FitOutcome::Stopped);
             }
-            if cfg.log_every > 0 && trainer.step() % cfg.log_every == 0 {
+            if cfg.log_every > 0 && trainer.step().is_multiple_of(cfg.log_every) {
                 end_period(trainer, epoch, data, out_dir, &mut period, observer, None)?;
             }
-            if cfg.checkpoint_every > 0 && trainer.step() % cfg.checkpoint_every == 0 {
+            if cfg.checkpoint_every > 0 && trainer.step().is_multiple_of(cfg.checkpoint_every) {
                 save(trainer, period, &ckpt, observer)?;
             }
         }
         trainer.epoch += 1;
         trainer.batch_in_epoch = 0;
-        let grid = cfg.sample_every > 0 && trainer.epoch % cfg.sample_every == 0;
+        let grid = cfg.sample_every > 0 && trainer.epoch.is_multiple_of(cfg.sample_every);
         let grid = grid.then(|| grid_path(out_dir, trainer.epoch));
         end_period(trainer, epoch, data, out_dir, &mut period, observer, grid)?;
         save(trainer, period, &ckpt, observer)?;

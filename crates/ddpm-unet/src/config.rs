@@ -127,7 +127,7 @@ impl UNetConfig {
         if self.in_channels == 0 {
             return bad("in_channels must be at least 1".into());
         }
-        if self.base_channels == 0 || self.base_channels % 2 != 0 {
+        if self.base_channels == 0 || !self.base_channels.is_multiple_of(2) {
             return bad(format!(
                 "base_channels must be even and > 0, got {}",
                 self.base_channels
@@ -154,7 +154,7 @@ impl UNetConfig {
         let levels = self.channel_mults.len();
         for (i, _) in self.channel_mults.iter().enumerate() {
             let ch = self.level_channels(i);
-            if ch % self.groups != 0 {
+            if !ch.is_multiple_of(self.groups) {
                 return bad(format!(
                     "groups = {} does not divide the {ch} channels of level {i}",
                     self.groups
@@ -189,7 +189,11 @@ impl UNetConfig {
     pub fn check_image_size(&self, height: usize, width: usize) -> Result<(), ConfigError> {
         let levels = self.channel_mults.len();
         let factor = 1usize << (levels - 1);
-        if height == 0 || width == 0 || height % factor != 0 || width % factor != 0 {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(factor)
+            || !width.is_multiple_of(factor)
+        {
             return Err(ConfigError::SizeMismatch {
                 height,
                 width,

@@ -32,7 +32,7 @@ impl GroupNormOp {
             bail!("group_norm: input must be [n, c, ...], got {dims:?}")
         }
         let c = dims[1];
-        if self.groups == 0 || c % self.groups != 0 {
+        if self.groups == 0 || !c.is_multiple_of(self.groups) {
             bail!(
                 "group_norm: {c} channels not divisible into {} groups",
                 self.groups

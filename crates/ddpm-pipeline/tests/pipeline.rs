@@ -1,0 +1,258 @@
+//! The pipelines on the shipped model and on a tiny random one: sampler names, label layouts,
+//! batch-size invariance, request errors, and reconstruction at small and full t.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use ddpm_data::{load_dataset, Batcher, DatasetKind, Split, TensorBatcher};
+use ddpm_pipeline::{
+    generate_with, reconstruct, Labels, Model, ModelCard, ReconstructionRequest, Request,
+    SamplerKind, SamplerSpec, Weights,
+};
+use ddpm_schedule::ScheduleConfig;
+use ddpm_unet::{DataInfo, UNet, UNetConfig};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn shipped() -> Model {
+    Model::load(
+        &root().join("assets/ddpm-mnist.safetensors"),
+        Weights::Ema,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// A tiny random-weight model on 8×8 images with `classes` classes (0: unconditional).
+fn tiny(classes: usize) -> Model {
+    let mut cfg = UNetConfig::tiny();
+    cfg.num_classes = classes;
+    let card = ModelCard {
+        model: cfg.clone(),
+        schedule: ScheduleConfig::new(ddpm_schedule::BetaSchedule::linear(), 50),
+        data: DataInfo {
+            dataset: "mnist".into(),
+            channels: 1,
+            height: 8,
+            width: 8,
+            class_names: (0..classes).map(|c| c.to_string()).collect(),
+        },
+        prediction: Default::default(),
+    };
+    let vm = VarMap::new();
+    let unet = UNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    Model::new(unet, card).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn sampler_names_round_trip_as_the_command_line_writes_them() {
+    for k in SamplerKind::ALL {
+        assert_eq!(k.to_string().parse::<SamplerKind>().unwrap(), k);
+        let json = serde_json::to_string(&k).unwrap();
+        assert_eq!(json, format!("\"{k}\""));
+        assert_eq!(serde_json::from_str::<SamplerKind>(&json).unwrap(), k);
+    }
+    assert_eq!(SamplerKind::DpmPp.to_string(), "dpm++");
+    assert_eq!("dpmpp".parse::<SamplerKind>().unwrap(), SamplerKind::DpmPp);
+    let e = "euler".parse::<SamplerKind>().unwrap_err().to_string();
+    assert!(e.contains("ddim, ddpm or dpm++"), "{e}");
+    let spec: SamplerSpec = "ddim".parse().unwrap();
+    assert_eq!(
+        spec.with_steps(50).with_eta(0.5).to_string(),
+        "ddim 50 steps η 0.5"
+    );
+    let back: SamplerSpec =
+        serde_json::from_str(&serde_json::to_string(&SamplerSpec::default()).unwrap()).unwrap();
+    assert_eq!(back, SamplerSpec::default());
+}
+
+#[test]
+fn label_layouts() {
+    assert_eq!(Labels::rows(3, 2), Labels::Classes(vec![0, 0, 1, 1, 2, 2]));
+    assert_eq!(Labels::cycle(3, 5), Labels::Classes(vec![0, 1, 2, 0, 1]));
+    assert_eq!(Labels::one(7, 2).classes(), Some(&[7u32, 7][..]));
+    assert_eq!(Labels::Unconditional(4).len(), 4);
+    assert!(Labels::Unconditional(4).classes().is_none());
+}
+
+/// Deterministic samplers draw the same samples whatever the batch size: x_T is drawn for
+/// all samples first.
+#[test]
+fn deterministic_samplers_do_not_depend_on_the_batch() {
+    let m = tiny(3);
+    for spec in [
+        SamplerSpec::new(SamplerKind::DpmPp).with_steps(6),
+        SamplerSpec::new(SamplerKind::Ddim).with_steps(6),
+    ] {
+        assert!(spec.is_deterministic());
+        let req = |batch| Request {
+            labels: Labels::cycle(3, 7),
+            guidance: 2.0,
+            seed: 5,
+            sampler: spec,
+            batch,
+        };
+        let whole = generate_with(&m, &req(7), &mut |_| Ok(())).unwrap();
+        let split = generate_with(&m, &req(3), &mut |_| Ok(())).unwrap();
+        assert_eq!(whole.dims(), &[7, 1, 8, 8]);
+        assert!(max_diff(&whole, &split) < 1e-5, "{spec}");
+    }
+}
+
+#[test]
+fn guidance_changes_the_samples_and_w_zero_is_the_conditional_model() {
+    let m = tiny(3);
+    let req = |guidance| Request {
+        labels: Labels::one(1, 2),
+        guidance,
+        seed: 1,
+        sampler: SamplerSpec::new(SamplerKind::Ddim).with_steps(5),
+        batch: 8,
+    };
+    let mut calls = 0;
+    let w0 = generate_with(&m, &req(0.0), &mut |p| {
+        assert_eq!(p.step.sample.dim(0)?, 2);
+        calls += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(calls, 5);
+    let w3 = generate_with(&m, &req(3.0), &mut |_| Ok(())).unwrap();
+    assert!(max_diff(&w0, &w3) > 1e-4);
+}
+
+#[test]
+fn bad_requests_are_refused_with_a_reason() {
+    let m = tiny(3);
+    let base = Request {
+        labels: Labels::one(1, 2),
+        guidance: 1.0,
+        seed: 0,
+        sampler: SamplerSpec::new(SamplerKind::Ddim).with_steps(5),
+        batch: 4,
+    };
+    let err = |r: Request| {
+        generate_with(&m, &r, &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(Request {
+        labels: Labels::one(3, 1),
+        ..base.clone()
+    })
+    .contains("out of range"));
+    assert!(err(Request {
+        labels: Labels::Unconditional(2),
+        ..base.clone()
+    })
+    .contains("needs class labels"));
+    assert!(err(Request {
+        batch: 0,
+        ..base.clone()
+    })
+    .contains("batch"));
+    assert!(err(Request {
+        sampler: base.sampler.with_steps(51),
+        ..base.clone()
+    })
+    .contains("1..=50"));
+    assert!(err(Request {
+        labels: Labels::Classes(vec![]),
+        ..base.clone()
+    })
+    .contains("0 samples"));
+    let uncond = tiny(0);
+    let e = generate_with(&uncond, &base, &mut |_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unconditional"), "{e}");
+    assert!(m
+        .class("7")
+        .unwrap_err()
+        .to_string()
+        .contains("out of range"));
+    assert_eq!(m.class("2").unwrap(), 2);
+}
+
+/// Real test digits through the shipped model: at small t the reconstruction is the input,
+/// at t = T − 1 it is a fresh sample, which does not depend on the input (two different
+/// digits noised with the same ε come back nearly the same).
+#[test]
+fn reconstruction_keeps_the_digit_at_small_t_and_draws_afresh_at_t_max() {
+    let m = shipped();
+    let ds = load_dataset(
+        &DatasetKind::Mnist,
+        Some(&root().join("assets/mnist")),
+        Split::Test,
+        (28, 28),
+    )
+    .unwrap();
+    let batch = TensorBatcher::new(&ds, &Device::Cpu)
+        .unwrap()
+        .batch(&[0, 1])
+        .unwrap();
+    let labels: Vec<u32> = batch.labels.to_vec1().unwrap();
+    let t_max = m.schedule().config().num_timesteps - 1;
+    let req = ReconstructionRequest {
+        timesteps: vec![20, t_max],
+        as_class: None,
+        guidance: 0.0,
+        seed: 3,
+        sampler: SamplerSpec::new(SamplerKind::Ddim).with_steps(20),
+    };
+    let rec = reconstruct(&m, &batch.images, Some(&labels), &req).unwrap();
+    let (small, full) = (&rec.rows[0], &rec.rows[1]);
+    assert_eq!((small.t, full.t), (20, t_max));
+    assert!(small.error.mse < 0.01, "t = 20: mse {}", small.error.mse);
+    assert!(full.error.mse > 0.1, "t = T−1: mse {}", full.error.mse);
+    // As one class, from the same ε: the two inputs (a 7 and a 2) come back as one digit.
+    let as_one = ReconstructionRequest {
+        timesteps: vec![t_max],
+        as_class: Some(5),
+        ..req.clone()
+    };
+    let r = reconstruct(&m, &batch.images, Some(&labels), &as_one).unwrap();
+    let (a, b) = (
+        r.rows[0].images.get(0).unwrap(),
+        r.rows[0].images.get(1).unwrap(),
+    );
+    let inputs = max_diff(&batch.images.get(0).unwrap(), &batch.images.get(1).unwrap());
+    let mse_ab: f32 = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(inputs > 1.0);
+    assert!(
+        mse_ab < 0.02,
+        "fresh samples from one ε differ by mse {mse_ab}"
+    );
+    // The grid: original then each t, row by row.
+    assert_eq!(rec.grid().unwrap().dims(), &[2 * 3, 1, 28, 28]);
+    // A t past T is refused.
+    let bad = ReconstructionRequest {
+        timesteps: vec![t_max + 1],
+        ..req
+    };
+    assert!(reconstruct(&m, &batch.images, Some(&labels), &bad).is_err());
+}
