@@ -34,7 +34,16 @@ fn normal_deps() -> HashMap<String, Vec<String>> {
                 .unwrap()
                 .iter()
                 .filter(|d| d["kind"].is_null()) // normal dependencies only
-                .map(|d| d["name"].as_str().unwrap().to_string())
+                // An optional dependency behind a feature (`ddpm-pipeline`'s `clap`, for
+                // `ValueEnum` on its enums) is named `name?`: not a hard dependency.
+                .map(|d| {
+                    let name = d["name"].as_str().unwrap().to_string();
+                    if d["optional"].as_bool() == Some(true) {
+                        format!("{name}?")
+                    } else {
+                        name
+                    }
+                })
                 .collect();
             (p["name"].as_str().unwrap().to_string(), deps)
         })

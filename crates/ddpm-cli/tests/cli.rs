@@ -965,8 +965,8 @@ fn reconstruct_writes_the_grid_and_the_error_table() {
     assert!(String::from_utf8_lossy(&guided.stdout).contains("as class 3"));
     for (args, want) in [
         (vec!["--t", "100"], "outside 0..100"),
-        (vec!["--as-class", "10"], "out of range"),
-        (vec!["--index", "99999"], "past the"),
+        (vec!["--t", "50", "--as-class", "10"], "out of range"),
+        (vec!["--t", "50", "--index", "99999"], "past the"),
     ] {
         let mut all = vec![
             "reconstruct",
