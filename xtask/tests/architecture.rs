@@ -55,7 +55,7 @@ fn layer(name: &str) -> Option<u32> {
         "ddpm-core" | "ddpm-data" | "ddpm-kernels" => Some(1),
         // The schedule sits below the U-Net: a model file's card records the schedule its
         // weights were trained with (docs/architecture.md).
-        "ddpm-schedule" => Some(2),
+        "ddpm-schedule" | "ddpm-viz" => Some(2),
         "ddpm-unet" | "ddpm-sampler" => Some(3),
         "ddpm-pipeline" | "ddpm-eval" => Some(4),
         "ddpm-train" => Some(5),

@@ -6,11 +6,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ddpm_data::{load_dataset, DatasetKind, Split};
-use ddpm_eval::{Classifier, ClassifierTrainConfig, Reference, SetMetrics};
+use ddpm_eval::{merge_reports, Classifier, ClassifierTrainConfig, Reference, Report};
 use ddpm_pipeline::{generate_with, Labels, Model, Request, SamplerKind, SamplerSpec};
-use ddpm_train::{viz, ModelCard, Weights};
+use ddpm_train::Weights;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
 
 use crate::DeviceArg;
 
@@ -86,33 +85,10 @@ pub struct EvalArgs {
     autocast: Option<String>,
 }
 
-/// One guidance weight's row of the report.
-#[derive(Debug, Serialize, Deserialize)]
-struct Row {
-    w: f64,
-    metrics: SetMetrics,
-    sampling_seconds: f64,
-}
-
-/// The JSON report.
-#[derive(Debug, Serialize, Deserialize)]
-struct Report {
-    checkpoint: String,
-    card: ModelCard,
-    n: usize,
-    steps: usize,
-    sampler: String,
-    classifier: String,
-    classifier_test_accuracy: f64,
-    /// MNIST train images (as many as --n, at most 10,000) against the test set.
-    real_data_floor: SetMetrics,
-    rows: Vec<Row>,
-}
-
 /// Runs `ddpm eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
     if !a.replot.is_empty() {
-        let report = merge_reports(&a.replot)?;
+        let report = merge_reports(&a.replot).context("--replot")?;
         return write_outputs(&report, &a.out);
     }
     let device = crate::device(a.device)?;
@@ -203,13 +179,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Labels::Unconditional(a.n)
     };
     let spec = SamplerSpec::new(a.sampler).with_steps(a.steps);
-    let mut rows = Vec::new();
-    for &wt in &weights {
+    let mut generate = |wt: f64| -> std::result::Result<candle_core::Tensor, ddpm_eval::EvalError> {
         let bar = ProgressBar::new(a.n as u64);
-        bar.set_style(ProgressStyle::with_template(&format!(
+        if let Ok(style) = ProgressStyle::with_template(&format!(
             "w = {wt:<4} [{{bar:30}}] {{pos}}/{{len}} samples {{elapsed_precise}} (eta {{eta}})"
-        ))?);
-        let started = Instant::now();
+        )) {
+            bar.set_style(style);
+        }
         let request = Request {
             labels: labels.clone(),
             guidance: wt,
@@ -222,26 +198,27 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 bar.inc(p.step.sample.dim(0)? as u64);
             }
             Ok(())
-        })?;
-        ddpm_core::ensure_finite(&x0, &format!("the samples at w = {wt}"))?;
-        let all = x0.clamp(-1f32, 1f32)?;
-        let targets = labels.classes();
+        })
+        .map_err(|e| ddpm_eval::EvalError::Sampling(format!("sampling at w = {wt}: {e}")))?;
         bar.finish_and_clear();
-        let secs = started.elapsed().as_secs_f64();
-        let metrics = reference.evaluate(&clf, &all, targets)?;
-        tracing::info!(
-            w = wt,
-            fid_mnist = metrics.fid_mnist,
-            is = metrics.is_mnist,
-            seconds = secs,
-            "evaluated"
-        );
-        rows.push(Row {
-            w: wt,
-            metrics,
-            sampling_seconds: secs,
-        });
-    }
+        Ok(x0)
+    };
+    let rows = ddpm_eval::sweep(
+        &clf,
+        &reference,
+        &weights,
+        labels.classes(),
+        &mut generate,
+        &mut |row| {
+            tracing::info!(
+                w = row.w,
+                fid_mnist = row.metrics.fid_mnist,
+                is = row.metrics.is_mnist,
+                seconds = row.sampling_seconds,
+                "evaluated"
+            )
+        },
+    )?;
     let report = Report {
         checkpoint: ckpt.display().to_string(),
         card,
@@ -257,160 +234,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Whether two reports name one sampler (older reports wrote `dpmpp` for `dpm++`).
-fn same_sampler(a: &str, b: &str) -> bool {
-    let norm = |s: &str| {
-        s.parse::<SamplerKind>()
-            .map_or(s.to_string(), |k| k.to_string())
-    };
-    norm(a) == norm(b)
-}
-
-/// Reads the reports at `paths` and merges their rows (the first report's floor and header).
-fn merge_reports(paths: &[PathBuf]) -> Result<Report> {
-    let mut merged: Option<Report> = None;
-    for path in paths {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("--replot {}", path.display()))?;
-        let r: Report = serde_json::from_str(&text)
-            .with_context(|| format!("--replot {}: not a `ddpm eval` report", path.display()))?;
-        match &mut merged {
-            None => merged = Some(r),
-            Some(m) => {
-                let same = m.checkpoint == r.checkpoint
-                    && m.n == r.n
-                    && m.steps == r.steps
-                    && same_sampler(&m.sampler, &r.sampler)
-                    && serde_json::to_value(&m.card)? == serde_json::to_value(&r.card)?;
-                if !same {
-                    bail!(
-                        "--replot {}: made from another checkpoint or with other --n, --steps or \
-                         --sampler than {}; only reports of one evaluation setting can be merged",
-                        path.display(),
-                        paths[0].display()
-                    );
-                }
-                for row in r.rows {
-                    if m.rows.iter().any(|x| x.w == row.w) {
-                        bail!("--replot {}: w = {} appears twice", path.display(), row.w);
-                    }
-                    m.rows.push(row);
-                }
-            }
-        }
-    }
-    let mut m = merged.context("--replot: no report given")?;
-    m.rows.sort_by(|a, b| a.w.total_cmp(&b.w));
-    Ok(m)
-}
-
 fn write_outputs(r: &Report, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
-    let json = out.join("report.json");
-    ddpm_core::write_atomic(&json, serde_json::to_string_pretty(r)?.as_bytes())
-        .with_context(|| format!("writing {}", json.display()))?;
-    println!(
-        "{} samples per w, {} {} steps; classifier {} (test accuracy {:.2} %)\n",
-        r.n,
-        r.sampler,
-        r.steps,
-        r.classifier,
-        100.0 * r.classifier_test_accuracy
-    );
-    println!("| w | accuracy | confidence | fid_mnist | IS | class entropy | sampling s |");
-    println!("|---|---|---|---|---|---|---|");
-    let acc = |m: &SetMetrics| {
-        m.accuracy
-            .as_ref()
-            .map(|a| {
-                (
-                    format!("{:.2} %", 100.0 * a.overall),
-                    format!("{:.3}", a.mean_confidence),
-                )
-            })
-            .unwrap_or_else(|| ("–".into(), "–".into()))
-    };
-    let f = &r.real_data_floor;
-    let (fa, fc) = acc(f);
-    println!(
-        "| real (train vs test) | {fa} | {fc} | {:.3} | {:.3} | {:.3} | – |",
-        f.fid_mnist, f.is_mnist, f.class_entropy
-    );
-    for row in &r.rows {
-        let m = &row.metrics;
-        let (ra, rc) = acc(m);
-        println!(
-            "| {} | {ra} | {rc} | {:.3} | {:.3} | {:.3} | {:.1} |",
-            row.w, m.fid_mnist, m.is_mnist, m.class_entropy, row.sampling_seconds
-        );
-    }
-    let ws: Vec<String> = r.rows.iter().map(|x| x.w.to_string()).collect();
-    let curve = viz::Series {
-        label: format!("w = {}", ws.join(", ")),
-        color: [200, 40, 40],
-        points: r
-            .rows
-            .iter()
-            .map(|x| (x.metrics.is_mnist, x.metrics.fid_mnist))
-            .collect(),
-    };
-    // The floor as a horizontal line across the plotted IS range.
-    let (lo, hi) = r
-        .rows
-        .iter()
-        .map(|x| x.metrics.is_mnist)
-        .chain(std::iter::once(f.is_mnist))
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(v), b.max(v))
-        });
-    let floor = viz::Series {
-        label: "real data".into(),
-        color: [40, 120, 40],
-        points: vec![(lo, f.fid_mnist), (hi, f.fid_mnist)],
-    };
-    let png = out.join("fid_vs_is.png");
-    viz::plot_lines(
-        &[curve, floor],
-        "fid_mnist against IS across guidance weights",
-        "IS (classifier)",
-        false,
-        &png,
-    )
-    .with_context(|| format!("writing {}", png.display()))?;
-    let accs: Vec<(f64, f64)> = r
-        .rows
-        .iter()
-        .filter_map(|x| {
-            x.metrics
-                .accuracy
-                .as_ref()
-                .map(|a| (x.w, 100.0 * a.overall))
-        })
-        .collect();
-    if !accs.is_empty() {
-        let png2 = out.join("accuracy_vs_w.png");
-        let s = viz::Series {
-            label: "class accuracy (%)".into(),
-            color: [40, 40, 200],
-            points: accs,
-        };
-        viz::plot_lines(
-            &[s],
-            "class accuracy against guidance weight w",
-            "w",
-            false,
-            &png2,
-        )
-        .with_context(|| format!("writing {}", png2.display()))?;
-        println!(
-            "\nwrote {}, {} and {}",
-            json.display(),
-            png.display(),
-            png2.display()
-        );
-    } else {
-        println!("\nwrote {} and {}", json.display(), png.display());
-    }
+    let written = r
+        .write(out)
+        .with_context(|| format!("--out {}", out.display()))?;
+    println!("{}", r.table());
+    let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    println!("wrote {}", names.join(", "));
     Ok(())
 }
 

@@ -26,6 +26,7 @@ use std::path::PathBuf;
 mod classifier;
 pub mod linalg;
 mod metrics;
+mod report;
 
 pub use classifier::{
     save_classifier, test_accuracy, train_classifier, Classifier, ClassifierConfig, ClassifierInfo,
@@ -35,6 +36,7 @@ pub use metrics::{
     argmax, class_accuracy, class_histogram_entropy, frechet_distance, inception_score,
     ClassAccuracy, FeatureStats,
 };
+pub use report::{merge_reports, sweep, Report, Row};
 use serde::{Deserialize, Serialize};
 
 /// Errors of the evaluator.
@@ -67,6 +69,20 @@ pub enum EvalError {
         /// The cause.
         source: std::io::Error,
     },
+    /// An evaluation report is unreadable or cannot be merged with the others.
+    #[error("report {path}: {why}")]
+    Report {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The sample generator of a sweep failed.
+    #[error("{0}")]
+    Sampling(String),
+    /// A plot could not be drawn or written.
+    #[error(transparent)]
+    Viz(#[from] ddpm_viz::VizError),
     /// A lock was poisoned by a panic elsewhere.
     #[error("internal: a variable map lock was poisoned")]
     Poisoned,

@@ -257,3 +257,74 @@ fn classifier_training_learns_from_a_small_subset() {
     assert!((acc - info.test_accuracy).abs() < 1e-9);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The protocol in the library: a sweep over "guidance weights" whose generator returns real
+/// digits or noise, the report written and read back, merging, and the refusals.
+#[test]
+fn sweep_report_and_merge() {
+    let dev = Device::Cpu;
+    let (model, info) = Classifier::load(&shipped(), &dev).unwrap();
+    let test = load_dataset(&DatasetKind::Mnist, None, Split::Test, (28, 28)).unwrap();
+    let (x, y) = test.take(600).to_tensors(&dev).unwrap();
+    let reference = Reference::new(&model, &x.narrow(0, 0, 300).unwrap()).unwrap();
+    let digits = x.narrow(0, 300, 300).unwrap();
+    let labels: Vec<u32> = y.narrow(0, 300, 300).unwrap().to_vec1().unwrap();
+    let mut seen = Vec::new();
+    // w = 0 gives real digits, w = 1 noise; the rows come back sorted by w.
+    let rows = ddpm_eval::sweep(
+        &model,
+        &reference,
+        &[1.0, 0.0],
+        Some(&labels),
+        &mut |w| {
+            Ok(if w == 0.0 {
+                digits.clone()
+            } else {
+                candle_core::Tensor::rand(-1f32, 1f32, (300, 1, 28, 28), &dev)?
+            })
+        },
+        &mut |r| seen.push(r.w),
+    )
+    .unwrap();
+    assert_eq!(seen, vec![1.0, 0.0]);
+    assert_eq!(rows.iter().map(|r| r.w).collect::<Vec<_>>(), vec![0.0, 1.0]);
+    assert!(rows[0].metrics.accuracy.as_ref().unwrap().overall > 0.95);
+    assert!(rows[1].metrics.fid_mnist > 10.0 * rows[0].metrics.fid_mnist);
+    let card: ddpm_unet::ModelCard = serde_json::from_str(include_str!("card.json")).unwrap();
+    let report = |rows: Vec<ddpm_eval::Row>, sampler: &str| ddpm_eval::Report {
+        checkpoint: "c.safetensors".into(),
+        card: card.clone(),
+        n: 300,
+        steps: 20,
+        sampler: sampler.into(),
+        classifier: shipped().display().to_string(),
+        classifier_test_accuracy: info.test_accuracy,
+        real_data_floor: rows[0].metrics.clone(),
+        rows,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let written = report(vec![rows[1].clone()], "dpmpp").write(&a).unwrap();
+    assert_eq!(written.len(), 3, "{written:?}");
+    report(vec![rows[0].clone()], "dpm++").write(&b).unwrap();
+    let merged = ddpm_eval::merge_reports(&[a.join("report.json"), b.join("report.json")]).unwrap();
+    // Merged and sorted by w (dpmpp and dpm++ are one sampler); JSON keeps the figures to
+    // within an ulp.
+    assert_eq!(
+        merged.rows.iter().map(|r| r.w).collect::<Vec<_>>(),
+        vec![0.0, 1.0]
+    );
+    for (m, r) in merged.rows.iter().zip(&rows) {
+        assert!((m.metrics.fid_mnist - r.metrics.fid_mnist).abs() < 1e-9);
+    }
+    assert!(merged.table().contains("| real (train vs test) |"));
+    // The same w twice, and another setting, are refused.
+    let twice = ddpm_eval::merge_reports(&[a.join("report.json"), a.join("report.json")]);
+    assert!(twice.unwrap_err().to_string().contains("appears twice"));
+    report(vec![rows[0].clone()], "ddim").write(&b).unwrap();
+    let other = ddpm_eval::merge_reports(&[a.join("report.json"), b.join("report.json")]);
+    assert!(other
+        .unwrap_err()
+        .to_string()
+        .contains("another checkpoint"));
+}

@@ -108,3 +108,16 @@ impl From<ddpm_pipeline::PipelineError> for TrainError {
         }
     }
 }
+
+impl From<ddpm_viz::VizError> for TrainError {
+    fn from(e: ddpm_viz::VizError) -> Self {
+        match e {
+            ddpm_viz::VizError::Invalid(m) => TrainError::Config(m),
+            ddpm_viz::VizError::BadPath(m) => TrainError::BadPath(m),
+            ddpm_viz::VizError::Image { path, source } => TrainError::Image { path, source },
+            ddpm_viz::VizError::Io { path, source } => TrainError::Io { path, source },
+            ddpm_viz::VizError::Tensor(e) => TrainError::Tensor(e),
+            other => TrainError::Config(other.to_string()),
+        }
+    }
+}

@@ -565,13 +565,13 @@ pub fn plot_metrics(out_dir: &Path) -> Result<()> {
             .filter_map(|r| r.held_out_loss.map(|l| (r.step as f64, l)))
             .collect(),
     };
-    viz::plot_lines(
+    Ok(viz::plot_lines(
         &[train, held],
         "loss (eps mse)",
         "step",
         true,
         &out_dir.join("loss.png"),
-    )
+    )?)
 }
 
 /// Samples one row per class (8 per row; 64 samples for unconditional models) with the
@@ -603,5 +603,5 @@ pub fn write_sample_grid(trainer: &Trainer, path: &Path) -> Result<()> {
         &request,
         &mut |_| Ok(()),
     )?;
-    viz::save_grid(&x0, per_row, 2, path)
+    Ok(viz::save_grid(&x0, per_row, 2, path)?)
 }

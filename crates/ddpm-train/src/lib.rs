@@ -30,7 +30,8 @@ mod fit;
 mod lock;
 pub mod loss;
 pub mod optim;
-pub mod viz;
+/// Pictures (the `ddpm-viz` crate, re-exported where it used to live).
+pub use ddpm_viz as viz;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};

@@ -1,17 +1,62 @@
-//! Pictures: sample grids (PNG), reverse-diffusion animations (GIF) and loss curves (PNG).
+//! Pictures: sample grids (PNG), single samples at their native size, `.npz` sample files,
+//! reverse-diffusion animations (GIF, light or dark), labelled rows, titled panels and line
+//! plots (PNG). Every file is encoded in memory and written atomically
+//! ([`ddpm_core::write_atomic`]), so an error (a full disk included) is returned, naming the
+//! file, and an existing picture is never left torn.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use image::{Rgb, RgbImage};
 
-use crate::error::{Result, TrainError};
+/// Why a picture could not be drawn or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VizError {
+    /// The images cannot be drawn as asked (channels, sizes).
+    #[error("cannot draw: {0}")]
+    Invalid(String),
+    /// An output path cannot be used as given (a folder, or the wrong extension).
+    #[error("{0}")]
+    BadPath(String),
+    /// A picture could not be encoded.
+    #[error("cannot write picture {path}: {source}")]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// The encoder's error.
+        #[source]
+        source: image::ImageError,
+    },
+    /// Writing the file failed (a full disk lands here).
+    #[error("cannot write or read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
 
-fn img_err(path: &Path) -> impl FnOnce(image::ImageError) -> TrainError + '_ {
-    move |source| TrainError::Image {
+/// A `Result` with [`VizError`].
+pub type Result<T> = std::result::Result<T, VizError>;
+
+fn img_err(path: &Path) -> impl FnOnce(image::ImageError) -> VizError + '_ {
+    move |source| VizError::Image {
         path: path.to_path_buf(),
         source,
     }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    ddpm_core::write_atomic(path, bytes).map_err(|source| VizError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Lays out `[N, C, H, W]` images in `[-1, 1]` as a grid of `ncols` columns, each pixel
@@ -19,7 +64,7 @@ fn img_err(path: &Path) -> impl FnOnce(image::ImageError) -> TrainError + '_ {
 pub fn grid_image(images: &Tensor, ncols: usize, scale: usize) -> Result<RgbImage> {
     let (n, c, h, w) = images.dims4()?;
     if c != 1 && c != 3 {
-        return Err(TrainError::Config(format!(
+        return Err(VizError::Invalid(format!(
             "cannot draw images with {c} channels"
         )));
     }
@@ -77,7 +122,7 @@ pub fn write_sample_png(image: &Tensor, path: &Path) -> Result<()> {
     let mut cur = std::io::Cursor::new(&mut bytes);
     match c {
         1 => image::GrayImage::from_raw(w32, h32, px)
-            .ok_or_else(|| TrainError::Config("image buffer size".into()))?
+            .ok_or_else(|| VizError::Invalid("image buffer size".into()))?
             .write_to(&mut cur, image::ImageFormat::Png),
         3 => {
             // [C, H, W] → interleaved RGB.
@@ -86,17 +131,17 @@ pub fn write_sample_png(image: &Tensor, path: &Path) -> Result<()> {
                 .flat_map(|i| [px[i], px[plane + i], px[2 * plane + i]])
                 .collect();
             RgbImage::from_raw(w32, h32, rgb)
-                .ok_or_else(|| TrainError::Config("image buffer size".into()))?
+                .ok_or_else(|| VizError::Invalid("image buffer size".into()))?
                 .write_to(&mut cur, image::ImageFormat::Png)
         }
         _ => {
-            return Err(TrainError::Config(format!(
+            return Err(VizError::Invalid(format!(
                 "cannot write images with {c} channels"
             )))
         }
     }
     .map_err(img_err(path))?;
-    crate::checkpoint::write_atomic(path, &bytes)
+    write_atomic(path, &bytes)
 }
 
 /// Writes `[N, C, H, W]` images in `[-1, 1]` and their labels as one `.npz` file, the form the
@@ -109,18 +154,18 @@ pub fn write_sample_png(image: &Tensor, path: &Path) -> Result<()> {
 /// let dir = std::env::temp_dir().join(format!("npz-doc-{}", std::process::id()));
 /// let x = Tensor::zeros((2, 1, 4, 4), candle_core::DType::F32, &Device::Cpu)?;
 /// let path = dir.join("s.npz");
-/// ddpm_train::viz::write_npz(&x, Some(&[3, 7]), &path)?;
+/// ddpm_viz::write_npz(&x, Some(&[3, 7]), &path)?;
 /// let bytes = std::fs::read(&path).unwrap();
 /// assert_eq!(&bytes[..4], b"PK\x03\x04");
 /// # std::fs::remove_dir_all(&dir).ok();
-/// # Ok::<(), ddpm_train::TrainError>(())
+/// # Ok::<(), ddpm_viz::VizError>(())
 /// ```
 pub fn write_npz(images: &Tensor, labels: Option<&[u32]>, path: &Path) -> Result<()> {
     check_extension(path, "npz")?;
     let (n, c, h, w) = images.dims4()?;
     if let Some(l) = labels {
         if l.len() != n {
-            return Err(TrainError::Config(format!(
+            return Err(VizError::Invalid(format!(
                 "{} labels for {n} images",
                 l.len()
             )));
@@ -133,12 +178,12 @@ pub fn write_npz(images: &Tensor, labels: Option<&[u32]>, path: &Path) -> Result
         entries.push(("arr_1.npy", npy("<i8", &[n], &data)));
     }
     let zip = stored_zip(&entries).ok_or_else(|| {
-        TrainError::Config(format!(
+        VizError::Invalid(format!(
             "{}: {n} samples make an .npz beyond 4 GiB (zip64 is not written); ask for fewer",
             path.display()
         ))
     })?;
-    crate::checkpoint::write_atomic(path, &zip)
+    write_atomic(path, &zip)
 }
 
 /// An `.npy` file (format 1.0) of C-ordered `data` with numpy type `descr` and `shape`.
@@ -223,12 +268,12 @@ pub fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
         image::ImageFormat::Png,
     )
     .map_err(img_err(path))?;
-    crate::checkpoint::write_atomic(path, &bytes)
+    write_atomic(path, &bytes)
 }
 
 fn check_extension(path: &Path, ext: &str) -> Result<()> {
     if path.is_dir() {
-        return Err(TrainError::BadPath(format!(
+        return Err(VizError::BadPath(format!(
             "{} is a folder: give a file path ending in .{ext}",
             path.display()
         )));
@@ -238,7 +283,7 @@ fn check_extension(path: &Path, ext: &str) -> Result<()> {
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case(ext));
     if !ok {
-        return Err(TrainError::BadPath(format!(
+        return Err(VizError::BadPath(format!(
             "{}: this picture is written as {}, so its name must end in .{ext}",
             path.display(),
             ext.to_uppercase()
@@ -255,11 +300,11 @@ fn check_extension(path: &Path, ext: &str) -> Result<()> {
 /// let dir = std::env::temp_dir().join(format!("viz-doc-{}", std::process::id()));
 /// let a = RgbImage::from_pixel(20, 10, Rgb([0, 0, 0]));
 /// let path = dir.join("p.png");
-/// ddpm_train::viz::save_panels(&[("W = 0".into(), a.clone()), ("W = 3".into(), a)], &path)?;
+/// ddpm_viz::save_panels(&[("W = 0".into(), a.clone()), ("W = 3".into(), a)], &path)?;
 /// let img = image::open(&path).unwrap();
 /// assert!(img.width() > 40 && img.height() > 10);
 /// # std::fs::remove_dir_all(&dir).ok();
-/// # Ok::<(), ddpm_train::TrainError>(())
+/// # Ok::<(), ddpm_viz::VizError>(())
 /// ```
 pub fn save_panels(panels: &[(String, RgbImage)], path: &Path) -> Result<()> {
     let (gap, title_h, s) = (12u32, 22u32, 3i64);
@@ -343,7 +388,7 @@ pub fn save_gif(frames: &[RgbImage], delay_ms: u32, path: &Path) -> Result<()> {
             .map_err(img_err(path))?;
         }
     }
-    crate::checkpoint::write_atomic(path, &bytes)
+    write_atomic(path, &bytes)
 }
 
 /// 3×5 pixel glyphs for plot labels (digits, a few signs, upper-case letters).
