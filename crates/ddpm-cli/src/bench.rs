@@ -1,23 +1,17 @@
-//! `ddpm bench`: one measurement per process (so peak RSS belongs to it), printed as one JSON
-//! line. `cargo xtask bench` runs the grid of presets and kernels and the PyTorch reference.
+//! `ddpm bench`: flags for [`ddpm_train::bench`], one measurement per process (so peak RSS
+//! belongs to it), printed as one JSON line. `cargo xtask bench` runs the grid of presets and
+//! kernels and the PyTorch reference.
 
-use std::time::Instant;
-
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use ddpm_core::{Denoiser, SeededNoise};
-use ddpm_data::Batch;
-use ddpm_pipeline::{Labels, Request, SamplerKind, SamplerSpec};
-use ddpm_schedule::ScheduleConfig;
-use ddpm_train::{DataInfo, ModelCard, TrainConfig, Trainer};
-use ddpm_unet::{Kernels, UNetConfig};
+use ddpm_train::bench::{BenchMode, BenchSpec};
+use ddpm_unet::Kernels;
 
 use crate::DeviceArg;
 
 /// What `ddpm bench` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BenchMode {
+pub enum ModeArg {
     /// Full training steps (forward, MSE, backward, AdamW, EMA) at --batch.
     Train,
     /// Inference forward passes (no gradients) at --batch.
@@ -42,7 +36,7 @@ pub enum BenchMode {
 pub struct BenchArgs {
     /// What to measure.
     #[arg(long, value_enum, default_value = "train")]
-    mode: BenchMode,
+    mode: ModeArg,
     /// Model preset.
     #[arg(long, default_value = "small", value_parser = ["mnist", "small", "tiny"])]
     model: String,
@@ -78,303 +72,36 @@ pub struct BenchArgs {
     autocast: Option<String>,
 }
 
-/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn time_iters(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    let start = Instant::now();
-    for _ in 0..iters {
-        f()?;
-    }
-    Ok(start.elapsed().as_secs_f64())
-}
-
-fn sync(dev: &Device) -> Result<()> {
-    dev.synchronize().context("synchronising the device")
-}
-
 /// Runs `ddpm bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.iters == 0 {
-        bail!("--iters must be at least 1");
+        anyhow::bail!("--iters must be at least 1");
+    }
+    if a.batch == Some(0) || a.n == 0 {
+        anyhow::bail!("--batch and --n must be at least 1");
     }
     let dev = crate::device(a.device)?;
-    let threads = candle_core::utils::get_num_threads();
-    let cfg = UNetConfig::preset(&a.model).context("--model")?;
-    let kernels = Kernels::from_name(&a.kernels).context("--kernels")?;
-    let s = a.image_size;
-    if a.mode == BenchMode::Config {
-        println!("{}", serde_json::to_string(&cfg)?);
-        return Ok(());
-    }
-    if a.mode == BenchMode::Gemm {
-        // 1024³ is already the ceiling of a 2-core CPU; a GPU needs a larger product.
-        let n = if dev.is_cuda() { 8192 } else { 1024 };
-        let x = Tensor::ones((n, n), DType::F32, &dev)?;
-        let y = Tensor::ones((n, n), DType::F32, &dev)?;
-        let iters = a.iters.max(5);
-        let secs = time_iters(a.warmup, iters, || {
-            x.matmul(&y)?;
-            sync(&dev)
-        })?;
-        let gflops = 2.0 * (n * n * n) as f64 * iters as f64 / secs / 1e9;
-        println!(
-            "{}",
-            serde_json::json!({"mode": "gemm", "n": n, "threads": threads, "gflops": gflops})
-        );
-        return Ok(());
-    }
-    let batch = a.batch.unwrap_or(match a.mode {
-        BenchMode::Train => 128,
-        BenchMode::Sample if dev.is_cpu() => 128,
-        BenchMode::Sample | BenchMode::Kernels => 1000,
-        _ => 256,
-    });
-    if batch == 0 || a.n == 0 {
-        bail!("--batch and --n must be at least 1");
-    }
-    if a.mode == BenchMode::Kernels {
-        return kernels_bench(&a, &dev, &cfg, batch);
-    }
-    let card = ModelCard {
-        model: cfg.clone(),
-        schedule: ScheduleConfig::default(),
-        data: DataInfo {
-            dataset: "mnist".into(),
-            channels: cfg.in_channels,
-            height: s,
-            width: s,
-            class_names: (0..cfg.num_classes).map(|d| d.to_string()).collect(),
-        },
-        prediction: Default::default(),
+    let mode = match a.mode {
+        ModeArg::Train => BenchMode::Train,
+        ModeArg::Forward => BenchMode::Forward,
+        ModeArg::Sample => BenchMode::Sample,
+        ModeArg::Gemm => BenchMode::Gemm,
+        ModeArg::Kernels => BenchMode::Kernels,
+        ModeArg::Config => BenchMode::Config,
     };
-    let params = ddpm_unet::parameter_count(&cfg)?;
-    let mut rng = SeededNoise::new(0);
-    let x = Tensor::from_vec(
-        rng.randn_vec(batch * cfg.in_channels * s * s),
-        (batch, cfg.in_channels, s, s),
-        &dev,
-    )?;
-    let labels = Tensor::from_vec(rng.uniform_u32(batch, 10), batch, &dev)?;
-    let autocast = crate::autocast(a.autocast.as_deref(), &dev)?;
-    // Training takes autocast from its config (which refuses f16); the other modes set it on
-    // the model they sample with.
-    let train_config = TrainConfig {
-        batch_size: batch,
-        autocast: autocast.filter(|_| a.mode == BenchMode::Train),
-        ..TrainConfig::default()
+    let spec = BenchSpec {
+        mode,
+        model: a.model,
+        batch: a.batch,
+        kernels: Kernels::from_name(&a.kernels).context("--kernels")?,
+        iters: a.iters,
+        warmup: a.warmup,
+        image_size: a.image_size,
+        steps: a.steps,
+        n: a.n,
+        autocast: crate::autocast(a.autocast.as_deref(), &dev)?,
     };
-    let dtype = autocast.map(|a| a.dtype());
-    let mut trainer = Trainer::new(card, train_config, &dev)?;
-    trainer.set_kernels(kernels);
-    // Sample mode: the forward batch and its images/s.
-    let mut sample_extra: Option<(usize, f64)> = None;
-    let secs = match a.mode {
-        BenchMode::Train => {
-            let b = Batch {
-                images: x.clone(),
-                labels: labels.clone(),
-            };
-            time_iters(a.warmup, a.iters, || {
-                trainer.train_step(&b)?;
-                sync(&dev)
-            })?
-        }
-        BenchMode::Sample => {
-            // Plain (EMA) tensors, as when sampling from a checkpoint: with the trainer's Vars,
-            // every step would keep the autograd graph of the whole chain alive.
-            let model = trainer
-                .ema_model()?
-                .with_kernels(kernels)
-                .with_autocast(dtype)?;
-            let schedule = trainer.card().schedule.build()?;
-            let classes = rng.uniform_u32(a.n, 10);
-            // The sampler `ddpm eval` uses, in the batches `ddpm sample` uses.
-            let request = Request {
-                labels: Labels::Classes(classes),
-                guidance: 3.0,
-                seed: 1,
-                sampler: SamplerSpec::new(SamplerKind::Ddim).with_steps(a.steps),
-                batch,
-            };
-            let dims = (cfg.in_channels, s, s);
-            let secs = time_iters(a.warmup, a.iters, || {
-                ddpm_pipeline::generate(&model, &schedule, dims, &dev, &request, &mut |_| Ok(()))?;
-                sync(&dev)
-            })?;
-            // The forward rate at the batch guided sampling runs the network at.
-            let fb = 2 * batch.min(a.n);
-            let fx = Tensor::from_vec(
-                rng.randn_vec(fb * cfg.in_channels * s * s),
-                (fb, cfg.in_channels, s, s),
-                &dev,
-            )?;
-            let ft = Tensor::from_vec(rng.uniform_u32(fb, 1000), fb, &dev)?;
-            let fl = Tensor::from_vec(rng.uniform_u32(fb, 11), fb, &dev)?;
-            let fsecs = time_iters(1, 3, || {
-                model.predict_noise(&fx, &ft, Some(&fl))?;
-                sync(&dev)
-            })?;
-            sample_extra = Some((fb, (fb * 3) as f64 / fsecs));
-            secs
-        }
-        _ => {
-            let model = trainer
-                .ema_model()?
-                .with_kernels(kernels)
-                .with_autocast(dtype)?;
-            let t = Tensor::from_vec(rng.uniform_u32(batch, 1000), batch, &dev)?;
-            time_iters(a.warmup, a.iters, || {
-                model.predict_noise(&x, &t, Some(&labels))?;
-                sync(&dev)
-            })?
-        }
-    };
-    let per_iter = if a.mode == BenchMode::Sample {
-        a.n
-    } else {
-        batch
-    };
-    let images_per_s = (per_iter * a.iters) as f64 / secs;
-    let fwd = ddpm_unet::forward_flops(&cfg, s, s);
-    // Training is forward + backward (≈ 2× forward); guided sampling runs 2 forwards a step.
-    let per_image = match a.mode {
-        BenchMode::Train => 3.0 * fwd,
-        BenchMode::Sample => 2.0 * a.steps as f64 * fwd,
-        _ => fwd,
-    };
-    println!(
-        "{}",
-        serde_json::json!({
-            "impl": match autocast {
-                Some(a) => format!("candle-{}-{}", kernels.name(), a.dtype().as_str()),
-                None => format!("candle-{}", kernels.name()),
-            },
-            "mode": format!("{:?}", a.mode).to_lowercase(),
-            "model": a.model,
-            "params": params,
-            "batch": batch,
-            "threads": threads,
-            "iters": a.iters,
-            "seconds": secs,
-            "images_per_s": images_per_s,
-            "gflops": images_per_s * per_image / 1e9,
-            "peak_rss_mib": peak_rss_mib(),
-            "device": format!("{:?}", a.device).to_lowercase(),
-            "steps": (a.mode == BenchMode::Sample).then_some(a.steps),
-            "samples": (a.mode == BenchMode::Sample).then_some(a.n),
-            "forward_batch": sample_extra.map(|e| e.0),
-            "forward_images_per_s": sample_extra.map(|e| e.1),
-            // Two forward images a sample a step: the rate the forward pass alone allows.
-            "forward_bound_samples_per_s": sample_extra.map(|e| e.1 / (2.0 * a.steps as f64)),
-            "vs_forward_bound": sample_extra.map(|e| images_per_s / (e.1 / (2.0 * a.steps as f64))),
-        })
-    );
-    Ok(())
-}
-
-/// `--mode kernels`: fused against composed, per call, after warm-up.
-fn kernels_bench(a: &BenchArgs, dev: &Device, cfg: &UNetConfig, batch: usize) -> Result<()> {
-    use ddpm_kernels as k;
-    let mut rng = SeededNoise::new(0);
-    let mut randn = |dims: &[usize]| -> Result<Tensor> {
-        let n = dims.iter().product();
-        Ok(Tensor::from_vec(rng.randn_vec(n), dims, dev)?)
-    };
-    // The preset's parameter shapes, from a freshly built U-Net.
-    let varmap = candle_nn::VarMap::new();
-    ddpm_unet::UNet::new(
-        cfg,
-        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev),
-    )?;
-    let vars = varmap.all_vars();
-    let mut state = Vec::with_capacity(vars.len());
-    for v in &vars {
-        let mut mv_dims = vec![2];
-        mv_dims.extend_from_slice(v.dims());
-        let g = randn(v.dims())?;
-        let mv = randn(&mv_dims)?.abs()?;
-        let avg = v.as_tensor().copy()?;
-        state.push((v.as_tensor().copy()?, g, mv, avg));
-    }
-    let apply = k::AdamWApply {
-        lr: 1e-4,
-        bias_correction1: 0.5,
-        bias_correction2: 0.01,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
-    let per_call = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        let secs = time_iters(a.warmup.max(1), a.iters, || {
-            f()?;
-            sync(dev)
-        })?;
-        Ok(secs * 1e3 / a.iters as f64)
-    };
-    let state = &state;
-    let optimizer = |fused: bool| {
-        move || -> Result<()> {
-            for (w, g, mv, avg) in state {
-                if fused {
-                    k::adam_moments(mv, g, 0.9, 0.999, 1.0)?;
-                    k::adamw_apply(w, mv, &apply)?;
-                    k::ema_update(avg, w, 0.999)?;
-                } else {
-                    k::adam_moments_composed(mv, g, 0.9, 0.999, 1.0)?;
-                    k::adamw_apply_composed(w, mv, &apply)?;
-                    k::ema_update_composed(avg, w, 0.999)?;
-                }
-            }
-            Ok(())
-        }
-    };
-    let opt_fused = per_call(&mut optimizer(true))?;
-    let opt_composed = per_call(&mut optimizer(false))?;
-
-    let s = a.image_size;
-    let c = cfg.in_channels;
-    let x = randn(&[batch, c, s, s])?;
-    let pair = randn(&[2 * batch, c, s, s])?;
-    let rule = k::StepRule {
-        alpha_bar: 0.3,
-        clip_x0: true,
-        c_x0: 0.6,
-        c_eps: 0.7,
-        c_x: 0.0,
-        c_extra: 0.0,
-    };
-    let eps = k::Eps::Guided {
-        pair: &pair,
-        w: 3.0,
-    };
-    let step_fused = per_call(&mut || Ok(k::reverse_step(&x, eps, None, &rule).map(drop)?))?;
-    let step_composed =
-        per_call(&mut || Ok(k::reverse_step_composed(&x, eps, None, &rule).map(drop)?))?;
-    let noise = randn(&[batch, c, s, s])?;
-    let coef = randn(&[batch, 2])?;
-    let noise_fused = per_call(&mut || Ok(k::add_noise(&x, &noise, &coef).map(drop)?))?;
-    let noise_composed = per_call(&mut || Ok(k::add_noise_composed(&x, &noise, &coef).map(drop)?))?;
-    println!(
-        "{}",
-        serde_json::json!({
-            "mode": "kernels",
-            "model": a.model,
-            "param_tensors": vars.len(),
-            "batch": batch,
-            "device": format!("{:?}", a.device).to_lowercase(),
-            "threads": candle_core::utils::get_num_threads(),
-            "adamw_ema_ms": {"fused": opt_fused, "composed": opt_composed},
-            "guided_step_ms": {"fused": step_fused, "composed": step_composed},
-            "add_noise_ms": {"fused": noise_fused, "composed": noise_composed},
-        })
-    );
+    let out = ddpm_train::bench::run(&spec, &dev)?;
+    println!("{out}");
     Ok(())
 }

@@ -112,7 +112,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .and_then(|m| m.map_unet(|u| u.with_autocast(autocast.map(|a| a.dtype()))))
         .with_context(|| format!("--checkpoint {}", ckpt.display()))?;
     let card = model.card().clone();
-    crate::memory::check_sampling(
+    ddpm_pipeline::memory::check_sampling(
         &card,
         a.n,
         a.batch.min(a.n),

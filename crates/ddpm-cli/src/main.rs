@@ -10,7 +10,6 @@ mod bench;
 mod data;
 mod eval;
 mod export;
-mod memory;
 mod reconstruct;
 mod sample;
 mod train;

@@ -160,7 +160,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if batch == 0 {
         bail!("--batch 0: denoise at least one sample at a time");
     }
-    crate::memory::check_sampling(
+    ddpm_pipeline::memory::check_sampling(
         &card,
         n_total,
         batch.min(n_total),

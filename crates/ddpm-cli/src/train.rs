@@ -5,11 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use ddpm_core::Prediction;
 use ddpm_data::{Dataset, DatasetKind, Split, TensorBatcher};
 use ddpm_schedule::{BetaSchedule, ScheduleConfig};
 use ddpm_train::budget::WallClock;
+use ddpm_train::recipe::Recipe;
 use ddpm_train::{
     fit_timed, BudgetConfig, DataInfo, EpochReport, FitData, FitOutcome, LossWeighting, ModelCard,
     RunLock, StepReport, TrainConfig, TrainObserver, Trainer,
@@ -18,76 +19,6 @@ use ddpm_unet::UNetConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::DeviceArg;
-
-/// A named set of defaults for `ddpm train`; any flag given explicitly overrides its value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Recipe {
-    /// The CPU default: the `small` model at batch 32, lr 1e-3, for a 30-minute budget (warm-up
-    /// and EMA fitted to the planned steps); chosen by measurement, see docs/recipes.md.
-    Quick,
-    /// The recipe of the shipped model (the default on --device cuda): the `mnist` preset,
-    /// 6 epochs at batch 256, lr 1e-3, 200 warm-up steps, EMA 0.995. About 8 minutes on an
-    /// H100, about 10 hours on a 2-core CPU.
-    Full,
-}
-
-/// The values a recipe gives to the flags left out.
-struct RecipeValues {
-    model: &'static str,
-    epochs: u64,
-    batch_size: usize,
-    lr: f64,
-    warmup: u64,
-    ema_decay: f64,
-    budget: Option<f64>,
-    loss_weighting: &'static str,
-    prediction: &'static str,
-    log_every: u64,
-    checkpoint_every: u64,
-}
-
-impl Recipe {
-    fn values(self) -> RecipeValues {
-        match self {
-            Recipe::Quick => RecipeValues {
-                model: "small",
-                epochs: 100,
-                // Batch 32 over batch 64 at the same images seen: 99.10 % against 98.30 % class
-                // accuracy at w = 1 (docs/recipes.md, runs EA and default-1).
-                batch_size: 32,
-                lr: 1e-3,
-                warmup: 100,
-                ema_decay: 0.998,
-                budget: Some(30.0 * 60.0),
-                loss_weighting: "uniform",
-                prediction: "epsilon",
-                // Each metrics line evaluates the held-out loss (about 6 s for 1,024 examples
-                // on a 2-core CPU): every 400 steps keeps that under 2 % of the budget.
-                log_every: 400,
-                checkpoint_every: 500,
-            },
-            Recipe::Full => RecipeValues {
-                model: "mnist",
-                epochs: 6,
-                batch_size: 256,
-                lr: 1e-3,
-                warmup: 200,
-                ema_decay: 0.995,
-                budget: None,
-                loss_weighting: "uniform",
-                prediction: "epsilon",
-                log_every: 100,
-                checkpoint_every: 0,
-            },
-        }
-    }
-    fn name(self) -> &'static str {
-        match self {
-            Recipe::Quick => "quick",
-            Recipe::Full => "full",
-        }
-    }
-}
 
 /// Options of `ddpm train`. Flags left out take their value from `--recipe`.
 #[derive(Debug, Args)]
@@ -354,35 +285,8 @@ const FIXED_BY_CHECKPOINT: &[&str] = &[
 
 /// The recipe in force: `--recipe`, else quick on the CPU and full on CUDA.
 fn recipe(a: &TrainArgs) -> Recipe {
-    a.recipe.unwrap_or(match a.device {
-        DeviceArg::Cpu => Recipe::Quick,
-        DeviceArg::Cuda => Recipe::Full,
-    })
-}
-
-/// The first line of a run: what the recipe will do, and the flag that changes it.
-fn announce(a: &TrainArgs, r: Recipe, budget: Option<f64>) -> String {
-    let explicit = if a.recipe.is_some() {
-        ""
-    } else {
-        " (the default on this device)"
-    };
-    match (r, budget) {
-        (_, Some(s)) => format!(
-            "ddpm train: recipe `{}`{explicit}: ends within {} of wall-clock, sample grids and \
-             checkpoints included (--budget changes it; --recipe full is the shipped model's recipe)",
-            r.name(),
-            ddpm_train::budget::format_duration(s)
-        ),
-        (Recipe::Full, None) => format!(
-            "ddpm train: recipe `full`{explicit}: the shipped model's recipe, about 8 min on an H100 \
-             and hours on a CPU (--budget 30m caps it; --recipe quick is the 30-minute CPU recipe)"
-        ),
-        (r, None) => format!(
-            "ddpm train: recipe `{}`{explicit} with no budget (--budget 30m sets one)",
-            r.name()
-        ),
-    }
+    a.recipe
+        .unwrap_or(Recipe::default_for(a.device == DeviceArg::Cpu))
 }
 
 /// Runs `ddpm train`; `explicit` names the flags given on the command line.
@@ -424,26 +328,18 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
     let _lock = RunLock::acquire(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
     let mut preloaded = None;
     let mut trainer = if a.resume {
-        let (epochs, max_steps, lr) = (a.epochs, a.max_steps, a.lr);
-        let mut old_lr = None;
-        let t = Trainer::resume(&ckpt, &device, |c| {
-            if let Some(e) = epochs {
-                c.epochs = e;
-            }
-            c.max_steps = max_steps;
-            if let Some(lr) = lr {
-                old_lr = Some(c.lr);
-                c.lr = lr;
-            }
-        })
-        .with_context(|| format!("--resume: cannot continue from {}", ckpt.display()))?;
-        if let (Some(old), Some(new)) = (old_lr, lr) {
-            if old != new {
-                tracing::warn!(
-                    "--lr {new}: the run continues with this peak learning rate instead of its \
-                     {old} (the schedule's shape is kept); it is no longer the run it started as"
-                );
-            }
+        let overrides = ddpm_train::ResumeOverrides {
+            epochs: a.epochs,
+            max_steps: a.max_steps,
+            lr: a.lr,
+        };
+        let (t, lr_change) = Trainer::resume_with(&ckpt, &device, &overrides)
+            .with_context(|| format!("--resume: cannot continue from {}", ckpt.display()))?;
+        if let Some((old, new)) = lr_change {
+            tracing::warn!(
+                "--lr {new}: the run continues with this peak learning rate instead of its \
+                 {old} (the schedule's shape is kept); it is no longer the run it started as"
+            );
         }
         println!(
             "ddpm train: resuming {} at step {}{}",
@@ -468,7 +364,10 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
             Some(BudgetArg::Seconds(s)) => Some(s),
             None => v.budget,
         };
-        println!("{}", announce(&a, r, budget_s));
+        println!(
+            "{}",
+            ddpm_train::recipe::announce(r, a.recipe.is_some(), budget_s)
+        );
         let model_name = a.model.as_deref().unwrap_or(v.model);
         let mut model = UNetConfig::preset(model_name).context("--model")?;
         let beta = BetaSchedule::from_name(&a.schedule).context("--schedule")?;
@@ -476,12 +375,16 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
         schedule
             .build()
             .with_context(|| format!("--timesteps {} / --schedule {}", a.timesteps, a.schedule))?;
-        let prediction_name = a.prediction.as_deref().unwrap_or(v.prediction);
-        let prediction = Prediction::from_name(prediction_name)
-            .with_context(|| format!("--prediction {prediction_name}"))?;
-        let weighting_name = a.loss_weighting.as_deref().unwrap_or(v.loss_weighting);
-        let loss_weighting = LossWeighting::from_name(weighting_name)
-            .map_err(|e| anyhow::anyhow!("--loss-weighting {e}"))?;
+        let prediction = match a.prediction.as_deref() {
+            Some(p) => Prediction::from_name(p).with_context(|| format!("--prediction {p}"))?,
+            None => v.prediction,
+        };
+        let loss_weighting = match a.loss_weighting.as_deref() {
+            Some(w) => {
+                LossWeighting::from_name(w).map_err(|e| anyhow::anyhow!("--loss-weighting {e}"))?
+            }
+            None => v.loss_weighting,
+        };
         let probe = load(&a, Split::Train)?;
         let (c, h, w) = probe.image_shape();
         model.in_channels = c;
@@ -533,7 +436,7 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
             ..TrainConfig::default()
         };
         if device.is_cpu() {
-            crate::memory::check_training(&card, config.batch_size)?;
+            ddpm_pipeline::memory::check_training(&card, config.batch_size)?;
         }
         Trainer::new(card, config, &device).context("cannot set up training")?
     };

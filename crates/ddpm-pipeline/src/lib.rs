@@ -53,6 +53,7 @@ use ddpm_schedule::Schedule;
 use ddpm_unet::{ModelFileError, UNet};
 use serde::{Deserialize, Serialize};
 
+pub mod memory;
 mod reconstruct;
 
 pub use ddpm_sampler::{Spacing, StepInfo};

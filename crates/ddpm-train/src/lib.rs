@@ -23,6 +23,7 @@
 //! # Ok::<(), ddpm_train::TrainError>(())
 //! ```
 
+pub mod bench;
 pub mod budget;
 pub mod checkpoint;
 mod error;
@@ -30,6 +31,7 @@ mod fit;
 mod lock;
 pub mod loss;
 pub mod optim;
+pub mod recipe;
 /// Pictures (the `ddpm-viz` crate, re-exported where it used to live).
 pub use ddpm_viz as viz;
 
@@ -262,6 +264,18 @@ fn seeded_init(vars: &[(String, Var)], seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// What a resumed run may change ([`Trainer::resume_with`]); every other option comes from
+/// the checkpoint, so the run continues exactly as it was started.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ResumeOverrides {
+    /// A new number of epochs (e.g. raised to train longer).
+    pub epochs: Option<u64>,
+    /// The step limit of this continuation (`None`: none, whatever the first run had).
+    pub max_steps: Option<u64>,
+    /// A new peak learning rate (the schedule's shape is kept).
+    pub lr: Option<f64>,
+}
+
 /// A model under training with its optimizer, EMA and random state.
 pub struct Trainer {
     card: ModelCard,
@@ -347,6 +361,31 @@ impl Trainer {
             period: checkpoint::PeriodState::default(),
             steps_per_epoch: 0,
         })
+    }
+
+    /// Continues a run from a training checkpoint under the resume policy: every option comes
+    /// from the checkpoint except those `overrides` sets (more epochs or steps, and a new peak
+    /// learning rate, e.g. after the run diverged). Returns the trainer and, when the learning
+    /// rate changed, the old and the new one.
+    pub fn resume_with(
+        path: &std::path::Path,
+        device: &Device,
+        overrides: &ResumeOverrides,
+    ) -> Result<(Self, Option<(f64, f64)>)> {
+        let mut changed = None;
+        let t = Self::resume(path, device, |c| {
+            if let Some(e) = overrides.epochs {
+                c.epochs = e;
+            }
+            c.max_steps = overrides.max_steps;
+            if let Some(lr) = overrides.lr {
+                if lr != c.lr {
+                    changed = Some((c.lr, lr));
+                }
+                c.lr = lr;
+            }
+        })?;
+        Ok((t, changed))
     }
 
     /// Continues a run from a training checkpoint. `update` may change options that do

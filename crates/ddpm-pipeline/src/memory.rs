@@ -1,8 +1,12 @@
-//! A memory estimate for sampling requests, checked before anything is allocated: a request
-//! that cannot fit says what was asked and what fits, instead of being killed by the kernel.
+//! Memory estimates for sampling requests and training steps, checked against the memory the
+//! machine has available before anything is allocated: a request that cannot fit says what was
+//! asked and what fits, instead of being killed by the kernel. The advice names the `ddpm`
+//! command's flags (`--batch`, `--batch-size`, `--gif`), which are the same knobs as the
+//! fields of [`crate::Request`] and the trainer's config.
 
-use anyhow::{bail, Result};
-use ddpm_train::ModelCard;
+use ddpm_unet::ModelCard;
+
+use crate::{request_err, Result};
 
 /// Live f32 activations of one image in an inference forward pass, per element of the
 /// largest feature maps: calibrated on `small` at 28×28 (2,000 images in one forward pass
@@ -26,13 +30,13 @@ fn maps_per_image(card: &ModelCard) -> u64 {
 }
 
 /// Bytes a training step at `batch` needs, roughly.
-pub(crate) fn training_bytes(card: &ModelCard, batch: usize) -> u64 {
+pub fn training_bytes(card: &ModelCard, batch: usize) -> u64 {
     (batch as u64).saturating_mul(maps_per_image(card) * 4 * TRAIN_MAPS)
 }
 
 /// Fails, naming what fits, when a training step at `batch` cannot fit in the memory this
 /// machine has available.
-pub(crate) fn check_training(card: &ModelCard, batch: usize) -> Result<()> {
+pub fn check_training(card: &ModelCard, batch: usize) -> Result<()> {
     let Some(avail) = available_bytes() else {
         return Ok(());
     };
@@ -41,18 +45,18 @@ pub(crate) fn check_training(card: &ModelCard, batch: usize) -> Result<()> {
         return Ok(());
     }
     let per_image = training_bytes(card, 1).max(1);
-    bail!(
+    Err(request_err(format!(
         "--batch-size {batch}: a training step needs about {:.1} GiB, but only {:.1} GiB is \
          available: use --batch-size {} or less",
         gib(need),
         gib(avail),
         (avail / per_image).max(1)
-    )
+    )))
 }
 
 /// Bytes a sampling request needs, roughly: the noise and the samples of all `n` images, the
 /// activations of one batch of `batch` (twice that when guided), and the pictures.
-pub(crate) fn sampling_bytes(
+pub fn sampling_bytes(
     card: &ModelCard,
     n: usize,
     batch: usize,
@@ -98,7 +102,7 @@ fn gib(b: u64) -> f64 {
 /// Fails with a message naming the request and what fits when [`sampling_bytes`] exceeds the
 /// memory available (on the CPU; a GPU's own memory is not known here, so only host-side
 /// buffers are counted there).
-pub(crate) fn check_sampling(
+pub fn check_sampling(
     card: &ModelCard,
     n: usize,
     batch: usize,
@@ -137,7 +141,7 @@ pub(crate) fn check_sampling(
             if gif { "; or drop --gif" } else { "" }
         )
     };
-    bail!(
+    Err(request_err(format!(
         "this request needs about {:.1} GiB ({n} samples of {}×{}×{} in batches of {batch}{}{}), \
          but only {:.1} GiB is available: {advice}",
         gib(need),
@@ -151,13 +155,13 @@ pub(crate) fn check_sampling(
         },
         if gif { ", a GIF" } else { "" },
         gib(avail),
-    )
+    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ddpm_train::DataInfo;
+    use ddpm_unet::DataInfo;
 
     fn small() -> ModelCard {
         ModelCard {
