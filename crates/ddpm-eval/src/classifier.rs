@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{linear, Linear, Module, Optimizer, VarBuilder, VarMap};
 use ddpm_core::SeededNoise;
 use ddpm_data::{Dataset, ImageDataset, Loader, LoaderConfig};
-use ddpm_unet::ops::{conv2d, Kernels};
+use ddpm_kernels::nn::{conv2d, Kernels};
 use serde::{Deserialize, Serialize};
 
 use crate::EvalError;

@@ -36,11 +36,10 @@ pub const THREADS: u32 = 256;
 
 /// Loads `$name` from `$ptx` on `$dev`, pushes the arguments in order and launches with `$cfg`.
 ///
-/// The caller's `unsafe` obligation, which the expansion discharges with an `unsafe` block:
+/// A kernel launch is a foreign call that the compiler cannot check, so the expansion must sit
+/// in the caller's `unsafe` block: `// SAFETY: …` then `unsafe { launch!(…) }`. The obligation:
 /// the arguments match the kernel's parameter list in type and order, and every buffer is at
-/// least as long as the sizes passed make the kernel index. Write a `// SAFETY:` comment saying
-/// so before each use.
-#[macro_export]
+/// least as long as the sizes passed make the kernel index.
 macro_rules! launch {
     ($dev:expr, $ptx:expr, $name:literal, $cfg:expr; $($arg:expr),+ $(,)?) => {{
         use $crate::cuda::{PushKernelArg as _, WrapErr as _};
@@ -49,11 +48,11 @@ macro_rules! launch {
         let func = $dev.get_or_load_custom_func($name, ptx.module, ptx.source)?;
         let mut builder = func.builder();
         $( builder.arg($arg); )+
-        #[allow(unsafe_code)]
-        let launched = unsafe { builder.launch(cfg) };
-        launched.w()?;
+        // The caller's `unsafe` block covers this call (see above).
+        builder.launch(cfg).w()?;
     }};
 }
+pub(crate) use launch;
 
 #[doc(hidden)]
 pub use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -140,9 +139,11 @@ pub(crate) fn reverse_step(
     let out = unsafe { dev.alloc::<f32>(2 * n)? };
     let (nl, gi, ci) = (long(n)?, i32::from(guided), i32::from(clip));
     // SAFETY: arguments match `ddpm_reverse_step`; x, extra hold n and eps 2n (guided) or n.
-    launch!(dev, FUSED, "ddpm_reverse_step", elementwise(n);
+    unsafe {
+        launch!(dev, FUSED, "ddpm_reverse_step", elementwise(n);
         &xv, &ev, &zv, &out, &nl, &gi, &w, &sqrt_ac, &sqrt_one_minus_ac, &ci,
-        &c_x0, &c_eps, &c_x, &c_extra);
+        &c_x0, &c_eps, &c_x, &c_extra)
+    };
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -166,7 +167,7 @@ pub(crate) fn add_noise(
     let out = unsafe { dev.alloc::<f32>(n)? };
     let (nl, pl) = (long(n)?, long(ps)?);
     // SAFETY: arguments match `ddpm_add_noise`; coef holds 2 per sample of `ps` elements.
-    launch!(dev, FUSED, "ddpm_add_noise", elementwise(n); &xv, &nv, &cv, &out, &nl, &pl);
+    unsafe { launch!(dev, FUSED, "ddpm_add_noise", elementwise(n); &xv, &nv, &cv, &out, &nl, &pl) };
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -190,8 +191,10 @@ pub(crate) fn adam_moments(
     }
     let nl = long(n)?;
     // SAFETY: arguments match `ddpm_adam_moments`; mv holds 2n and g n elements.
-    launch!(dev, FUSED, "ddpm_adam_moments", elementwise(n);
-        &mut mvv, &gv, &nl, &beta1, &beta2, &grad_scale);
+    unsafe {
+        launch!(dev, FUSED, "ddpm_adam_moments", elementwise(n);
+        &mut mvv, &gv, &nl, &beta1, &beta2, &grad_scale)
+    };
     Ok(())
 }
 
@@ -207,8 +210,10 @@ pub(crate) fn adamw_apply(w: Out<'_>, mv: In<'_>, p: [f32; 5]) -> Result<()> {
     let nl = long(n)?;
     let [lr, inv_bc1, inv_bc2, eps, decay] = p;
     // SAFETY: arguments match `ddpm_adamw_apply`; w holds n and mv 2n elements.
-    launch!(dev, FUSED, "ddpm_adamw_apply", elementwise(n);
-        &mut wv, &mvv, &nl, &lr, &inv_bc1, &inv_bc2, &eps, &decay);
+    unsafe {
+        launch!(dev, FUSED, "ddpm_adamw_apply", elementwise(n);
+        &mut wv, &mvv, &nl, &lr, &inv_bc1, &inv_bc2, &eps, &decay)
+    };
     Ok(())
 }
 
@@ -223,6 +228,6 @@ pub(crate) fn ema(avg: Out<'_>, w: In<'_>, d: f32) -> Result<()> {
     }
     let nl = long(n)?;
     // SAFETY: arguments match `ddpm_ema`; both buffers hold n elements.
-    launch!(dev, FUSED, "ddpm_ema", elementwise(n); &mut av, &wv, &nl, &d);
+    unsafe { launch!(dev, FUSED, "ddpm_ema", elementwise(n); &mut av, &wv, &nl, &d) };
     Ok(())
 }

@@ -33,9 +33,10 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-pub mod cpu;
+mod cpu;
 #[cfg(feature = "cuda")]
-pub mod cuda;
+mod cuda;
+pub mod nn;
 mod noise;
 mod optim;
 mod step;

@@ -45,7 +45,8 @@
 
 mod config;
 pub mod file;
-pub mod ops;
+/// The U-Net's hot-path ops: [`ddpm_kernels::nn`], re-exported where they used to live.
+pub use ddpm_kernels::nn as ops;
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{conv2d, embedding, linear, Conv2dConfig, Embedding, Linear, VarBuilder};

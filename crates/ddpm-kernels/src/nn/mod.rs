@@ -19,7 +19,7 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
-//! use ddpm_unet::ops::{conv2d, Kernels};
+//! use ddpm_kernels::nn::{conv2d, Kernels};
 //!
 //! let dev = Device::Cpu;
 //! let x = Var::randn(0f32, 1., (2, 3, 9, 7), &dev)?;
@@ -105,7 +105,7 @@ impl Kernels {
 
 /// The f32 contents of a contiguous CPU storage, or an error naming `what` (shared with
 /// ddpm-kernels' ops).
-pub(crate) use ddpm_kernels::cpu::slice as contiguous_f32;
+pub(crate) use crate::cpu::slice as contiguous_f32;
 
 /// 2-D convolution of `x [n, cin, h, w]` with `weight [cout, cin, kh, kw]`, plus an optional
 /// `bias [cout]`, with equal stride and padding on both axes.

@@ -274,7 +274,7 @@ mod tests {
             let wr = by_kernel_row(&g, &wt);
             // twice through the same scratch: the padding must survive reuse
             for _ in 0..2 {
-                let got = filled(cout * g.l(), "forward", |o| {
+                let fill = |o: &mut [std::mem::MaybeUninit<f32>]| {
                     forward(
                         &g,
                         &p,
@@ -286,8 +286,11 @@ mod tests {
                         o,
                         false,
                     )
-                })
-                .unwrap();
+                };
+                // SAFETY: the closure writes every element of its buffer (each output index once;
+                // checked in tests and debug builds, where an unwritten element is an error).
+                #[allow(unsafe_code)]
+                let got = unsafe { filled(cout * g.l(), "forward", fill) }.unwrap();
                 assert!(max_diff(&got, &want) < 1e-4, "forward {g:?}");
             }
 
@@ -306,10 +309,13 @@ mod tests {
             bwd_data_group(&g, &wt, &gr, &mut sc, &mut want, false).unwrap();
             if let Some((gt, pt)) = Padded::transposed(&g) {
                 let wr = flipped_by_kernel_row(&g, &gt, &wt);
-                let got = filled(g.in_len(), "input gradient", |o| {
+                let fill = |o: &mut [std::mem::MaybeUninit<f32>]| {
                     forward(&gt, &pt, &wr, None, &gr, &mut sc.q, &mut sc.stage, o, false)
-                })
-                .unwrap();
+                };
+                // SAFETY: the closure writes every element of its buffer (each output index once;
+                // checked in tests and debug builds, where an unwritten element is an error).
+                #[allow(unsafe_code)]
+                let got = unsafe { filled(g.in_len(), "input gradient", fill) }.unwrap();
                 assert!(max_diff(&got, &want) < 1e-4, "input gradient {g:?}");
             } else {
                 assert_ne!(

@@ -19,9 +19,13 @@ const SENTINEL: u32 = 0x7f80_dead;
 
 /// Runs `fill` over a fresh `len`-long buffer and returns the buffer as a vector.
 ///
-/// `fill` must write every element (each kernel here writes each output exactly once). When
-/// checking is on, an element left unwritten is reported as an error naming `what`.
-pub(crate) fn filled(
+/// When checking is on, an element left unwritten is reported as an error naming `what`.
+///
+/// # Safety
+///
+/// `fill` must write every element of the buffer (each kernel here writes each output exactly
+/// once). Without checking, an element it skips is returned uninitialised.
+pub(crate) unsafe fn filled(
     len: usize,
     what: &str,
     fill: impl FnOnce(&mut [Slot]) -> Result<()>,
@@ -34,11 +38,10 @@ pub(crate) fn filled(
     }
     fill(&mut v)?;
     if CHECK {
-        // SAFETY: with checking on, every element was initialised by the `resize` above.
-        if let Some(i) = v
-            .iter()
-            .position(|x| unsafe { x.assume_init() }.to_bits() == SENTINEL)
-        {
+        if let Some(i) = v.iter().position(|x| {
+            // SAFETY: with checking on, every element was initialised by the `resize` above.
+            unsafe { x.assume_init() }.to_bits() == SENTINEL
+        }) {
             bail!("{what}: kernel left output element {i} of {len} unwritten")
         }
     }
@@ -55,21 +58,31 @@ mod tests {
 
     #[test]
     fn returns_what_was_written_and_catches_gaps() {
-        let v = filled(5, "test", |s| {
-            for (i, x) in s.iter_mut().enumerate() {
-                *x = MaybeUninit::new(i as f32);
-            }
-            Ok(())
-        })
+        // SAFETY: writes every element.
+        let v = unsafe {
+            filled(5, "test", |s| {
+                for (i, x) in s.iter_mut().enumerate() {
+                    *x = MaybeUninit::new(i as f32);
+                }
+                Ok(())
+            })
+        }
         .unwrap();
         assert_eq!(v, [0.0, 1.0, 2.0, 3.0, 4.0]);
-        let err = filled(3, "gappy op", |s| {
-            s[0] = MaybeUninit::new(1.0);
-            s[2] = MaybeUninit::new(1.0);
-            Ok(())
-        })
+        // SAFETY: leaves element 1 unwritten on purpose; tests check every element first, so
+        // this returns an error and never an uninitialised element.
+        let err = unsafe {
+            filled(3, "gappy op", |s| {
+                s[0] = MaybeUninit::new(1.0);
+                s[2] = MaybeUninit::new(1.0);
+                Ok(())
+            })
+        }
         .unwrap_err();
         assert!(err.to_string().contains("gappy op") && err.to_string().contains("element 1"));
-        assert!(filled(0, "empty", |_| Ok(())).unwrap().is_empty());
+        // SAFETY: an empty buffer has nothing to write.
+        assert!(unsafe { filled(0, "empty", |_| Ok(())) }
+            .unwrap()
+            .is_empty());
     }
 }

@@ -7,10 +7,10 @@
 //! buffers whose lengths the caller checked against the shapes the kernel indexes with.
 #![allow(unsafe_code)]
 
+use crate::cuda::{elementwise, int, per_block, view, UNET};
+use crate::launch;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CudaStorage, Layout, Result};
-use ddpm_kernels::cuda::{elementwise, int, per_block, view, UNET};
-use ddpm_kernels::launch;
 
 /// GroupNorm's sizes as the kernels' `int`s: `[n, c, groups, s]`.
 fn gn_dims(n: usize, c: usize, groups: usize, s: usize) -> Result<[i32; 4]> {
@@ -47,8 +47,10 @@ pub(crate) fn group_norm_fwd(
     let [ni, ci, gi, si] = gn_dims(n, c, groups, s)?;
     let silu = i32::from(silu);
     // SAFETY: argument types and order match `ddpm_gn_fwd`; lengths checked above.
-    launch!(dev, UNET, "ddpm_gn_fwd", per_block(n * groups)?;
-        &xv, &gv, &y, &ni, &ci, &gi, &si, &eps, &silu);
+    unsafe {
+        launch!(dev, UNET, "ddpm_gn_fwd", per_block(n * groups)?;
+        &xv, &gv, &y, &ni, &ci, &gi, &si, &eps, &silu)
+    };
     Ok(CudaStorage::wrap_cuda_slice(y, dev))
 }
 
@@ -77,8 +79,10 @@ pub(crate) fn group_norm_bwd(
     let [ni, ci, gi, si] = gn_dims(n, c, groups, s)?;
     let silu = i32::from(silu);
     // SAFETY: argument types and order match `ddpm_gn_bwd`; lengths checked above.
-    launch!(dev, UNET, "ddpm_gn_bwd", per_block(n * groups)?;
-        &xv, &gv, &dv, &out, &ni, &ci, &gi, &si, &eps, &silu);
+    unsafe {
+        launch!(dev, UNET, "ddpm_gn_bwd", per_block(n * groups)?;
+        &xv, &gv, &dv, &out, &ni, &ci, &gi, &si, &eps, &silu)
+    };
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -105,8 +109,10 @@ pub(crate) fn add_bias(
     let y = unsafe { dev.alloc::<f32>(total)? };
     let (ci, si, ps) = (int(c, "c")?, int(s.max(1), "s")?, i32::from(per_sample));
     // SAFETY: argument types and order match `ddpm_add_bias`; lengths checked above.
-    launch!(dev, UNET, "ddpm_add_bias", elementwise(total);
-        &xv, &bv, &y, &total, &ci, &si, &ps);
+    unsafe {
+        launch!(dev, UNET, "ddpm_add_bias", elementwise(total);
+        &xv, &bv, &y, &total, &ci, &si, &ps)
+    };
     Ok(CudaStorage::wrap_cuda_slice(y, dev))
 }
 
@@ -130,7 +136,9 @@ pub(crate) fn sum_planes(
         i32::from(per_sample),
     );
     // SAFETY: argument types and order match `ddpm_sum_planes`; lengths checked above.
-    launch!(dev, UNET, "ddpm_sum_planes", per_block(n * c)?; &gv, &out, &pi, &ci, &si, &ps);
+    unsafe {
+        launch!(dev, UNET, "ddpm_sum_planes", per_block(n * c)?; &gv, &out, &pi, &ci, &si, &ps)
+    };
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -158,10 +166,12 @@ pub(crate) fn resample2x(
     let y = unsafe { dev.alloc::<f32>(total)? };
     let (hi, wi) = (int(h, "h")?, int(w, "w")?);
     // SAFETY: argument types and order match both kernels; lengths checked above.
-    if up {
-        launch!(dev, UNET, "ddpm_upsample2x", elementwise(total); &xv, &y, &total, &hi, &wi);
-    } else {
-        launch!(dev, UNET, "ddpm_sum_blocks2x", elementwise(total); &xv, &y, &total, &hi, &wi);
+    unsafe {
+        if up {
+            launch!(dev, UNET, "ddpm_upsample2x", elementwise(total); &xv, &y, &total, &hi, &wi)
+        } else {
+            launch!(dev, UNET, "ddpm_sum_blocks2x", elementwise(total); &xv, &y, &total, &hi, &wi)
+        }
     }
     Ok(CudaStorage::wrap_cuda_slice(y, dev))
 }

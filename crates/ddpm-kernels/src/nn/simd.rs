@@ -59,7 +59,7 @@ macro_rules! simd_fn {
                 fn v3 $(< $(const $cn: $ct),+ >)? ( $($arg: $aty),* ) $(-> $ret)? {
                     imp $(::< $($cn),+ >)? ( $($arg),* )
                 }
-                match $crate::ops::simd::level() {
+                match $crate::nn::simd::level() {
                     // SAFETY: `level` reported these target features present on this CPU.
                     2 => return unsafe { v4 $(::< $($cn),+ >)? ( $($arg),* ) },
                     // SAFETY: as above.

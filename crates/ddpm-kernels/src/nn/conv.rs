@@ -268,7 +268,7 @@ fn fwd_group(
 fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>> {
     if let Some(p) = Padded::of(g) {
         let wr = implicit::by_kernel_row(g, w);
-        return filled(g.n * g.cout * g.l(), "conv2d", |out| {
+        let fill = |out: &mut [std::mem::MaybeUninit<f32>]| {
             per_group(
                 g,
                 g.plan(),
@@ -280,7 +280,11 @@ fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Res
                     implicit::forward(g, &p, &wr, bias, xs, &mut sc.q, &mut sc.stage, o, par)
                 },
             )
-        });
+        };
+        // SAFETY: the closure writes every element of its buffer (each output index once;
+        // checked in tests and debug builds, where an unwritten element is an error).
+        #[allow(unsafe_code)]
+        return unsafe { filled(g.n * g.cout * g.l(), "conv2d", fill) };
     }
     let mut out = vec![0f32; g.n * g.cout * g.l()];
     per_group(
@@ -550,7 +554,7 @@ impl CustomOp2 for Conv2dBwdData {
         }
         if let Some((gt, p)) = Padded::transposed(&g) {
             let wr = implicit::flipped_by_kernel_row(&g, &gt, w);
-            let dx = filled(n * g.in_len(), "conv2d backward", |dx| {
+            let fill = |dx: &mut [std::mem::MaybeUninit<f32>]| {
                 per_group(
                     &gt,
                     gt.plan(),
@@ -562,7 +566,11 @@ impl CustomOp2 for Conv2dBwdData {
                         implicit::forward(&gt, &p, &wr, None, gs, &mut sc.q, &mut sc.stage, d, par)
                     },
                 )
-            })?;
+            };
+            // SAFETY: the closure writes every element of its buffer (each output index once;
+            // checked in tests and debug builds, where an unwritten element is an error).
+            #[allow(unsafe_code)]
+            let dx = unsafe { filled(n * g.in_len(), "conv2d backward", fill) }?;
             return Ok((CpuStorage::F32(dx), Shape::from((n, cin, h, wd))));
         }
         let mut dx = vec![0f32; n * g.in_len()];
