@@ -185,3 +185,41 @@ fn no_library_compiles_a_source_path_in() {
         }
     }
 }
+
+/// Every candle custom op (`CustomOp1/2/3`, `InplaceOp1/2/3`) is implemented in ddpm-kernels.
+#[test]
+fn every_custom_op_lives_in_ddpm_kernels() {
+    let mut found = 0;
+    for krate in [
+        "ddpm-core",
+        "ddpm-kernels",
+        "ddpm-schedule",
+        "ddpm-data",
+        "ddpm-unet",
+        "ddpm-sampler",
+        "ddpm-pipeline",
+        "ddpm-viz",
+        "ddpm-train",
+        "ddpm-eval",
+        "ddpm-cli",
+    ] {
+        for (path, text) in sources(&format!("crates/{krate}/src")) {
+            for op in [
+                "CustomOp1 for",
+                "CustomOp2 for",
+                "CustomOp3 for",
+                "InplaceOp1 for",
+                "InplaceOp2 for",
+                "InplaceOp3 for",
+            ] {
+                let n = text.matches(op).count();
+                assert!(
+                    n == 0 || krate == "ddpm-kernels",
+                    "{path} implements a custom op ({op}): custom ops live in ddpm-kernels"
+                );
+                found += n;
+            }
+        }
+    }
+    assert!(found >= 5, "found only {found} custom ops in ddpm-kernels");
+}
