@@ -602,7 +602,7 @@ impl<D: Denoiser> Denoiser for ClassifierFreeGuidance<D> {
             return Ok(None);
         }
         let b = x.dim(0)?;
-        let nulls = Tensor::full(null, b, labels.device())?;
+        let nulls = ddpm_core::null_labels(null, b, labels.device())?;
         let xx = Tensor::cat(&[x, x], 0)?;
         let tt = Tensor::cat(&[t, t], 0)?;
         let yy = Tensor::cat(&[&labels.to_dtype(DType::U32)?, &nulls], 0)?;
