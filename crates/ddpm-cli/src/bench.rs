@@ -2,10 +2,10 @@
 //! belongs to it), printed as one JSON line. `cargo xtask bench` runs the grid of presets and
 //! kernels and the PyTorch reference.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use ddpm_train::bench::{BenchMode, BenchSpec};
-use ddpm_unet::Kernels;
+use ddpm_unet::{Kernels, Preset};
 
 use crate::DeviceArg;
 
@@ -38,15 +38,15 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "train")]
     mode: ModeArg,
     /// Model preset.
-    #[arg(long, default_value = "small", value_parser = ["mnist", "small", "tiny"])]
-    model: String,
+    #[arg(long, value_enum, default_value_t = Preset::Small)]
+    model: Preset,
     /// Batch size (default: 128 for train, 256 for forward).
     #[arg(short = 'b', long)]
     batch: Option<usize>,
     /// Kernel implementation: fast (ours), stock (candle's), or fused (fast plus our CUDA kernels
     /// for GroupNorm, bias and upsampling on a GPU; the same as fast on the CPU).
-    #[arg(long, default_value = "fast", value_parser = ["fast", "stock", "fused"])]
-    kernels: String,
+    #[arg(long, value_enum, default_value_t = Kernels::Fast)]
+    kernels: Kernels,
     /// Timed iterations.
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -68,8 +68,8 @@ pub struct BenchArgs {
     /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
     /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
     /// needs --device cuda (candle's CPU matmul has no bf16).
-    #[arg(long, value_parser = ["bf16", "f16"])]
-    autocast: Option<String>,
+    #[arg(long, value_enum)]
+    autocast: Option<ddpm_unet::Autocast>,
 }
 
 /// Runs `ddpm bench`.
@@ -93,13 +93,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         mode,
         model: a.model,
         batch: a.batch,
-        kernels: Kernels::from_name(&a.kernels).context("--kernels")?,
+        kernels: a.kernels,
         iters: a.iters,
         warmup: a.warmup,
         image_size: a.image_size,
         steps: a.steps,
         n: a.n,
-        autocast: crate::autocast(a.autocast.as_deref(), &dev)?,
+        autocast: crate::autocast(a.autocast, &dev)?,
     };
     let out = ddpm_train::bench::run(&spec, &dev)?;
     println!("{out}");

@@ -81,8 +81,8 @@ pub struct EvalArgs {
     /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
     /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
     /// needs --device cuda (candle's CPU matmul has no bf16).
-    #[arg(long, value_parser = ["bf16", "f16"])]
-    autocast: Option<String>,
+    #[arg(long, value_enum)]
+    autocast: Option<ddpm_unet::Autocast>,
 }
 
 /// Runs `ddpm eval`.
@@ -107,7 +107,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     } else {
         Weights::Ema
     };
-    let autocast = crate::autocast(a.autocast.as_deref(), &device)?;
+    let autocast = crate::autocast(a.autocast, &device)?;
     let model = Model::load(&ckpt, which, &device)
         .and_then(|m| m.map_unet(|u| u.with_autocast(autocast.map(|a| a.dtype()))))
         .with_context(|| format!("--checkpoint {}", ckpt.display()))?;

@@ -82,11 +82,13 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     }
 }
 
-/// Resolves `--autocast NAME` (`bf16` or `f16`, validated by clap) for `device`.
-pub fn autocast(arg: Option<&str>, device: &Device) -> Result<Option<ddpm_unet::Autocast>> {
-    let Some(name) = arg else { return Ok(None) };
-    let a = ddpm_unet::Autocast::from_name(name)
-        .with_context(|| format!("--autocast {name}: expected bf16 or f16"))?;
+/// Checks `--autocast` (bf16 or f16) against `device`.
+pub fn autocast(
+    arg: Option<ddpm_unet::Autocast>,
+    device: &Device,
+) -> Result<Option<ddpm_unet::Autocast>> {
+    let Some(a) = arg else { return Ok(None) };
+    let name = a.dtype().as_str();
     a.check_device(device)
         .map_err(|e| anyhow::anyhow!("--autocast {name}: {e}"))?;
     if device.is_cpu() {

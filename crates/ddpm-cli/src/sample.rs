@@ -1,6 +1,6 @@
 //! `ddpm sample` and `ddpm noise`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -9,7 +9,7 @@ use ddpm_core::{NoiseSchedule, NoiseSource, PosteriorVariance, SeededNoise};
 use ddpm_data::{Dataset, DatasetKind, Split};
 use ddpm_pipeline::{generate_with, Labels, Model, Request, SamplerKind, SamplerSpec};
 use ddpm_sampler::Spacing;
-use ddpm_schedule::{BetaSchedule, ScheduleConfig};
+use ddpm_schedule::{BetaKind, ScheduleConfig};
 use ddpm_train::{viz, Weights};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -54,8 +54,8 @@ pub struct SampleArgs {
     #[arg(long, value_enum, default_value_t = SamplerKind::DpmPp)]
     sampler: SamplerKind,
     /// Timestep spacing of ddim and dpm++: leading, trailing or linspace.
-    #[arg(long, default_value = "leading", value_parser = ["leading", "trailing", "linspace"])]
-    spacing: String,
+    #[arg(long, value_enum, default_value_t = Spacing::Leading)]
+    spacing: Spacing,
     /// DDIM stochasticity η (0: deterministic, 1: DDPM-like).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
@@ -86,8 +86,8 @@ pub struct SampleArgs {
     /// Colours of the GIF: dark (light digits on black, as MNIST is), light (inverted, for a
     /// light page), or both (two files, NAME-light.gif and NAME-dark.gif, e.g. for a README's
     /// <picture> with prefers-color-scheme).
-    #[arg(long, value_enum, default_value_t = GifTheme::Dark, requires = "gif")]
-    gif_theme: GifTheme,
+    #[arg(long, value_enum, default_value_t = viz::Themes::Dark, requires = "gif")]
+    gif_theme: viz::Themes,
     /// Sample with the raw weights instead of the EMA weights.
     #[arg(long)]
     raw_weights: bool,
@@ -97,8 +97,8 @@ pub struct SampleArgs {
     /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
     /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
     /// needs --device cuda (candle's CPU matmul has no bf16).
-    #[arg(long, value_parser = ["bf16", "f16"])]
-    autocast: Option<String>,
+    #[arg(long, value_enum)]
+    autocast: Option<ddpm_unet::Autocast>,
 }
 
 /// Resolves `--class` against the model's classes: `Ok(None)` for `all`.
@@ -139,7 +139,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     } else {
         Weights::Ema
     };
-    let autocast = crate::autocast(a.autocast.as_deref(), &device)?;
+    let autocast = crate::autocast(a.autocast, &device)?;
     let model = Model::load(&ckpt_path, which, &device)
         .and_then(|m| m.map_unet(|u| u.with_autocast(autocast.map(|a| a.dtype()))))
         .with_context(|| format!("--checkpoint {}", ckpt_path.display()))?;
@@ -184,7 +184,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         kind: a.sampler,
         steps: a.steps,
         eta: a.eta,
-        spacing: Spacing::from_name(&a.spacing).context("--spacing")?,
+        spacing: a.spacing,
         clip_x0: !a.no_clip,
         variance: PosteriorVariance::BetaTilde,
     };
@@ -270,7 +270,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
     );
     let classes = labels.classes();
     if let Some(dir) = &a.each {
-        write_each(&x0, classes, &card.data.class_names, dir)?;
+        viz::write_each(&x0, classes, &card.data.class_names, dir)
+            .with_context(|| format!("--each {}", dir.display()))?;
         println!("wrote {n} PNGs into {}", dir.display());
     }
     if let Some(npz) = &a.npz {
@@ -282,57 +283,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
         );
     }
     if let Some(gif) = &a.gif {
-        for (path, theme) in gif_outputs(gif, a.gif_theme) {
-            let frames: Vec<_> = frames.iter().map(|f| viz::themed(f, theme)).collect();
-            viz::save_gif(&frames, 80, &path)
-                .with_context(|| format!("--gif {}", path.display()))?;
+        let written = viz::save_gif_themed(&frames, 80, gif, a.gif_theme)
+            .with_context(|| format!("--gif {}", gif.display()))?;
+        for path in written {
             println!("wrote {} ({} frames)", path.display(), frames.len());
         }
-    }
-    Ok(())
-}
-
-/// `--gif-theme`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum GifTheme {
-    /// Light digits on black.
-    Dark,
-    /// Dark digits on white.
-    Light,
-    /// Both, as NAME-light.gif and NAME-dark.gif.
-    Both,
-}
-
-/// The files `--gif PATH --gif-theme T` writes, with their theme.
-fn gif_outputs(path: &Path, theme: GifTheme) -> Vec<(PathBuf, viz::Theme)> {
-    match theme {
-        GifTheme::Dark => vec![(path.to_path_buf(), viz::Theme::Dark)],
-        GifTheme::Light => vec![(path.to_path_buf(), viz::Theme::Light)],
-        GifTheme::Both => {
-            let stem = path
-                .file_stem()
-                .map_or("reverse".into(), |s| s.to_string_lossy().into_owned());
-            let named = |t: &str| path.with_file_name(format!("{stem}-{t}.gif"));
-            vec![
-                (named("light"), viz::Theme::Light),
-                (named("dark"), viz::Theme::Dark),
-            ]
-        }
-    }
-}
-
-fn write_each(x0: &Tensor, labels: Option<&[u32]>, names: &[String], dir: &Path) -> Result<()> {
-    for i in 0..x0.dim(0)? {
-        let name = match labels {
-            Some(l) => format!(
-                "{i:05}_class-{}.png",
-                names.get(l[i] as usize).map_or("?", |s| s.as_str())
-            ),
-            None => format!("{i:05}.png"),
-        };
-        let path = dir.join(name);
-        viz::write_sample_png(&x0.get(i)?, &path)
-            .with_context(|| format!("--each {}", path.display()))?;
     }
     Ok(())
 }
@@ -350,8 +305,8 @@ pub struct NoiseArgs {
     #[arg(long, value_delimiter = ',', default_value = "0,50,100,200,400,999")]
     t: Vec<usize>,
     /// β schedule.
-    #[arg(long, default_value = "linear", value_parser = ["linear", "cosine", "sigmoid"])]
-    schedule: String,
+    #[arg(long, value_enum, default_value_t = BetaKind::Linear)]
+    schedule: BetaKind,
     /// Diffusion steps T.
     #[arg(long, default_value_t = 1000)]
     timesteps: usize,
@@ -373,8 +328,7 @@ pub struct NoiseArgs {
 }
 
 pub fn noise(a: NoiseArgs) -> Result<()> {
-    let beta = BetaSchedule::from_name(&a.schedule).context("--schedule")?;
-    let schedule = ScheduleConfig::new(beta, a.timesteps)
+    let schedule = ScheduleConfig::new(a.schedule.schedule(), a.timesteps)
         .build()
         .context("--schedule/--timesteps")?;
     if let Some(&bad) = a.t.iter().find(|&&t| t >= a.timesteps) {

@@ -8,14 +8,14 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ddpm_core::Prediction;
 use ddpm_data::{Dataset, DatasetKind, Split, TensorBatcher};
-use ddpm_schedule::{BetaSchedule, ScheduleConfig};
+use ddpm_schedule::{BetaKind, ScheduleConfig};
 use ddpm_train::budget::WallClock;
 use ddpm_train::recipe::Recipe;
 use ddpm_train::{
     fit_timed, BudgetConfig, DataInfo, EpochReport, FitData, FitOutcome, LossWeighting, ModelCard,
     RunLock, StepReport, TrainConfig, TrainObserver, Trainer,
 };
-use ddpm_unet::UNetConfig;
+use ddpm_unet::Preset;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::DeviceArg;
@@ -45,18 +45,18 @@ pub struct TrainArgs {
     batch_size: Option<usize>,
     /// Model preset: mnist (the shipped model's), small (trains on a CPU), tiny (tests).
     /// Default: from --recipe (quick small, full mnist).
-    #[arg(long, value_parser = ["mnist", "small", "tiny"])]
-    model: Option<String>,
+    #[arg(long, value_enum)]
+    model: Option<Preset>,
     /// β schedule.
-    #[arg(long, default_value = "linear", value_parser = ["linear", "cosine", "sigmoid"])]
-    schedule: String,
+    #[arg(long, value_enum, default_value_t = BetaKind::Linear)]
+    schedule: BetaKind,
     /// Diffusion steps T.
     #[arg(long, default_value_t = 1000)]
     timesteps: usize,
     /// What the network predicts: epsilon (the noise) or v (√ᾱ·ε − √(1−ᾱ)·x0). Saved on the
     /// model card; sampling converts. Default: from --recipe.
-    #[arg(long, value_parser = ["epsilon", "v"])]
-    prediction: Option<String>,
+    #[arg(long, value_enum)]
+    prediction: Option<Prediction>,
     /// Per-timestep loss weights: uniform, min-snr (γ = 5) or min-snr-G. Default: from --recipe.
     #[arg(long)]
     loss_weighting: Option<String>,
@@ -131,9 +131,10 @@ pub struct TrainArgs {
     progress_every: f64,
     /// Autocast: forward and backward of the U-Net in bf16 (convolutions, linear layers,
     /// attention products) with f32 weights, optimizer state, EMA and loss; GroupNorm and
-    /// softmax stay f32. Needs --device cuda (candle's CPU matmul has no bf16).
-    #[arg(long, value_parser = ["bf16"])]
-    autocast: Option<String>,
+    /// softmax stay f32. Needs --device cuda (candle's CPU matmul has no bf16). Only bf16:
+    /// f16 training would need loss scaling.
+    #[arg(long, value_enum)]
+    autocast: Option<ddpm_unet::Autocast>,
 }
 
 /// `--budget`: a duration, or `off`.
@@ -292,6 +293,12 @@ fn recipe(a: &TrainArgs) -> Recipe {
 /// Runs `ddpm train`; `explicit` names the flags given on the command line.
 pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
     let process_start = std::time::Instant::now();
+    if a.autocast == Some(ddpm_unet::Autocast::F16) {
+        bail!(
+            "--autocast f16: training autocasts to bf16 only (f16 would need loss scaling, which \
+             the trainer does not do); use --autocast bf16 on --device cuda"
+        );
+    }
     let device = crate::device(a.device)?;
     if a.resume {
         let ignored: Vec<String> = explicit
@@ -368,17 +375,12 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
             "{}",
             ddpm_train::recipe::announce(r, a.recipe.is_some(), budget_s)
         );
-        let model_name = a.model.as_deref().unwrap_or(v.model);
-        let mut model = UNetConfig::preset(model_name).context("--model")?;
-        let beta = BetaSchedule::from_name(&a.schedule).context("--schedule")?;
-        let schedule = ScheduleConfig::new(beta, a.timesteps);
-        schedule
-            .build()
-            .with_context(|| format!("--timesteps {} / --schedule {}", a.timesteps, a.schedule))?;
-        let prediction = match a.prediction.as_deref() {
-            Some(p) => Prediction::from_name(p).with_context(|| format!("--prediction {p}"))?,
-            None => v.prediction,
-        };
+        let mut model = a.model.unwrap_or(v.model).config();
+        let schedule = ScheduleConfig::new(a.schedule.schedule(), a.timesteps);
+        schedule.build().with_context(|| {
+            format!("--timesteps {} / --schedule {:?}", a.timesteps, a.schedule)
+        })?;
+        let prediction = a.prediction.unwrap_or(v.prediction);
         let loss_weighting = match a.loss_weighting.as_deref() {
             Some(w) => {
                 LossWeighting::from_name(w).map_err(|e| anyhow::anyhow!("--loss-weighting {e}"))?
@@ -429,7 +431,7 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
             checkpoint_every: a.checkpoint_every.unwrap_or(v.checkpoint_every),
             held_out_examples: a.held_out,
             log_every: a.log_every.unwrap_or(v.log_every),
-            autocast: crate::autocast(a.autocast.as_deref(), &device)?,
+            autocast: crate::autocast(a.autocast, &device)?,
             loss_weighting,
             budget,
             train_limit: a.limit,

@@ -115,6 +115,7 @@ impl Posterior {
 ///   ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t and x_0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Prediction {
     /// The network predicts the noise ε.
     #[default]

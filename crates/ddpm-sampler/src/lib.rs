@@ -100,6 +100,7 @@ pub trait Sampler {
 /// Which timesteps a few-step sampler visits (the diffusers names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Spacing {
     /// `i · T/steps` for i in 0..steps (DDIM paper; includes t = 0).
     #[default]

@@ -63,6 +63,30 @@ pub enum ScheduleError {
     },
 }
 
+/// A β schedule by name, with its standard parameters ([`BetaKind::schedule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum BetaKind {
+    /// Linear β from 1e-4 to 0.02 (Ho et al. 2020).
+    Linear,
+    /// Cosine ᾱ (Nichol & Dhariwal 2021).
+    Cosine,
+    /// Sigmoid β (GeoDiff).
+    Sigmoid,
+}
+
+impl BetaKind {
+    /// The schedule with its standard parameters.
+    pub fn schedule(self) -> BetaSchedule {
+        match self {
+            BetaKind::Linear => BetaSchedule::linear(),
+            BetaKind::Cosine => BetaSchedule::cosine(),
+            BetaKind::Sigmoid => BetaSchedule::sigmoid(),
+        }
+    }
+}
+
 /// How β_t is laid out over `0..T`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

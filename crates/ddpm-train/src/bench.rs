@@ -62,8 +62,8 @@ impl BenchMode {
 pub struct BenchSpec {
     /// What to measure.
     pub mode: BenchMode,
-    /// Model preset (`mnist`, `small`, `tiny`).
-    pub model: String,
+    /// Model preset.
+    pub model: ddpm_unet::Preset,
     /// Batch size (default: 128 for train and for sampling on the CPU, 1000 for sampling on
     /// CUDA and for kernels, 256 for forward).
     pub batch: Option<usize>,
@@ -113,8 +113,7 @@ pub fn run(a: &BenchSpec, dev: &Device) -> Result<Value> {
     }
     let dev = dev.clone();
     let threads = candle_core::utils::get_num_threads();
-    let cfg = UNetConfig::preset(&a.model)
-        .ok_or_else(|| bad(format!("bench: no model preset `{}`", a.model)))?;
+    let cfg = a.model.config();
     let kernels = a.kernels;
     let s = a.image_size;
     if a.mode == BenchMode::Config {
@@ -264,7 +263,7 @@ pub fn run(a: &BenchSpec, dev: &Device) -> Result<Value> {
                 None => format!("candle-{}", kernels.name()),
             },
             "mode": a.mode.name(),
-            "model": a.model,
+            "model": a.model.name(),
             "params": params,
             "batch": batch,
             "threads": threads,
@@ -367,7 +366,7 @@ fn kernels_bench(a: &BenchSpec, dev: &Device, cfg: &UNetConfig, batch: usize) ->
     let noise_composed = per_call(&mut || Ok(k::add_noise_composed(&x, &noise, &coef).map(drop)?))?;
     Ok(serde_json::json!({
             "mode": "kernels",
-            "model": a.model,
+            "model": a.model.name(),
             "param_tensors": vars.len(),
             "batch": batch,
             "device": if dev.is_cuda() { "cuda" } else { "cpu" },

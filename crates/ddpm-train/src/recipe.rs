@@ -4,6 +4,7 @@
 
 use crate::LossWeighting;
 use ddpm_core::Prediction;
+use ddpm_unet::Preset;
 
 /// A named set of defaults for `ddpm train`; any flag given explicitly overrides its value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,8 +22,8 @@ pub enum Recipe {
 /// The values a recipe gives to the options left out.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RecipeValues {
-    /// The U-Net preset (`ddpm_unet::UNetConfig::preset`).
-    pub model: &'static str,
+    /// The U-Net preset.
+    pub model: Preset,
     /// Epochs.
     pub epochs: u64,
     /// Batch size.
@@ -59,7 +60,7 @@ impl Recipe {
     pub fn values(self) -> RecipeValues {
         match self {
             Recipe::Quick => RecipeValues {
-                model: "small",
+                model: Preset::Small,
                 epochs: 100,
                 // Batch 32 over batch 64 at the same images seen: 99.10 % against 98.30 % class
                 // accuracy at w = 1 (docs/recipes.md, runs EA and default-1).
@@ -76,7 +77,7 @@ impl Recipe {
                 checkpoint_every: 500,
             },
             Recipe::Full => RecipeValues {
-                model: "mnist",
+                model: Preset::Mnist,
                 epochs: 6,
                 batch_size: 256,
                 lr: 1e-3,

@@ -103,12 +103,7 @@ impl UNetConfig {
 
     /// A named preset: `mnist`, `small` or `tiny`.
     pub fn preset(name: &str) -> Option<Self> {
-        match name {
-            "mnist" => Some(Self::mnist()),
-            "small" => Some(Self::small()),
-            "tiny" => Some(Self::tiny()),
-            _ => None,
-        }
+        Preset::from_name(name).map(Preset::config)
     }
 
     /// Width of the time (and class) embedding: 4 × `base_channels`.
@@ -202,5 +197,47 @@ impl UNetConfig {
             });
         }
         Ok(())
+    }
+}
+
+/// The U-Net presets by name: `mnist` (the shipped model's), `small` (trains on a CPU), `tiny`
+/// (tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Preset {
+    /// The shipped model's architecture ([`UNetConfig::mnist`]).
+    Mnist,
+    /// A smaller U-Net that trains on a CPU ([`UNetConfig::small`]).
+    Small,
+    /// A few thousand parameters, for tests ([`UNetConfig::tiny`]).
+    Tiny,
+}
+
+impl Preset {
+    /// Every preset.
+    pub const ALL: [Preset; 3] = [Preset::Mnist, Preset::Small, Preset::Tiny];
+
+    /// The preset's configuration.
+    pub fn config(self) -> UNetConfig {
+        match self {
+            Preset::Mnist => UNetConfig::mnist(),
+            Preset::Small => UNetConfig::small(),
+            Preset::Tiny => UNetConfig::tiny(),
+        }
+    }
+
+    /// Its name: `mnist`, `small` or `tiny`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Mnist => "mnist",
+            Preset::Small => "small",
+            Preset::Tiny => "tiny",
+        }
+    }
+
+    /// The preset named `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
     }
 }

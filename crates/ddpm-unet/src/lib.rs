@@ -52,7 +52,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{conv2d, embedding, linear, Conv2dConfig, Embedding, Linear, VarBuilder};
 use ddpm_core::Denoiser;
 
-pub use config::{ConfigError, UNetConfig};
+pub use config::{ConfigError, Preset, UNetConfig};
 pub use file::{load_unet, DataInfo, ModelCard, ModelFile, ModelFileError, Weights};
 pub use ops::Kernels;
 
@@ -60,6 +60,7 @@ pub use ops::Kernels;
 /// saved training config uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Autocast {
     /// bfloat16: f32's range, 8 bits of mantissa; needs no loss scaling. GPU only in candle.
     Bf16,

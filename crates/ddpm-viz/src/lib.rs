@@ -612,3 +612,74 @@ fn format_num(v: f64, span: f64) -> String {
     let decimals = (-step.log10()).ceil().clamp(0.0, 6.0) as usize;
     format!("{v:.decimals$}")
 }
+
+/// Which colours of an animation to write: one theme, or both as `NAME-light.gif` and
+/// `NAME-dark.gif` (e.g. for a README's `<picture>` with `prefers-color-scheme`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Themes {
+    /// Light digits on black.
+    #[default]
+    Dark,
+    /// Dark digits on white.
+    Light,
+    /// Both, as NAME-light.gif and NAME-dark.gif.
+    Both,
+}
+
+impl Themes {
+    /// The files `path` with these themes stands for, each with its theme.
+    pub fn outputs(self, path: &Path) -> Vec<(PathBuf, Theme)> {
+        match self {
+            Themes::Dark => vec![(path.to_path_buf(), Theme::Dark)],
+            Themes::Light => vec![(path.to_path_buf(), Theme::Light)],
+            Themes::Both => {
+                let stem = path
+                    .file_stem()
+                    .map_or("reverse".into(), |s| s.to_string_lossy().into_owned());
+                let named = |t: &str| path.with_file_name(format!("{stem}-{t}.gif"));
+                vec![(named("light"), Theme::Light), (named("dark"), Theme::Dark)]
+            }
+        }
+    }
+}
+
+/// Writes the animation `frames` (`delay_ms` apart) once per theme of `themes`
+/// ([`Themes::outputs`]); returns the files written.
+pub fn save_gif_themed(
+    frames: &[RgbImage],
+    delay_ms: u32,
+    path: &Path,
+    themes: Themes,
+) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for (p, theme) in themes.outputs(path) {
+        let themed_frames: Vec<RgbImage> = frames.iter().map(|f| themed(f, theme)).collect();
+        save_gif(&themed_frames, delay_ms, &p)?;
+        written.push(p);
+    }
+    Ok(written)
+}
+
+/// Writes each of `images` (`[N, C, H, W]` in [−1, 1]) into `dir` at its native size
+/// ([`write_sample_png`]), named `00000_class-NAME.png` with `labels` and their `names`, or
+/// `00000.png` without labels; returns how many were written.
+pub fn write_each(
+    images: &Tensor,
+    labels: Option<&[u32]>,
+    names: &[String],
+    dir: &Path,
+) -> Result<usize> {
+    let n = images.dim(0)?;
+    for i in 0..n {
+        let name = match labels.and_then(|l| l.get(i)) {
+            Some(&l) => format!(
+                "{i:05}_class-{}.png",
+                names.get(l as usize).map_or("?", |s| s.as_str())
+            ),
+            None => format!("{i:05}.png"),
+        };
+        write_sample_png(&images.get(i)?, &dir.join(name))?;
+    }
+    Ok(n)
+}

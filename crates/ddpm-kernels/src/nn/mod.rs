@@ -47,6 +47,7 @@ use candle_core::{DType, Result, Tensor};
 
 /// Which implementation of the hot-path operations to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Kernels {
     /// candle's own operations (the reference; used by the benchmark for comparison).
     Stock,
@@ -57,7 +58,7 @@ pub enum Kernels {
     Fast,
     /// [`Kernels::Fast`], plus our own CUDA kernels on a GPU for the ops `Fast` leaves to candle
     /// there: GroupNorm with its shift and SiLU, the bias add and the ×2 upsampling, forward and
-    /// backward (`kernels/ops.cu`, built with the `cuda` feature). On the CPU it is `Fast`.
+    /// backward (`kernels/unet.cu`, built with the `cuda` feature). On the CPU it is `Fast`.
     /// Opt-in until `tests/cuda.rs` has passed on a GPU (they were written on a machine without
     /// one; see docs/cuda.md).
     Fused,
