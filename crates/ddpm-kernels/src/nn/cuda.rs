@@ -8,7 +8,7 @@
 #![allow(unsafe_code)]
 
 use crate::cuda::{elementwise, int, per_block, view, UNET};
-use crate::launch;
+use crate::cuda::launch;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CudaStorage, Layout, Result};
 
