@@ -7,8 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ddpm_data::{load_dataset, DatasetKind, Split};
 use ddpm_eval::{merge_reports, Classifier, ClassifierTrainConfig, Reference, Report};
-use ddpm_pipeline::{generate_with, Labels, Model, Request, SamplerKind, SamplerSpec};
-use ddpm_train::Weights;
+use ddpm_pipeline::{generate_with, Labels, Request, SamplerKind, SamplerSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::DeviceArg;
@@ -32,9 +31,8 @@ fn default_classifier() -> PathBuf {
     Inception: compare it only with other fid_mnist figures and with the real-data floor printed beside it."
 )]
 pub struct EvalArgs {
-    /// Checkpoint to evaluate (default: as for `sample`).
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    model: crate::ModelArgs,
     /// Samples per guidance weight (classes balanced).
     #[arg(long, default_value_t = 10_000)]
     n: usize,
@@ -67,22 +65,11 @@ pub struct EvalArgs {
     /// Where to write report.json, fid_vs_is.png and accuracy_vs_w.png.
     #[arg(long, default_value = "runs/eval")]
     out: PathBuf,
-    /// Evaluate the raw weights instead of the EMA weights.
-    #[arg(long)]
-    raw_weights: bool,
-    /// Where to compute.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    device: DeviceArg,
     /// Redraw the table and plots from earlier report.json files into --out, sampling nothing.
     /// Several reports (comma-separated) of the same checkpoint, --n, --steps and --sampler are
     /// merged into one, rows sorted by w (e.g. guidance weights evaluated in separate runs).
     #[arg(long, value_delimiter = ',')]
     replot: Vec<PathBuf>,
-    /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
-    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
-    /// needs --device cuda (candle's CPU matmul has no bf16).
-    #[arg(long, value_enum)]
-    autocast: Option<ddpm_unet::Autocast>,
 }
 
 /// Runs `ddpm eval`.
@@ -91,7 +78,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let report = merge_reports(&a.replot).context("--replot")?;
         return write_outputs(&report, &a.out);
     }
-    let device = crate::device(a.device)?;
     if a.n < 2 {
         bail!("--n {}: the covariance needs at least 2 samples", a.n);
     }
@@ -101,16 +87,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.guidance.is_empty() || a.guidance.iter().any(|w| !w.is_finite()) {
         bail!("--guidance: give finite weights, e.g. 0,1,3");
     }
-    let ckpt = crate::checkpoint_or_default(a.checkpoint.clone())?;
-    let which = if a.raw_weights {
-        Weights::Raw
-    } else {
-        Weights::Ema
-    };
-    let autocast = crate::autocast(a.autocast, &device)?;
-    let model = Model::load(&ckpt, which, &device)
-        .and_then(|m| m.map_unet(|u| u.with_autocast(autocast.map(|a| a.dtype()))))
-        .with_context(|| format!("--checkpoint {}", ckpt.display()))?;
+    let (model, ckpt, device) = a.model.load()?;
     let card = model.card().clone();
     ddpm_pipeline::memory::check_sampling(
         &card,

@@ -57,6 +57,44 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// The model a command loads: shared by `sample`, `eval` and `reconstruct`.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// Checkpoint or export to load (default: the model shipped in assets/, else
+    /// runs/default/checkpoint.safetensors).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Use the raw weights instead of the EMA weights.
+    #[arg(long)]
+    raw_weights: bool,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
+    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
+    /// needs --device cuda (candle's CPU matmul has no bf16).
+    #[arg(long, value_enum)]
+    autocast: Option<ddpm_unet::Autocast>,
+}
+
+impl ModelArgs {
+    /// Opens the device and loads the model: (model, its path, device).
+    pub fn load(&self) -> Result<(ddpm_pipeline::Model, PathBuf, Device)> {
+        let device = device(self.device)?;
+        let path = checkpoint_or_default(self.checkpoint.clone())?;
+        let weights = if self.raw_weights {
+            ddpm_unet::Weights::Raw
+        } else {
+            ddpm_unet::Weights::Ema
+        };
+        let cast = autocast(self.autocast, &device)?.map(|a| a.dtype());
+        let model = ddpm_pipeline::Model::load(&path, weights, &device)
+            .and_then(|m| m.map_unet(|u| u.with_autocast(cast)))
+            .with_context(|| format!("--checkpoint {}", path.display()))?;
+        Ok((model, path, device))
+    }
+}
+
 /// Where the computation runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {

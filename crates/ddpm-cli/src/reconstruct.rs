@@ -6,10 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ddpm_data::{Batcher, Dataset, DatasetKind, Split, TensorBatcher};
-use ddpm_pipeline::{reconstruct, Model, ReconstructionRequest, SamplerKind, SamplerSpec};
-use ddpm_train::{viz, Weights};
-
-use crate::DeviceArg;
+use ddpm_pipeline::{reconstruct, ReconstructionRequest, SamplerKind, SamplerSpec};
+use ddpm_train::viz;
 
 /// Options of `ddpm reconstruct`.
 #[derive(Debug, Args)]
@@ -20,9 +18,8 @@ use crate::DeviceArg;
     Guidance convention: eps = (1+w)*eps(x,t,c) - w*eps(x,t,null); w = 0 is no guidance."
 )]
 pub struct ReconstructArgs {
-    /// Checkpoint (default: as for `sample`).
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    model: crate::ModelArgs,
     /// Test images by index, comma-separated (default: the first of each class).
     #[arg(long, value_delimiter = ',', conflicts_with = "count")]
     index: Vec<usize>,
@@ -53,9 +50,6 @@ pub struct ReconstructArgs {
     /// Folder with the IDX files.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Where to compute.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    device: DeviceArg,
     /// Pixel scale.
     #[arg(long, default_value_t = 3)]
     scale: usize,
@@ -66,8 +60,6 @@ pub struct ReconstructArgs {
 
 /// Runs `ddpm reconstruct`.
 pub fn run(a: ReconstructArgs) -> Result<()> {
-    let device = crate::device(a.device)?;
-    let ckpt = crate::checkpoint_or_default(a.checkpoint.clone())?;
     if !a.guidance.is_finite() {
         bail!("--guidance {}: give a finite weight", a.guidance);
     }
@@ -77,8 +69,7 @@ pub fn run(a: ReconstructArgs) -> Result<()> {
     if a.scale == 0 || a.scale > 16 {
         bail!("--scale {}: use 1 to 16", a.scale);
     }
-    let model = Model::load(&ckpt, Weights::Ema, &device)
-        .with_context(|| format!("--checkpoint {}", ckpt.display()))?;
+    let (model, _, device) = a.model.load()?;
     let t_total = model.schedule().config().num_timesteps;
     if let Some(&bad) = a.t.iter().find(|&&t| t >= t_total) {
         bail!("--t {bad} is outside 0..{t_total} (the model's T)");

@@ -3,17 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
 use clap::Args;
-use ddpm_core::{NoiseSchedule, NoiseSource, PosteriorVariance, SeededNoise};
+use ddpm_core::{NoiseSchedule, PosteriorVariance};
 use ddpm_data::{Dataset, DatasetKind, Split};
-use ddpm_pipeline::{generate_with, Labels, Model, Request, SamplerKind, SamplerSpec};
+use ddpm_pipeline::{generate_with, Frames, Labels, Model, Request, SamplerKind, SamplerSpec};
 use ddpm_sampler::Spacing;
 use ddpm_schedule::{BetaKind, ScheduleConfig};
-use ddpm_train::{viz, Weights};
+use ddpm_train::viz;
 use indicatif::{ProgressBar, ProgressStyle};
-
-use crate::DeviceArg;
 
 /// Options of `ddpm sample`.
 #[derive(Debug, Args)]
@@ -22,10 +19,8 @@ use crate::DeviceArg;
     --guidance 0 is the plain conditional model (no guidance); diffusers' guidance_scale is 1 + w."
 )]
 pub struct SampleArgs {
-    /// Checkpoint to sample from (default: the model shipped in assets/, else
-    /// runs/default/checkpoint.safetensors).
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    model: crate::ModelArgs,
     /// Class to draw: an index (7), a class name, or `all` (one row per class).
     #[arg(long, default_value = "all")]
     class: String,
@@ -62,9 +57,6 @@ pub struct SampleArgs {
     /// Seed of the noise: the same seed gives the same images on CPU and GPU.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Where to compute.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    device: DeviceArg,
     /// Output PNG grid (default: samples/class-{class}_w{w}.png).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -88,17 +80,9 @@ pub struct SampleArgs {
     /// <picture> with prefers-color-scheme).
     #[arg(long, value_enum, default_value_t = viz::Themes::Dark, requires = "gif")]
     gif_theme: viz::Themes,
-    /// Sample with the raw weights instead of the EMA weights.
-    #[arg(long)]
-    raw_weights: bool,
     /// Do not clip the predicted x0 to [-1, 1].
     #[arg(long)]
     no_clip: bool,
-    /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
-    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
-    /// needs --device cuda (candle's CPU matmul has no bf16).
-    #[arg(long, value_enum)]
-    autocast: Option<ddpm_unet::Autocast>,
 }
 
 /// Resolves `--class` against the model's classes: `Ok(None)` for `all`.
@@ -117,8 +101,6 @@ fn parse_class(arg: &str, model: &Model) -> Result<Option<u32>> {
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
-    let device = crate::device(a.device)?;
-    let ckpt_path = crate::checkpoint_or_default(a.checkpoint.clone())?;
     if a.n == 0 {
         bail!("--n 0: ask for at least one sample");
     }
@@ -134,15 +116,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             a.guidance
         );
     }
-    let which = if a.raw_weights {
-        Weights::Raw
-    } else {
-        Weights::Ema
-    };
-    let autocast = crate::autocast(a.autocast, &device)?;
-    let model = Model::load(&ckpt_path, which, &device)
-        .and_then(|m| m.map_unet(|u| u.with_autocast(autocast.map(|a| a.dtype()))))
-        .with_context(|| format!("--checkpoint {}", ckpt_path.display()))?;
+    let (model, ckpt_path, device) = a.model.load()?;
     let card = model.card().clone();
     let conditional = model.is_conditional();
     let class = parse_class(&a.class, &model)?;
@@ -224,37 +198,21 @@ pub fn run(a: SampleArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template(
         "sampling [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})",
     )?);
-    // GIF frames: the samples of every batch at the same steps, joined into one grid after.
-    let mut frame_parts: Vec<Vec<Tensor>> = Vec::new();
-    let every = (total / 40).max(1);
-    let want_gif = a.gif.is_some();
-    let mut frame_no = 0usize;
+    let mut frames = a.gif.as_ref().map(|_| Frames::new(total, 40));
     let started = std::time::Instant::now();
     let x0 = generate_with(&model, &request(w), &mut |p| {
         bar.inc(1);
-        let info = p.step;
-        if want_gif && (info.index % every == 0 || info.index + 1 == info.total) {
-            if info.index == 0 {
-                frame_no = 0;
-            }
-            if p.batch == 0 {
-                frame_parts.push(Vec::new());
-            }
-            if let Some(parts) = frame_parts.get_mut(frame_no) {
-                parts.push(info.sample.copy()?);
-            }
-            frame_no += 1;
-        }
-        Ok(())
+        frames.as_mut().map_or(Ok(()), |f| f.record(&p))
     })?;
     bar.finish_and_clear();
-    let frames = frame_parts
-        .iter()
-        .map(|parts| {
-            let grid = Tensor::cat(parts, 0)?;
-            viz::grid_image(&grid, per_row, 2).map_err(anyhow::Error::from)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let frames = match frames {
+        Some(f) => f
+            .into_tensors()?
+            .iter()
+            .map(|grid| viz::grid_image(grid, per_row, 2))
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
     let secs = started.elapsed().as_secs_f64();
     let out = a.out.clone().unwrap_or_else(|| {
         let c = class.map_or("all".to_string(), |c| c.to_string());
@@ -356,18 +314,7 @@ pub fn noise(a: NoiseArgs) -> Result<()> {
     let indices: Vec<usize> = (a.index..a.index + a.rows).collect();
     let batch = ddpm_data::Batcher::batch(&ddpm_data::TensorBatcher::new(&ds, &dev)?, &indices)?;
     let (r, k) = (a.rows, a.t.len());
-    // Row-major grid: image i at every t.
-    let x0 = batch.images.repeat((1, k, 1, 1))?.reshape((
-        r * k,
-        ds.image_shape().0,
-        ds.image_shape().1,
-        ds.image_shape().2,
-    ))?;
-    let t: Vec<u32> = (0..r).flat_map(|_| a.t.iter().map(|&t| t as u32)).collect();
-    let t = Tensor::from_vec(t, r * k, &dev)?;
-    let mut rng = SeededNoise::new(a.seed);
-    let eps = rng.randn(x0.shape(), DType::F32, &dev)?;
-    let xt = schedule.add_noise(&x0, &eps, &t)?;
+    let xt = ddpm_pipeline::forward_process(&schedule, &batch.images, &a.t, a.seed)?;
     viz::save_grid(&xt, k, a.scale, &a.out)
         .with_context(|| format!("--out {}", a.out.display()))?;
     let ac = schedule.alphas_cumprod();

@@ -10,6 +10,7 @@ use ddpm_core::Prediction;
 use ddpm_data::{Dataset, DatasetKind, Split, TensorBatcher};
 use ddpm_schedule::{BetaKind, ScheduleConfig};
 use ddpm_train::budget::WallClock;
+use ddpm_train::progress::PlainLines;
 use ddpm_train::recipe::Recipe;
 use ddpm_train::{
     fit_timed, BudgetConfig, DataInfo, EpochReport, FitData, FitOutcome, LossWeighting, ModelCard,
@@ -162,40 +163,6 @@ struct Progress {
     plain: Option<PlainLines>,
 }
 
-/// Progress as plain lines on stderr, for logs that go to a file.
-struct PlainLines {
-    every_s: f64,
-    last_s: f64,
-    /// Step and time of this process's first step, for the rate and the time left.
-    first: Option<(u64, f64)>,
-    total: u64,
-}
-
-impl PlainLines {
-    fn line(&mut self, r: &StepReport, now_s: f64, left: &str) -> Option<String> {
-        let (s0, t0) = *self.first.get_or_insert((r.step.saturating_sub(1), now_s));
-        let due = now_s - self.last_s >= self.every_s || r.step == self.total;
-        if !due {
-            return None;
-        }
-        self.last_s = now_s;
-        let done = r.step.saturating_sub(s0);
-        let per_step = (now_s - t0) / done.max(1) as f64;
-        let eta = ddpm_train::budget::format_duration(
-            per_step * self.total.saturating_sub(r.step) as f64,
-        );
-        Some(format!(
-            "step {}/{} ({:.0} %), epoch {}, loss {:.4}, {:.1} img/s, eta {eta}{left}",
-            r.step,
-            self.total,
-            100.0 * r.step as f64 / self.total.max(1) as f64,
-            r.epoch,
-            r.loss,
-            r.images_per_sec
-        ))
-    }
-}
-
 impl TrainObserver for Progress {
     fn on_plan(&mut self, p: &ddpm_train::BudgetPlan) {
         let fmt = ddpm_train::budget::format_duration;
@@ -212,8 +179,7 @@ impl TrainObserver for Progress {
         self.bar.set_length(total);
         self.bar.set_position(start);
         if let Some(p) = &mut self.plain {
-            p.total = total;
-            p.last_s = self.started.elapsed().as_secs_f64();
+            p.start(total, self.started.elapsed().as_secs_f64());
         }
     }
     fn on_step(&mut self, r: &StepReport) {
@@ -500,12 +466,7 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
     // spent the checkpoint's training time (its plan is fixed, so this only feeds the display).
     let resumed_s = if a.resume { trainer.elapsed_s() } else { 0.0 };
     let plain = (!std::io::IsTerminal::is_terminal(&std::io::stderr()) && a.progress_every > 0.0)
-        .then_some(PlainLines {
-            every_s: a.progress_every,
-            last_s: 0.0,
-            first: None,
-            total: 0,
-        });
+        .then(|| PlainLines::new(a.progress_every));
     let mut progress = Progress {
         bar,
         deadline_s: trainer.config().budget.map(|b| b.seconds - resumed_s),

@@ -535,6 +535,75 @@ pub fn generate(
     Ok(Tensor::cat(&outs, 0)?)
 }
 
+/// The frames of a reverse-diffusion animation, recorded from [`generate`]'s callback: the
+/// samples of every batch at the same steps (about `max_frames` of them, the last step
+/// included), joined into one `[N, C, H, W]` tensor per frame.
+#[derive(Debug, Default)]
+pub struct Frames {
+    every: usize,
+    parts: Vec<Vec<Tensor>>,
+    next: usize,
+}
+
+impl Frames {
+    /// A recorder for a sampler of `total_steps` steps, keeping about `max_frames` frames.
+    pub fn new(total_steps: usize, max_frames: usize) -> Self {
+        Self {
+            every: (total_steps / max_frames.max(1)).max(1),
+            parts: Vec::new(),
+            next: 0,
+        }
+    }
+
+    /// Records the step `p` reports, if it is a frame's.
+    pub fn record(&mut self, p: &Progress<'_>) -> candle_core::Result<()> {
+        let info = &p.step;
+        if !info.index.is_multiple_of(self.every) && info.index + 1 != info.total {
+            return Ok(());
+        }
+        if info.index == 0 {
+            self.next = 0;
+        }
+        if p.batch == 0 {
+            self.parts.push(Vec::new());
+        }
+        if let Some(parts) = self.parts.get_mut(self.next) {
+            parts.push(info.sample.copy()?);
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// The frames, each the samples of all batches at one step.
+    pub fn into_tensors(self) -> Result<Vec<Tensor>> {
+        self.parts
+            .iter()
+            .map(|parts| Ok(Tensor::cat(parts, 0)?))
+            .collect()
+    }
+}
+
+/// The forward process q(x_t | x_0) shown on `images` (`[R, C, H, W]`): a row-major
+/// `[R·K, C, H, W]` tensor with each image noised to each of the `K` timesteps `ts`, all from
+/// one seeded ε per cell (`ddpm noise`'s figure).
+pub fn forward_process(
+    schedule: &Schedule,
+    images: &Tensor,
+    ts: &[usize],
+    seed: u64,
+) -> Result<Tensor> {
+    let (r, c, h, w) = images.dims4()?;
+    let t_total = schedule.config().num_timesteps;
+    if let Some(&bad) = ts.iter().find(|&&t| t >= t_total) {
+        return Err(request_err(format!("t = {bad} is outside 0..{t_total}")));
+    }
+    let k = ts.len();
+    let x0 = images.repeat((1, k, 1, 1))?.reshape((r * k, c, h, w))?;
+    let t: Vec<u32> = (0..r).flat_map(|_| ts.iter().map(|&t| t as u32)).collect();
+    let eps = SeededNoise::new(seed).randn(x0.shape(), DType::F32, x0.device())?;
+    Ok(schedule.add_noise_from_host(&x0, &eps, &t)?)
+}
+
 /// The classes must be real classes of the model (below its null class).
 fn check_classes(classes: &[u32], null: Option<u32>) -> Result<()> {
     let Some(null) = null else {

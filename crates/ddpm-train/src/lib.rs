@@ -31,6 +31,7 @@ mod fit;
 mod lock;
 pub mod loss;
 pub mod optim;
+pub mod progress;
 pub mod recipe;
 /// Pictures (the `ddpm-viz` crate, re-exported where it used to live).
 pub use ddpm_viz as viz;

@@ -7,8 +7,8 @@
 //! buffers whose lengths the caller checked against the shapes the kernel indexes with.
 #![allow(unsafe_code)]
 
-use crate::cuda::{elementwise, int, per_block, view, UNET};
 use crate::cuda::launch;
+use crate::cuda::{elementwise, int, per_block, view, UNET};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CudaStorage, Layout, Result};
 
