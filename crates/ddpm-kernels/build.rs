@@ -16,8 +16,8 @@ mod cuda {
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
-    /// The CUDA sources, compiled in this order.
-    const SOURCES: [&str; 2] = ["unet", "fused"];
+    /// The CUDA sources, one per op (or group of an op's kernels), each its own PTX module.
+    const SOURCES: [&str; 6] = ["norm", "bias", "resample", "step", "noise", "optim"];
 
     pub fn compile_all() -> Result<(), String> {
         for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP"] {
@@ -31,6 +31,7 @@ mod cuda {
             .map(|c| c.trim().trim_end_matches(['a', 'f']).to_string())
             .filter(|c| !c.is_empty() && c.chars().all(|ch| ch.is_ascii_digit()))
             .unwrap_or_else(|| "70".into());
+        println!("cargo::rerun-if-changed=kernels/common.cuh");
         for name in SOURCES {
             let src = format!("kernels/{name}.cu");
             println!("cargo::rerun-if-changed={src}");

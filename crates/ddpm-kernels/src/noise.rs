@@ -119,7 +119,47 @@ impl CustomOp3 for AddNoise {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::add_noise((s1, l1), (s2, l2), (s3, l3), self.n, self.per_sample)?;
+        let out = cuda::add_noise((s1, l1), (s2, l2), (s3, l3), self.n, self.per_sample)?;
         Ok((out, self.shape.clone()))
+    }
+}
+
+/// The CUDA launch of this op: `kernels/noise.cu`, compiled to PTX by `build.rs`. Kernel
+/// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
+/// whose lengths were checked against the sizes the kernel indexes with.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda {
+    use crate::cuda::{elementwise, launch, long, ptx, view, In, Ptx};
+    use candle_core::backend::BackendStorage;
+    use candle_core::{bail, CudaStorage, Result};
+
+    /// `kernels/noise.cu`.
+    const PTX: Ptx = ptx!("noise");
+
+    /// x_t from x0, noise and `[B, 2]` per-sample coefficients.
+    pub(crate) fn add_noise(
+        x0: In<'_>,
+        noise: In<'_>,
+        coef: In<'_>,
+        n: usize,
+        per_sample: usize,
+    ) -> Result<CudaStorage> {
+        let dev = x0.0.device().clone();
+        let xv = view(x0.0, x0.1, "add_noise x0")?;
+        let nv = view(noise.0, noise.1, "add_noise noise")?;
+        let cv = view(coef.0, coef.1, "add_noise coefficients")?;
+        let ps = per_sample.max(1);
+        if xv.len() != n || nv.len() != n || cv.len() != 2 * n.div_ceil(ps) {
+            bail!("add_noise (cuda): buffers do not match {n} elements")
+        }
+        // SAFETY: the grid-stride loop writes all n elements.
+        let out = unsafe { dev.alloc::<f32>(n)? };
+        let (nl, pl) = (long(n)?, long(ps)?);
+        // SAFETY: arguments match `ddpm_add_noise`; coef holds 2 per sample of `ps` elements.
+        unsafe {
+            launch!(dev, PTX, "ddpm_add_noise", elementwise(n); &xv, &nv, &cv, &out, &nl, &pl)
+        };
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }

@@ -187,7 +187,7 @@ impl InplaceOp2 for AdamMoments {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        crate::cuda::adam_moments((s1, l1), (s2, l2), self.beta1, self.beta2, self.grad_scale)
+        cuda::adam_moments((s1, l1), (s2, l2), self.beta1, self.beta2, self.grad_scale)
     }
 }
 
@@ -236,7 +236,7 @@ impl InplaceOp2 for ApplyUpdate {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        crate::cuda::adamw_apply(
+        cuda::adamw_apply(
             (s1, l1),
             (s2, l2),
             [self.lr, self.inv_bc1, self.inv_bc2, self.eps, self.decay],
@@ -282,6 +282,81 @@ impl InplaceOp2 for Ema {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        crate::cuda::ema((s1, l1), (s2, l2), self.d)
+        cuda::ema((s1, l1), (s2, l2), self.d)
+    }
+}
+
+/// The CUDA launch of this op: `kernels/optim.cu`, compiled to PTX by `build.rs`. Kernel
+/// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
+/// whose lengths were checked against the sizes the kernel indexes with.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda {
+    use crate::cuda::{elementwise, launch, long, ptx, view, view_mut, In, Out, Ptx};
+    use candle_core::backend::BackendStorage;
+    use candle_core::{bail, Result};
+
+    /// `kernels/optim.cu`.
+    const PTX: Ptx = ptx!("optim");
+
+    /// AdamW moments in place (`mv` = [m ‖ v]).
+    pub(crate) fn adam_moments(
+        mv: Out<'_>,
+        g: In<'_>,
+        beta1: f32,
+        beta2: f32,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let dev = mv.0.device().clone();
+        let gv = view(g.0, g.1, "adam_moments gradient")?;
+        let n = gv.len();
+        let mut mvv = view_mut(mv.0, mv.1, "adam_moments moments")?;
+        if mvv.len() != 2 * n {
+            bail!(
+                "adam_moments (cuda): {} moments for {n} gradients",
+                mvv.len()
+            )
+        }
+        let nl = long(n)?;
+        // SAFETY: arguments match `ddpm_adam_moments`; mv holds 2n and g n elements.
+        unsafe {
+            launch!(dev, PTX, "ddpm_adam_moments", elementwise(n);
+            &mut mvv, &gv, &nl, &beta1, &beta2, &grad_scale)
+        };
+        Ok(())
+    }
+
+    /// AdamW weight update in place, `p` = [lr, 1/bc₁, 1/bc₂, ε, decay].
+    pub(crate) fn adamw_apply(w: Out<'_>, mv: In<'_>, p: [f32; 5]) -> Result<()> {
+        let dev = w.0.device().clone();
+        let mvv = view(mv.0, mv.1, "adamw_apply moments")?;
+        let mut wv = view_mut(w.0, w.1, "adamw_apply weights")?;
+        let n = wv.len();
+        if mvv.len() != 2 * n {
+            bail!("adamw_apply (cuda): {} moments for {n} weights", mvv.len())
+        }
+        let nl = long(n)?;
+        let [lr, inv_bc1, inv_bc2, eps, decay] = p;
+        // SAFETY: arguments match `ddpm_adamw_apply`; w holds n and mv 2n elements.
+        unsafe {
+            launch!(dev, PTX, "ddpm_adamw_apply", elementwise(n);
+            &mut wv, &mvv, &nl, &lr, &inv_bc1, &inv_bc2, &eps, &decay)
+        };
+        Ok(())
+    }
+
+    /// EMA in place.
+    pub(crate) fn ema(avg: Out<'_>, w: In<'_>, d: f32) -> Result<()> {
+        let dev = avg.0.device().clone();
+        let wv = view(w.0, w.1, "ema_update weights")?;
+        let mut av = view_mut(avg.0, avg.1, "ema_update average")?;
+        let n = wv.len();
+        if av.len() != n {
+            bail!("ema_update (cuda): {} averages for {n} weights", av.len())
+        }
+        let nl = long(n)?;
+        // SAFETY: arguments match `ddpm_ema`; both buffers hold n elements.
+        unsafe { launch!(dev, PTX, "ddpm_ema", elementwise(n); &mut av, &wv, &nl, &d) };
+        Ok(())
     }
 }

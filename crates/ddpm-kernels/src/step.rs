@@ -182,7 +182,7 @@ pub fn reverse_step(
 
 /// Classifier-free guidance's combination for one element: ε̂ = (1 + w)·ε_cond − w·ε_uncond.
 /// The one Rust source of the formula: [`guidance_combine`], the fused step's CPU loop and
-/// (through them) every sampler use it; `kernels/fused.cu` holds its CUDA twin, which the GPU
+/// (through them) every sampler use it; `kernels/step.cu` holds its CUDA twin, which the GPU
 /// tests hold to this.
 #[inline(always)]
 pub fn guided_eps(cond: f32, uncond: f32, w: f32) -> f32 {
@@ -319,7 +319,7 @@ impl CustomOp3 for ReverseStep {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::reverse_step(
+        let out = cuda::reverse_step(
             (s1, l1),
             (s2, l2),
             (s3, l3),
@@ -331,5 +331,52 @@ impl CustomOp3 for ReverseStep {
             self.c,
         )?;
         Ok((out, self.out.clone()))
+    }
+}
+
+/// The CUDA launch of this op: `kernels/step.cu`, compiled to PTX by `build.rs`. Kernel
+/// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
+/// whose lengths were checked against the sizes the kernel indexes with.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda {
+    use crate::cuda::{elementwise, launch, long, ptx, view, In, Ptx};
+    use candle_core::backend::BackendStorage;
+    use candle_core::{bail, CudaStorage, Result};
+
+    /// `kernels/step.cu`.
+    const PTX: Ptx = ptx!("step");
+
+    /// The fused reverse step: `[x_prev ‖ x̂₀]` (2n floats).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn reverse_step(
+        x: In<'_>,
+        eps: In<'_>,
+        extra: In<'_>,
+        n: usize,
+        guided: bool,
+        w: f32,
+        (sqrt_ac, sqrt_one_minus_ac): (f32, f32),
+        clip: bool,
+        [c_x0, c_eps, c_x, c_extra]: [f32; 4],
+    ) -> Result<CudaStorage> {
+        let dev = x.0.device().clone();
+        let xv = view(x.0, x.1, "reverse_step x_t")?;
+        let ev = view(eps.0, eps.1, "reverse_step ε")?;
+        let zv = view(extra.0, extra.1, "reverse_step extra")?;
+        let want_e = if guided { 2 * n } else { n };
+        if xv.len() != n || ev.len() != want_e || zv.len() != n {
+            bail!("reverse_step (cuda): buffers do not match {n} elements")
+        }
+        // SAFETY: the grid-stride loop writes all 2n elements.
+        let out = unsafe { dev.alloc::<f32>(2 * n)? };
+        let (nl, gi, ci) = (long(n)?, i32::from(guided), i32::from(clip));
+        // SAFETY: arguments match `ddpm_reverse_step`; x, extra hold n and eps 2n (guided) or n.
+        unsafe {
+            launch!(dev, PTX, "ddpm_reverse_step", elementwise(n);
+            &xv, &ev, &zv, &out, &nl, &gi, &w, &sqrt_ac, &sqrt_one_minus_ac, &ci,
+            &c_x0, &c_eps, &c_x, &c_extra)
+        };
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }

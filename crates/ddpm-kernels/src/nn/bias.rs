@@ -59,7 +59,7 @@ impl CustomOp2 for AddBias {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, c, s, per_sample) = geom(l1.dims(), l2.dims())?;
-        let y = super::cuda::add_bias(s1, l1, s2, l2, (n, c, s), per_sample)?;
+        let y = cuda::add_bias(s1, l1, s2, l2, (n, c, s), per_sample)?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -141,12 +141,82 @@ impl CustomOp1 for SumPlanes {
         }
         let (n, c) = (dims[0], dims[1]);
         let plane: usize = dims[2..].iter().product();
-        let out = super::cuda::sum_planes(st, l, (n, c, plane), self.per_sample)?;
+        let out = cuda::sum_planes(st, l, (n, c, plane), self.per_sample)?;
         let shape = if self.per_sample {
             Shape::from((n, c))
         } else {
             Shape::from(c)
         };
         Ok((out, shape))
+    }
+}
+
+/// The CUDA launch of this op: `kernels/bias.cu`, compiled to PTX by `build.rs`. Kernel
+/// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
+/// whose lengths were checked against the sizes the kernel indexes with.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda {
+    use crate::cuda::{elementwise, int, launch, per_block, ptx, view, Ptx};
+    use candle_core::backend::BackendStorage;
+    use candle_core::{bail, CudaStorage, Layout, Result};
+
+    /// `kernels/bias.cu`.
+    const PTX: Ptx = ptx!("bias");
+
+    /// `x [n, c, s] + b`, `b` of `[c]` or (per sample) `[n, c]`.
+    pub(crate) fn add_bias(
+        x: &CudaStorage,
+        lx: &Layout,
+        bias: &CudaStorage,
+        lb: &Layout,
+        (n, c, s): (usize, usize, usize),
+        per_sample: bool,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let (xv, bv) = (
+            view(x, lx, "add_bias input")?,
+            view(bias, lb, "add_bias bias")?,
+        );
+        let want = if per_sample { n * c } else { c };
+        if xv.len() != n * c * s || bv.len() != want {
+            bail!("add_bias (cuda): buffers do not match [{n}, {c}, {s}]")
+        }
+        let total = n * c * s;
+        // SAFETY: the grid-stride loop writes every element.
+        let y = unsafe { dev.alloc::<f32>(total)? };
+        let (ci, si, ps) = (int(c, "c")?, int(s.max(1), "s")?, i32::from(per_sample));
+        // SAFETY: argument types and order match `ddpm_add_bias`; lengths checked above.
+        unsafe {
+            launch!(dev, PTX, "ddpm_add_bias", elementwise(total);
+            &xv, &bv, &y, &total, &ci, &si, &ps)
+        };
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+
+    /// Per-plane sums of `g [n, c, s]`: `[n, c]`, or summed over `n` to `[c]`.
+    pub(crate) fn sum_planes(
+        g: &CudaStorage,
+        lg: &Layout,
+        (n, c, s): (usize, usize, usize),
+        per_sample: bool,
+    ) -> Result<CudaStorage> {
+        let dev = g.device().clone();
+        let gv = view(g, lg, "bias gradient")?;
+        if gv.len() != n * c * s {
+            bail!("bias gradient (cuda): buffer does not match [{n}, {c}, {s}]")
+        }
+        let out = dev.alloc_zeros::<f32>(if per_sample { n * c } else { c })?;
+        let (pi, ci, si, ps) = (
+            int(n * c, "planes")?,
+            int(c, "c")?,
+            int(s, "s")?,
+            i32::from(per_sample),
+        );
+        // SAFETY: argument types and order match `ddpm_sum_planes`; lengths checked above.
+        unsafe {
+            launch!(dev, PTX, "ddpm_sum_planes", per_block(n * c)?; &gv, &out, &pi, &ci, &si, &ps)
+        };
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }

@@ -35,8 +35,6 @@
 pub(crate) mod bias;
 mod conv;
 mod conv_grad;
-#[cfg(feature = "cuda")]
-mod cuda;
 mod gemm;
 mod norm;
 mod resample;
@@ -58,7 +56,7 @@ pub enum Kernels {
     Fast,
     /// [`Kernels::Fast`], plus our own CUDA kernels on a GPU for the ops `Fast` leaves to candle
     /// there: GroupNorm with its shift and SiLU, the bias add and the ×2 upsampling, forward and
-    /// backward (`kernels/unet.cu`, built with the `cuda` feature). On the CPU it is `Fast`.
+    /// backward (`kernels/norm.cu`, `bias.cu`, `resample.cu`, built with the `cuda` feature). On the CPU it is `Fast`.
     /// Opt-in until `tests/cuda.rs` has passed on a GPU (they were written on a machine without
     /// one; see docs/cuda.md).
     Fused,

@@ -300,8 +300,7 @@ impl CustomOp2 for GroupNormOp {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let geo = self.geom(l1, l2)?;
         let dims = (l1.dims()[0], geo.c, geo.s);
-        let y =
-            super::cuda::group_norm_fwd(s1, l1, s2, l2, dims, self.groups, self.eps, self.silu)?;
+        let y = cuda::group_norm_fwd(s1, l1, s2, l2, dims, self.groups, self.eps, self.silu)?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -430,10 +429,97 @@ impl CustomOp3 for GroupNormBwd {
             )
         }
         let dims = (l1.dims()[0], geo.c, geo.s);
-        let out =
-            super::cuda::group_norm_bwd(s1, l1, s2, l2, s3, l3, dims, op.groups, op.eps, op.silu)?;
+        let out = cuda::group_norm_bwd(s1, l1, s2, l2, s3, l3, dims, op.groups, op.eps, op.silu)?;
         let len = l1.shape().elem_count() + geo.np;
         Ok((out, Shape::from(len)))
+    }
+}
+
+/// The CUDA launch of this op: `kernels/norm.cu`, compiled to PTX by `build.rs`. Kernel
+/// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
+/// whose lengths were checked against the sizes the kernel indexes with.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda {
+    use crate::cuda::{int, launch, per_block, ptx, view, Ptx};
+    use candle_core::backend::BackendStorage;
+    use candle_core::{bail, CudaStorage, Layout, Result};
+
+    /// `kernels/norm.cu`.
+    const PTX: Ptx = ptx!("norm");
+
+    /// GroupNorm's sizes as the kernels' `int`s: `[n, c, groups, s]`.
+    fn gn_dims(n: usize, c: usize, groups: usize, s: usize) -> Result<[i32; 4]> {
+        Ok([
+            int(n, "n")?,
+            int(c, "c")?,
+            int(groups, "groups")?,
+            int(s, "s")?,
+        ])
+    }
+
+    /// GroupNorm forward over `x [n, c, s]` with packed `[γ ‖ β ‖ shift]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn group_norm_fwd(
+        x: &CudaStorage,
+        lx: &Layout,
+        gb: &CudaStorage,
+        lg: &Layout,
+        (n, c, s): (usize, usize, usize),
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let (xv, gv) = (
+            view(x, lx, "group_norm input")?,
+            view(gb, lg, "group_norm affine")?,
+        );
+        if xv.len() != n * c * s || gv.len() != 2 * c + n * c {
+            bail!("group_norm (cuda): buffers do not match [{n}, {c}, {s}]")
+        }
+        // SAFETY: the kernel writes every element (each (sample, group) block covers its slice).
+        let y = unsafe { dev.alloc::<f32>(n * c * s)? };
+        let [ni, ci, gi, si] = gn_dims(n, c, groups, s)?;
+        let silu = i32::from(silu);
+        // SAFETY: argument types and order match `ddpm_gn_fwd`; lengths checked above.
+        unsafe {
+            launch!(dev, PTX, "ddpm_gn_fwd", per_block(n * groups)?;
+            &xv, &gv, &y, &ni, &ci, &gi, &si, &eps, &silu)
+        };
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+
+    /// GroupNorm backward: `[dx ‖ dγ ‖ dβ ‖ dshift]` from `x`, the packed parameters and `dy`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn group_norm_bwd(
+        x: &CudaStorage,
+        lx: &Layout,
+        gb: &CudaStorage,
+        lg: &Layout,
+        dy: &CudaStorage,
+        ld: &Layout,
+        (n, c, s): (usize, usize, usize),
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let xv = view(x, lx, "group_norm input")?;
+        let gv = view(gb, lg, "group_norm affine")?;
+        let dv = view(dy, ld, "group_norm gradient")?;
+        if xv.len() != n * c * s || dv.len() != n * c * s || gv.len() != 2 * c + n * c {
+            bail!("group_norm backward (cuda): buffers do not match [{n}, {c}, {s}]")
+        }
+        let out = dev.alloc_zeros::<f32>(n * c * s + 2 * c + n * c)?;
+        let [ni, ci, gi, si] = gn_dims(n, c, groups, s)?;
+        let silu = i32::from(silu);
+        // SAFETY: argument types and order match `ddpm_gn_bwd`; lengths checked above.
+        unsafe {
+            launch!(dev, PTX, "ddpm_gn_bwd", per_block(n * groups)?;
+            &xv, &gv, &dv, &out, &ni, &ci, &gi, &si, &eps, &silu)
+        };
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
 

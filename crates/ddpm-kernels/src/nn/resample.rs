@@ -75,7 +75,7 @@ impl CustomOp1 for Upsample2x {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, c, h, w) = dims4(l, "upsample input")?;
-        let y = super::cuda::resample2x(st, l, n * c, (h, w), true)?;
+        let y = cuda::resample2x(st, l, n * c, (h, w), true)?;
         Ok((y, Shape::from((n, c, 2 * h, 2 * w))))
     }
 
@@ -126,7 +126,55 @@ impl CustomOp1 for SumBlocks2x {
             bail!("upsample gradient: {h2}x{w2} is not twice an input size")
         }
         let (h, w) = (h2 / 2, w2 / 2);
-        let dx = super::cuda::resample2x(st, l, n * c, (h, w), false)?;
+        let dx = cuda::resample2x(st, l, n * c, (h, w), false)?;
         Ok((dx, Shape::from((n, c, h, w))))
+    }
+}
+
+/// The CUDA launch of this op: `kernels/resample.cu`, compiled to PTX by `build.rs`. Kernel
+/// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
+/// whose lengths were checked against the sizes the kernel indexes with.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod cuda {
+    use crate::cuda::{elementwise, int, launch, ptx, view, Ptx};
+    use candle_core::backend::BackendStorage;
+    use candle_core::{bail, CudaStorage, Layout, Result};
+
+    /// `kernels/resample.cu`.
+    const PTX: Ptx = ptx!("resample");
+
+    /// Nearest ×2 upsampling of `planes` planes of `h × w` (`up`), or its adjoint, the 2×2 block sums
+    /// of `planes` planes of `2h × 2w` (`!up`).
+    pub(crate) fn resample2x(
+        x: &CudaStorage,
+        lx: &Layout,
+        planes: usize,
+        (h, w): (usize, usize),
+        up: bool,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let xv = view(x, lx, "upsample")?;
+        let (inp, outp) = if up {
+            (h * w, 4 * h * w)
+        } else {
+            (4 * h * w, h * w)
+        };
+        if xv.len() != planes * inp {
+            bail!("upsample (cuda): buffer does not match {planes} planes of {h}x{w}")
+        }
+        let total = planes * outp;
+        // SAFETY: the grid-stride loop writes every element.
+        let y = unsafe { dev.alloc::<f32>(total)? };
+        let (hi, wi) = (int(h, "h")?, int(w, "w")?);
+        // SAFETY: argument types and order match both kernels; lengths checked above.
+        unsafe {
+            if up {
+                launch!(dev, PTX, "ddpm_upsample2x", elementwise(total); &xv, &y, &total, &hi, &wi)
+            } else {
+                launch!(dev, PTX, "ddpm_sum_blocks2x", elementwise(total); &xv, &y, &total, &hi, &wi)
+            }
+        }
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
 }

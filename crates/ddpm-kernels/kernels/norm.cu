@@ -1,27 +1,8 @@
-// CUDA versions of ddpm_unet::ops' CPU kernels (GroupNorm with shift and SiLU, forward and
-// backward; per-channel bias add and its gradient; nearest-neighbour ×2 upsampling and its
-// gradient). f32 only. Compiled to PTX by ddpm-kernels' build.rs when the `cuda` feature is on,
-// launched by ddpm-unet's src/ops/cuda.rs. Each kernel mirrors the CPU loop of the same op there.
+// GroupNorm with a per-sample shift and SiLU, forward and backward: the CUDA half of
+// src/nn/norm.rs (which launches it and whose CPU loop it mirrors). f32 only. Compiled to PTX
+// by this crate's build.rs when the `cuda` feature is on.
 
-#include <stddef.h>
-
-__device__ __forceinline__ float ddpm_sigmoid(float z) { return 1.0f / (1.0f + __expf(-z)); }
-
-// Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024), returned to every
-// thread. `scratch` holds 32 floats of shared memory; the leading barrier lets it be reused.
-__device__ float block_sum(float v, float* scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? scratch[threadIdx.x] : 0.0f;
-    if (warp == 0)
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    if (threadIdx.x == 0) scratch[0] = v;
-    __syncthreads();
-    return scratch[0];
-}
+#include "common.cuh"
 
 // Mean and 1/σ of one (sample, group) of x + shift, two passes (no E[x²] − E[x]² cancellation).
 __device__ void group_stats(const float* x, const float* shift, int c0, int s, int len, float eps,
@@ -139,55 +120,5 @@ extern "C" __global__ void ddpm_gn_bwd(const float* x, const float* gb, const fl
         }
         acc = block_sum(acc, scratch);
         if (threadIdx.x == 0) dshift[(size_t)sample * c + ch] = acc;
-    }
-}
-
-// y = x + b over x [n, c, s], b [c] (per_sample = 0) or [n, c] (per_sample = 1).
-extern "C" __global__ void ddpm_add_bias(const float* x, const float* b, float* y, size_t total,
-                                         int c, int s, int per_sample) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const size_t plane = i / (size_t)s;
-        y[i] = x[i] + b[per_sample ? plane : plane % (size_t)c];
-    }
-}
-
-// Σ over each plane of g [n, c, s]: into out [n, c] (per_sample = 1), or summed over n into
-// out [c] with atomics (per_sample = 0; out zeroed by the caller). One block per plane.
-extern "C" __global__ void ddpm_sum_planes(const float* g, float* out, int planes, int c, int s,
-                                           int per_sample) {
-    __shared__ float scratch[32];
-    const int plane = blockIdx.x;
-    if (plane >= planes) return;
-    float acc = 0.0f;
-    for (int j = threadIdx.x; j < s; j += blockDim.x) acc += g[(size_t)plane * s + j];
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) {
-        if (per_sample) out[plane] = acc;
-        else atomicAdd(&out[plane % c], acc);
-    }
-}
-
-// y [planes, 2h, 2w] from x [planes, h, w], each pixel repeated over a 2×2 block.
-extern "C" __global__ void ddpm_upsample2x(const float* x, float* y, size_t total, int h, int w) {
-    const size_t ow = 2 * (size_t)w, plane_out = 4 * (size_t)h * w;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const size_t plane = i / plane_out, r = i % plane_out;
-        const size_t oy = r / ow, ox = r % ow;
-        y[i] = x[plane * h * w + (oy / 2) * w + ox / 2];
-    }
-}
-
-// dx [planes, h, w]: the sum of each 2×2 block of g [planes, 2h, 2w].
-extern "C" __global__ void ddpm_sum_blocks2x(const float* g, float* dx, size_t total, int h,
-                                             int w) {
-    const size_t ow = 2 * (size_t)w, plane_in = (size_t)h * w;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const size_t plane = i / plane_in, r = i % plane_in;
-        const size_t y = r / w, xx = r % w;
-        const float* b = g + plane * 4 * plane_in + (2 * y) * ow + 2 * xx;
-        dx[i] = (b[0] + b[1]) + (b[ow] + b[ow + 1]);
     }
 }
