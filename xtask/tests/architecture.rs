@@ -162,21 +162,25 @@ fn no_sampling_loop_outside_the_pipeline() {
     }
 }
 
+/// The library crates of the workspace.
+const LIBRARIES: [&str; 10] = [
+    "ddpm-core",
+    "ddpm-kernels",
+    "ddpm-schedule",
+    "ddpm-data",
+    "ddpm-viz",
+    "ddpm-unet",
+    "ddpm-sampler",
+    "ddpm-pipeline",
+    "ddpm-train",
+    "ddpm-eval",
+];
+
 /// No library compiles a path of the build machine in: only the `ddpm` binary looks for its
 /// own source tree (its default model and MNIST copy, documented in main.rs).
 #[test]
 fn no_library_compiles_a_source_path_in() {
-    for krate in [
-        "ddpm-core",
-        "ddpm-kernels",
-        "ddpm-schedule",
-        "ddpm-data",
-        "ddpm-unet",
-        "ddpm-sampler",
-        "ddpm-pipeline",
-        "ddpm-train",
-        "ddpm-eval",
-    ] {
+    for krate in LIBRARIES {
         for (path, text) in sources(&format!("crates/{krate}/src")) {
             assert!(
                 !text.contains(concat!("env!(\"CARGO_", "MANIFEST_DIR\")")),
@@ -190,19 +194,7 @@ fn no_library_compiles_a_source_path_in() {
 #[test]
 fn every_custom_op_lives_in_ddpm_kernels() {
     let mut found = 0;
-    for krate in [
-        "ddpm-core",
-        "ddpm-kernels",
-        "ddpm-schedule",
-        "ddpm-data",
-        "ddpm-unet",
-        "ddpm-sampler",
-        "ddpm-pipeline",
-        "ddpm-viz",
-        "ddpm-train",
-        "ddpm-eval",
-        "ddpm-cli",
-    ] {
+    for krate in LIBRARIES.into_iter().chain(["ddpm-cli"]) {
         for (path, text) in sources(&format!("crates/{krate}/src")) {
             for op in [
                 "CustomOp1 for",
