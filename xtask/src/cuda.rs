@@ -114,7 +114,7 @@ fn gzip_into(src: &Path, dir: &Path) -> Result<PathBuf> {
 }
 
 /// One verification run of a packed build on a GPU machine: every CUDA test, then the
-/// measurements that decide whether `Kernels::Fused` becomes the CUDA default, with the PyTorch
+/// measurements that decide whether `Kernels::CudaOps` becomes the CUDA default, with the PyTorch
 /// reference when the repository's bench/torch_reference.py is at hand.
 const CHECK_SH: &str = r#"#!/usr/bin/env bash
 # Usage: bash check.sh [RESULTS_DIR]   (default: $OUT, else /tmp/ddpm-check); about 5 minutes.
@@ -143,11 +143,11 @@ measure() {
   echo "{\"peak_gpu_mib\": ${peak:-null}, \"result\": ${line:-null}}"
 }
 {
-  for k in fast fused "fused --autocast bf16"; do
+  for k in fast cuda-ops "cuda-ops --autocast bf16"; do
     measure $ddpm bench --device cuda --mode train --model mnist --kernels $k --iters 20 --warmup 5
   done
   measure $ddpm bench --device cuda --mode kernels --model mnist --iters 20
-  for k in fast fused "fused --autocast bf16"; do
+  for k in fast cuda-ops "cuda-ops --autocast bf16"; do
     measure $ddpm bench --device cuda --mode sample --model mnist -b 1000 --steps 50 --iters 1 --warmup 1 --kernels $k
   done
   if [ -f bench/torch_reference.py ]; then

@@ -81,6 +81,13 @@ fn crate_graph_invariants_hold() {
             "ddpm-sampler must not depend on {forbidden}"
         );
     }
+    // The evaluator measures images; it needs the kernels' convolution, not the model.
+    for forbidden in ["ddpm-unet", "ddpm-sampler", "ddpm-pipeline"] {
+        assert!(
+            !uses("ddpm-eval", forbidden),
+            "ddpm-eval must not depend on {forbidden}"
+        );
+    }
     for leaf in ["ddpm-data", "ddpm-kernels"] {
         assert!(
             !deps[leaf].iter().any(|d| d.starts_with("ddpm-")),

@@ -43,8 +43,8 @@ pub struct BenchArgs {
     /// Batch size (default: 128 for train, 256 for forward).
     #[arg(short = 'b', long)]
     batch: Option<usize>,
-    /// Kernel implementation: fast (ours), stock (candle's), or fused (fast plus our CUDA kernels
-    /// for GroupNorm, bias and upsampling on a GPU; the same as fast on the CPU).
+    /// Kernel implementation: fast (ours), stock (candle's), or cuda-ops (fast plus our CUDA
+    /// kernels for GroupNorm, bias and upsampling on a GPU; the same as fast on the CPU).
     #[arg(long, value_enum, default_value_t = Kernels::Fast)]
     kernels: Kernels,
     /// Timed iterations.

@@ -101,44 +101,20 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let clf_path = a.classifier.clone().unwrap_or_else(default_classifier);
     let clf_path = std::fs::canonicalize(&clf_path).unwrap_or(clf_path);
     let (clf, info) = Classifier::load(&clf_path, &device)?;
-    let (c, h, w) = (card.data.channels, card.data.height, card.data.width);
-    if c != clf.config().in_channels || h != clf.config().image_size || w != h {
-        bail!(
-            "--checkpoint {}: the model makes {c}×{h}×{w} images but the classifier {} takes {}×{}×{}; \
-             the evaluator is for MNIST-shaped models",
-            ckpt.display(),
-            clf_path.display(),
-            clf.config().in_channels,
-            clf.config().image_size,
-            clf.config().image_size
-        );
-    }
     let k = card.model.num_classes;
-    if k > 0 && k != clf.config().num_classes {
-        bail!(
-            "the model has {k} classes, the classifier {}",
-            clf.config().num_classes
-        );
-    }
-    let kind = DatasetKind::Mnist;
-    let test = load_dataset(
-        &kind,
-        crate::data_dir(&kind, a.data_dir.as_deref()).as_deref(),
-        Split::Test,
-        (28, 28),
-    )
-    .context("loading the MNIST test split (the reference set)")?;
-    let train = load_dataset(
-        &kind,
-        crate::data_dir(&kind, a.data_dir.as_deref()).as_deref(),
-        Split::Train,
-        (28, 28),
-    )
-    .context("loading the MNIST train split (the real-data floor)")?;
-    let (tx, _) = test.to_tensors(&device)?;
-    let reference = Reference::new(&clf, &tx)?;
-    let (rx, ry) = train.take(a.n.min(10_000)).to_tensors(&device)?;
-    let floor = reference.evaluate(&clf, &rx, Some(&ry.to_vec1::<u32>()?))?;
+    let d = &card.data;
+    clf.check_generator(d.channels, d.height, d.width, k)
+        .with_context(|| {
+            format!(
+                "--checkpoint {} with --classifier {}",
+                ckpt.display(),
+                clf_path.display()
+            )
+        })?;
+    let data_dir = crate::data_dir(&DatasetKind::Mnist, a.data_dir.as_deref());
+    let (reference, floor) = Reference::mnist(&clf, data_dir.as_deref(), a.n, &device).context(
+        "loading MNIST (the test split is the reference, train digits the real-data floor)",
+    )?;
     tracing::info!(
         fid_mnist = floor.fid_mnist,
         is = floor.is_mnist,
@@ -176,7 +152,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
             }
             Ok(())
         })
-        .map_err(|e| ddpm_eval::EvalError::Sampling(format!("sampling at w = {wt}: {e}")))?;
+        .map_err(|e| ddpm_eval::EvalError::Sampling {
+            w: wt,
+            source: Box::new(e),
+        })?;
         bar.finish_and_clear();
         Ok(x0)
     };
@@ -198,7 +177,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     )?;
     let report = Report {
         checkpoint: ckpt.display().to_string(),
-        card,
+        card: serde_json::to_value(&card).context("the model card as JSON")?,
         n: a.n,
         steps: a.steps,
         sampler: a.sampler.to_string(),

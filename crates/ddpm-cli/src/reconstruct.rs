@@ -163,13 +163,7 @@ fn pick(a: &ReconstructArgs, ds: &ddpm_data::ImageDataset) -> Result<Vec<usize>>
     } else if let Some(c) = a.count {
         (0..c).collect()
     } else {
-        let mut first = vec![None; ds.class_names().len()];
-        for (i, &l) in ds.labels().iter().enumerate() {
-            if let Some(slot @ None) = first.get_mut(l as usize) {
-                *slot = Some(i);
-            }
-        }
-        first.into_iter().flatten().collect()
+        ds.first_of_each_class()
     };
     if indices.is_empty() || indices.len() > 100 {
         bail!(

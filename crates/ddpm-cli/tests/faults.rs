@@ -563,122 +563,72 @@ fn bad_inputs_give_one_clear_error() {
     let ckpt = d.join("tiny.safetensors");
     tiny_checkpoint(&ckpt);
     let out = |name: &str| d.join(name).to_str().unwrap().to_string();
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let c = ckpt.to_str().unwrap();
+    let folder = d.to_str().unwrap();
+    let (e0, l0, i0, b, lr, none) = (
+        out("e0"),
+        out("l0"),
+        out("i0"),
+        out("b"),
+        out("lr"),
+        out("none"),
+    );
+    let (jpg, g, huge) = (out("grid.jpg"), out("g.png"), out("huge.png"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["train", "--epochs", "0", "--out", &e0], "--epochs 0"),
+        (vec!["train", "--limit", "0", "--out", &l0], "--limit 0"),
         (
-            vec![
-                "train".into(),
-                "--epochs".into(),
-                "0".into(),
-                "--out".into(),
-                out("e0"),
-            ],
-            "--epochs 0",
-        ),
-        (
-            vec![
-                "train".into(),
-                "--limit".into(),
-                "0".into(),
-                "--out".into(),
-                out("l0"),
-            ],
-            "--limit 0",
-        ),
-        (
-            vec![
-                "train".into(),
-                "--image-size".into(),
-                "0".into(),
-                "--out".into(),
-                out("i0"),
-            ],
+            vec!["train", "--image-size", "0", "--out", &i0],
             "--image-size 0",
         ),
         (
-            vec![
-                "train".into(),
-                "--batch-size".into(),
-                "10000000".into(),
-                "--out".into(),
-                out("b"),
-            ],
+            vec!["train", "--batch-size", "10000000", "--out", &b],
             "GiB is",
         ),
+        (vec!["train", "--lr", "1e30", "--out", &lr], "--lr"),
         (
-            vec![
-                "train".into(),
-                "--lr".into(),
-                "1e30".into(),
-                "--out".into(),
-                out("lr"),
-            ],
-            "--lr",
-        ),
-        (
-            vec![
-                "train".into(),
-                "--resume".into(),
-                "--out".into(),
-                out("none"),
-            ],
+            vec!["train", "--resume", "--out", &none],
             "without --resume",
         ),
         (
-            vec![
-                "sample".into(),
-                "--checkpoint".into(),
-                ckpt.to_str().unwrap().into(),
-                "--steps".into(),
-                "1".into(),
-                "--out".into(),
-                d.to_str().unwrap().into(),
-            ],
+            vec!["sample", "--checkpoint", c, "--steps", "1", "--out", folder],
             "is a folder",
         ),
         (
-            vec![
-                "sample".into(),
-                "--checkpoint".into(),
-                ckpt.to_str().unwrap().into(),
-                "--steps".into(),
-                "1".into(),
-                "--out".into(),
-                out("grid.jpg"),
-            ],
+            vec!["sample", "--checkpoint", c, "--steps", "1", "--out", &jpg],
             "must end in .png",
         ),
         (
             vec![
-                "sample".into(),
-                "--checkpoint".into(),
-                ckpt.to_str().unwrap().into(),
-                "--steps".into(),
-                "1".into(),
-                "--guidance".into(),
-                "1e39".into(),
-                "--out".into(),
-                out("g.png"),
+                "sample",
+                "--checkpoint",
+                c,
+                "--steps",
+                "1",
+                "--guidance",
+                "1e39",
+                "--out",
+                &g,
             ],
             "f32's range",
         ),
         (
             vec![
-                "sample".into(),
-                "--checkpoint".into(),
-                ckpt.to_str().unwrap().into(),
-                "--class".into(),
-                "all".into(),
-                "--n".into(),
-                "100000000000".into(),
-                "--out".into(),
-                out("huge.png"),
+                "sample",
+                "--checkpoint",
+                c,
+                "--class",
+                "all",
+                "--n",
+                "100000000000",
+                "--out",
+                &huge,
             ],
             "GiB is available",
         ),
     ];
     for (args, needle) in cases {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = ddpm(&a);
+        let o = ddpm(&args);
         let e = stderr(&o);
         assert!(!o.status.success(), "{args:?} exited 0");
         assert!(e.contains(needle), "{args:?}: {e}");

@@ -429,6 +429,11 @@ fn sync_dir(dir: &std::path::Path) {
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn ensure_finite(t: &Tensor, what: &str) -> Result<()> {
+    finite_values(t, what).map(|_| ())
+}
+
+/// The values of `t` as f32, read to the host once, after the check of [`ensure_finite`].
+pub fn finite_values(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let bad = v.iter().filter(|x| !x.is_finite()).count();
     if bad > 0 {
@@ -438,7 +443,7 @@ pub fn ensure_finite(t: &Tensor, what: &str) -> Result<()> {
             v.len()
         )
     }
-    Ok(())
+    Ok(v)
 }
 
 /// Builds the label tensor for a batch where every sample asks for the null class.

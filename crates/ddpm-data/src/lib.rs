@@ -109,6 +109,24 @@ impl ImageDataset {
         &self.labels
     }
 
+    /// The index of the first example of each class that has one, in class order.
+    ///
+    /// ```
+    /// let names = vec!["a".to_string(), "b".into(), "c".into()];
+    /// let ds = ddpm_data::ImageDataset::new(vec![0; 4], vec![1, 0, 1, 0], (1, 1, 1), names)?;
+    /// assert_eq!(ds.first_of_each_class(), [1, 0]);
+    /// # Ok::<(), ddpm_data::DataError>(())
+    /// ```
+    pub fn first_of_each_class(&self) -> Vec<usize> {
+        let mut first = vec![None; self.class_names.len()];
+        for (i, &l) in self.labels.iter().enumerate() {
+            if let Some(slot @ None) = first.get_mut(l as usize) {
+                *slot = Some(i);
+            }
+        }
+        first.into_iter().flatten().collect()
+    }
+
     /// The first `n` examples (all of them if `n` is larger).
     pub fn take(&self, n: usize) -> Self {
         let n = n.min(self.labels.len());

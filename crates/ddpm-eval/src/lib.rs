@@ -21,7 +21,7 @@
 //! # Ok::<(), ddpm_eval::EvalError>(())
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 mod classifier;
 pub mod linalg;
@@ -77,9 +77,15 @@ pub enum EvalError {
         /// What is wrong.
         why: String,
     },
-    /// The sample generator of a sweep failed.
-    #[error("{0}")]
-    Sampling(String),
+    /// The sample generator of a sweep failed (its own error kept as the source).
+    #[error("sampling at w = {w}: {source}")]
+    Sampling {
+        /// The guidance weight being sampled.
+        w: f64,
+        /// The generator's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A plot could not be drawn or written.
     #[error(transparent)]
     Viz(#[from] ddpm_viz::VizError),
@@ -92,6 +98,56 @@ pub enum EvalError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl Classifier {
+    /// Checks that this classifier can score the images of a generator that makes
+    /// `channels × height × width` images of `classes` classes (0: an unconditional model).
+    pub fn check_generator(
+        &self,
+        channels: usize,
+        height: usize,
+        width: usize,
+        classes: usize,
+    ) -> Result<(), EvalError> {
+        let c = self.config();
+        if channels != c.in_channels || height != c.image_size || width != c.image_size {
+            return Err(EvalError::Shape(format!(
+                "the model makes {channels}×{height}×{width} images but the classifier takes \
+                 {}×{}×{}: the evaluator is for MNIST-shaped models",
+                c.in_channels, c.image_size, c.image_size
+            )));
+        }
+        if classes > 0 && classes != c.num_classes {
+            return Err(EvalError::Shape(format!(
+                "the model has {classes} classes, the classifier {}",
+                c.num_classes
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Reference {
+    /// The MNIST protocol's reference and its real-data floor: the test split (from `data_dir`,
+    /// else where ddpm-data finds it) is the reference, and the first `n` training digits (at
+    /// most 10,000) scored against it are the floor a perfect generator would reach at that `n`.
+    pub fn mnist(
+        classifier: &Classifier,
+        data_dir: Option<&Path>,
+        n: usize,
+        device: &candle_core::Device,
+    ) -> Result<(Self, SetMetrics), EvalError> {
+        let load = |split| {
+            ddpm_data::load_dataset(&ddpm_data::DatasetKind::Mnist, data_dir, split, (28, 28))
+        };
+        let (test, _) = load(ddpm_data::Split::Test)?.to_tensors(device)?;
+        let reference = Self::new(classifier, &test)?;
+        let train = load(ddpm_data::Split::Train)?;
+        let (x, y) = train.take(n.min(10_000)).to_tensors(device)?;
+        let floor = reference.evaluate(classifier, &x, Some(&y.to_vec1::<u32>()?))?;
+        Ok((reference, floor))
+    }
 }
 
 /// Where the shipped classifier lives, relative to the workspace root.

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
-use ddpm_unet::ModelCard;
 use ddpm_viz as viz;
 use serde::{Deserialize, Serialize};
 
@@ -31,8 +30,10 @@ pub struct Row {
 pub struct Report {
     /// The checkpoint evaluated.
     pub checkpoint: String,
-    /// Its model card.
-    pub card: ModelCard,
+    /// Its model card, as JSON (for a ddpm-rs checkpoint, `serde_json::to_value` of its
+    /// `ddpm_unet::ModelCard`): kept untyped, so the evaluator needs no model crate and reports of
+    /// any generator carry their own description.
+    pub card: serde_json::Value,
     /// Samples per guidance weight.
     pub n: usize,
     /// Sampling steps.

@@ -502,8 +502,9 @@ pub fn generate(
         None => None,
     };
     let guided = ClassifierFreeGuidance::new(denoiser, request.guidance)?;
-    // Built once up front so a bad spec fails before x_T is drawn.
-    request.sampler.build(schedule)?;
+    // Built before x_T is drawn, so that a bad spec fails first; it runs the first batch, and
+    // every later batch gets a fresh one (the multistep samplers keep a history).
+    let mut first = Some(request.sampler.build(schedule)?);
     let (c, h, w) = dims;
     let mut noise = SeededNoise::new(request.seed);
     let x_t = noise.randn(&Shape::from((n, c, h, w)), DType::F32, device)?;
@@ -516,7 +517,10 @@ pub fn generate(
             .as_ref()
             .map(|l| l.narrow(0, start, len))
             .transpose()?;
-        let mut sampler = request.sampler.build(schedule)?;
+        let mut sampler = match first.take() {
+            Some(s) => s,
+            None => request.sampler.build(schedule)?,
+        };
         outs.push(sample(
             &guided,
             sampler.as_mut(),

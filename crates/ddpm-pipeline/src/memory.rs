@@ -1,8 +1,8 @@
 //! Memory estimates for sampling requests and training steps, checked against the memory the
 //! machine has available before anything is allocated: a request that cannot fit says what was
-//! asked and what fits, instead of being killed by the kernel. The advice names the `ddpm`
-//! command's flags (`--batch`, `--batch-size`, `--gif`), which are the same knobs as the
-//! fields of [`crate::Request`] and the trainer's config.
+//! asked and what fits, instead of being killed by the kernel. The advice names the knobs as the
+//! fields of [`crate::Request`] and the trainer's config call them (batch, batch size, scale, the
+//! GIF), which the `ddpm` command's flags of the same names set.
 
 use ddpm_unet::ModelCard;
 
@@ -37,17 +37,14 @@ pub fn training_bytes(card: &ModelCard, batch: usize) -> u64 {
 /// Fails, naming what fits, when a training step at `batch` cannot fit in the memory this
 /// machine has available.
 pub fn check_training(card: &ModelCard, batch: usize) -> Result<()> {
-    let Some(avail) = available_bytes() else {
+    let need = training_bytes(card, batch);
+    let Some(avail) = shortfall(need) else {
         return Ok(());
     };
-    let need = training_bytes(card, batch);
-    if need <= avail {
-        return Ok(());
-    }
     let per_image = training_bytes(card, 1).max(1);
     Err(request_err(format!(
-        "--batch-size {batch}: a training step needs about {:.1} GiB, but only {:.1} GiB is \
-         available: use --batch-size {} or less",
+        "batch size {batch}: a training step needs about {:.1} GiB, but only {:.1} GiB is \
+         available: use a batch size of {} or less",
         gib(need),
         gib(avail),
         (avail / per_image).max(1)
@@ -87,6 +84,11 @@ pub fn sampling_bytes(
         .saturating_add(frames)
 }
 
+/// The memory available, when it is known and less than `need` bytes.
+fn shortfall(need: u64) -> Option<u64> {
+    available_bytes().filter(|&avail| need > avail)
+}
+
 /// Memory this machine can still give (Linux: `MemAvailable`), if known.
 fn available_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -111,17 +113,10 @@ pub fn check_sampling(
     gif: bool,
     on_cpu: bool,
 ) -> Result<()> {
-    let Some(avail) = available_bytes() else {
+    let need = sampling_bytes(card, n, if on_cpu { batch } else { 0 }, guided, scale, gif);
+    let Some(avail) = shortfall(need) else {
         return Ok(());
     };
-    let need = if on_cpu {
-        sampling_bytes(card, n, batch, guided, scale, gif)
-    } else {
-        sampling_bytes(card, n, 0, guided, scale, gif)
-    };
-    if need <= avail {
-        return Ok(());
-    }
     let working = if on_cpu {
         sampling_bytes(card, 0, batch, guided, 1, false)
     } else {
@@ -130,7 +125,7 @@ pub fn check_sampling(
     let advice = if working > avail / 2 {
         let per_image = sampling_bytes(card, 0, 1, guided, 1, false).max(1);
         format!(
-            "use a smaller --batch (about {} fit beside the samples)",
+            "use a smaller batch (about {} fit beside the samples)",
             (avail / 2 / per_image).max(1)
         )
     } else {
@@ -138,7 +133,7 @@ pub fn check_sampling(
         format!(
             "ask for fewer samples (about {} in all fit{})",
             (avail - working) / per_sample,
-            if gif { "; or drop --gif" } else { "" }
+            if gif { "; or leave out the GIF" } else { "" }
         )
     };
     Err(request_err(format!(
@@ -149,7 +144,7 @@ pub fn check_sampling(
         card.data.height,
         card.data.width,
         if scale > 1 {
-            format!(", pictures at --scale {scale}")
+            format!(", pictures at scale {scale}")
         } else {
             String::new()
         },

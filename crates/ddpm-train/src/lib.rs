@@ -28,6 +28,7 @@ pub mod budget;
 pub mod checkpoint;
 mod error;
 mod fit;
+pub mod launch;
 mod lock;
 pub mod loss;
 pub mod optim;

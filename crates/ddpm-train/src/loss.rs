@@ -88,6 +88,14 @@ impl LossWeighting {
     }
 }
 
+impl std::str::FromStr for LossWeighting {
+    type Err = String;
+    /// [`LossWeighting::from_name`].
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::from_name(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

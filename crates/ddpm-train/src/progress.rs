@@ -1,7 +1,119 @@
-//! Progress for logs that go to a file: when stderr is not a terminal a progress bar is
-//! hidden, so [`PlainLines`] says how far a run is in one plain line every few seconds.
+//! Progress of a run: [`Bar`], the terminal observer `ddpm train` shows (a progress bar with the
+//! budget left, a line per epoch), and [`PlainLines`] for logs that go to a file: when stderr is
+//! not a terminal a progress bar is hidden, so a plain line says how far a run is every few
+//! seconds instead.
+
+#[cfg(feature = "progress-bar")]
+pub use bar::Bar;
 
 use crate::StepReport;
+
+#[cfg(feature = "progress-bar")]
+mod bar {
+    use std::time::Instant;
+
+    use indicatif::{ProgressBar, ProgressStyle};
+
+    use super::PlainLines;
+    use crate::budget::format_duration;
+    use crate::{BudgetPlan, EpochReport, StepReport, TrainObserver};
+
+    /// A [`TrainObserver`] for a terminal (feature `progress-bar`): a progress bar (epoch, loss, images/s and the budget
+    /// left), a line for the budget's plan and for every epoch, and [`PlainLines`] on stderr
+    /// instead of the bar when stderr is not a terminal.
+    pub struct Bar {
+        bar: ProgressBar,
+        /// The budget's deadline, in seconds since `started`.
+        deadline_s: Option<f64>,
+        started: Instant,
+        plain: Option<PlainLines>,
+    }
+
+    impl Bar {
+        /// A bar for a run that started at `started` (the process start: the budget counts from
+        /// there) and must end `deadline_s` seconds after it, if it has a budget; with
+        /// `plain_every_s > 0` and stderr not a terminal, a plain line that often instead.
+        pub fn new(started: Instant, deadline_s: Option<f64>, plain_every_s: f64) -> Self {
+            let bar = ProgressBar::new(0);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            let plain = (!std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && plain_every_s > 0.0)
+                .then(|| PlainLines::new(plain_every_s));
+            Self {
+                bar,
+                deadline_s,
+                started,
+                plain,
+            }
+        }
+
+        /// Removes the bar (call when the run has ended).
+        pub fn finish(&self) {
+            self.bar.finish_and_clear();
+        }
+
+        fn budget_left(&self) -> String {
+            self.deadline_s.map_or(String::new(), |d| {
+                let left = d - self.started.elapsed().as_secs_f64();
+                if left >= 0.0 {
+                    format!(", budget left {}", format_duration(left))
+                } else {
+                    format!(", {} over budget", format_duration(-left))
+                }
+            })
+        }
+    }
+
+    impl TrainObserver for Bar {
+        fn on_plan(&mut self, p: &BudgetPlan) {
+            self.bar.println(format!(
+                "budget {}: {} steps planned ({:.2} s a step, {:.0} s a sample grid), predicted {}",
+                format_duration(p.budget_s),
+                p.steps,
+                p.costs.train_step_s,
+                p.costs.grid_s,
+                format_duration(p.predicted_s)
+            ));
+        }
+        fn on_start(&mut self, start: u64, total: u64) {
+            self.bar.set_length(total);
+            self.bar.set_position(start);
+            if let Some(p) = &mut self.plain {
+                p.start(total, self.started.elapsed().as_secs_f64());
+            }
+        }
+        fn on_step(&mut self, r: &StepReport) {
+            self.bar.set_position(r.step);
+            let left = self.budget_left();
+            if let Some(p) = &mut self.plain {
+                if let Some(line) = p.line(r, self.started.elapsed().as_secs_f64(), &left) {
+                    eprintln!("{line}");
+                }
+            }
+            self.bar.set_message(format!(
+                "epoch {} loss {:.4} {:.1} img/s{left}",
+                r.epoch, r.loss, r.images_per_sec
+            ));
+        }
+        fn on_epoch(&mut self, r: &EpochReport) {
+            self.bar.println(format!(
+                "epoch {} step {}: train loss {:.4}, held-out {}, {:.1} img/s{}",
+                r.epoch,
+                r.step,
+                r.train_loss,
+                r.held_out_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                r.images_per_sec,
+                r.sample_grid
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(", grid {}", p.display())),
+            ));
+        }
+    }
+}
 
 /// A plain progress line (step, share done, epoch, loss, images/s, time left) at most every
 /// `every_s` seconds, and at the last step.

@@ -76,7 +76,7 @@ fn conv2d_on_cuda_matches_cpu_with_both_kernel_sets() {
         let x = randn(&mut rng, &[n, ci, h, w]);
         let wt = randn(&mut rng, &[co, ci, k, k]);
         let b = randn(&mut rng, &[co]);
-        for kernels in [Kernels::Fast, Kernels::Stock, Kernels::Fused] {
+        for kernels in [Kernels::Fast, Kernels::Stock, Kernels::CudaOps] {
             compare(
                 &dev,
                 &mut rng,
@@ -101,11 +101,11 @@ fn norm_bias_and_upsample_on_cuda_match_cpu() {
         randn(&mut rng, &[8]),
         randn(&mut rng, &[3, 8]),
     );
-    // Fast: candle's composition on the GPU; Fused: our kernels (kernels/ops.cu). Odd sizes, and
+    // Fast: candle's composition on the GPU; CudaOps: our kernels (kernels/norm.cu, bias.cu, resample.cu). Odd sizes, and
     // a plane larger than one block so the kernels' strided loops wrap.
     let big = randn(&mut rng, &[2, 8, 40, 33]);
     let big_shift = randn(&mut rng, &[2, 8]);
-    for kernels in [Kernels::Fast, Kernels::Fused] {
+    for kernels in [Kernels::Fast, Kernels::CudaOps] {
         for silu in [true, false] {
             compare(
                 &dev,
@@ -152,7 +152,7 @@ fn unet_on_cuda_matches_cpu_in_output_and_weight_gradients() {
     };
     let cfg = UNetConfig::tiny();
     let (cpu_map, cpu) = cpu_model(&cfg);
-    for kernels in [Kernels::Fast, Kernels::Fused] {
+    for kernels in [Kernels::Fast, Kernels::CudaOps] {
         unet_case(&dev, &cfg, &cpu, &cpu_map, kernels);
     }
 }
@@ -192,7 +192,7 @@ fn unet_bf16_autocast_on_cuda_tracks_f32() {
     };
     let cfg = UNetConfig::tiny();
     let (cpu_map, cpu) = cpu_model(&cfg);
-    for kernels in [Kernels::Fast, Kernels::Fused] {
+    for kernels in [Kernels::Fast, Kernels::CudaOps] {
         let (gpu_map, gpu) = gpu_copy(&dev, &cfg, &cpu_map, kernels);
         let gpu = gpu.with_autocast(Some(DType::BF16)).unwrap();
         let mut rng = SeededNoise::new(14);

@@ -301,7 +301,7 @@ fn unet_fast_and_stock_kernels_agree_in_output_and_weight_gradients() {
 
 #[test]
 fn fused_is_fast_on_the_cpu_and_every_kernel_set_has_a_name() {
-    for k in [Kernels::Stock, Kernels::Fast, Kernels::Fused] {
+    for k in [Kernels::Stock, Kernels::Fast, Kernels::CudaOps] {
         assert_eq!(Kernels::from_name(k.name()), Some(k));
     }
     assert_eq!(Kernels::from_name("cudnn"), None);
@@ -315,7 +315,7 @@ fn fused_is_fast_on_the_cpu_and_every_kernel_set_has_a_name() {
     let fast = unet.forward_t(&x, &t, Some(&y), false).unwrap();
     let fused = unet
         .clone()
-        .with_kernels(Kernels::Fused)
+        .with_kernels(Kernels::CudaOps)
         .forward_t(&x, &t, Some(&y), false)
         .unwrap();
     assert_eq!(max_rel_diff(&fused, &fast), 0.0);

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use image::{Rgb, RgbImage};
 
 /// Why a picture could not be drawn or written.
@@ -100,14 +100,12 @@ pub fn grid_image(images: &Tensor, ncols: usize, scale: usize) -> Result<RgbImag
 /// after clamping, the one mapping every picture and sample file uses. Fails on any non-finite
 /// value, so a diverged model gives an error instead of a black picture.
 pub fn to_u8(images: &Tensor) -> Result<Vec<u8>> {
-    ddpm_core::ensure_finite(images, "the images to write")?;
-    Ok(
-        ((images.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
-            .round()?
-            .to_dtype(DType::U8)?
-            .flatten_all()?
-            .to_vec1()?,
-    )
+    // One read to the host; the same f32 arithmetic as candle's clamp, affine, round and
+    // saturating cast (the pinned grids of crates/ddpm-cli/tests/shipped.rs hold it to that).
+    let v = ddpm_core::finite_values(images, "the images to write")?;
+    Ok(v.iter()
+        .map(|&x| ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8)
+        .collect())
 }
 
 /// Writes one `[C, H, W]` image in `[-1, 1]` at its native size, as a grayscale PNG (mode L)

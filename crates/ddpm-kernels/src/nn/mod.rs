@@ -55,20 +55,21 @@ pub enum Kernels {
     #[default]
     Fast,
     /// [`Kernels::Fast`], plus our own CUDA kernels on a GPU for the ops `Fast` leaves to candle
-    /// there: GroupNorm with its shift and SiLU, the bias add and the ×2 upsampling, forward and
+    /// there (`--kernels cuda-ops`; `fused`, its old name, is still accepted): GroupNorm with its shift and SiLU, the bias add and the ×2 upsampling, forward and
     /// backward (`kernels/norm.cu`, `bias.cu`, `resample.cu`, built with the `cuda` feature). On the CPU it is `Fast`.
     /// Opt-in until `tests/cuda.rs` has passed on a GPU (they were written on a machine without
     /// one; see docs/cuda.md).
-    Fused,
+    #[cfg_attr(feature = "clap", value(alias = "fused"))]
+    CudaOps,
 }
 
 impl Kernels {
-    /// Parses `stock` or `fast`.
+    /// Parses `stock` (or `candle`), `fast` or `cuda-ops` (or `fused`, its old name).
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "stock" | "candle" => Some(Self::Stock),
             "fast" => Some(Self::Fast),
-            "fused" => Some(Self::Fused),
+            "cuda-ops" | "fused" => Some(Self::CudaOps),
             _ => None,
         }
     }
@@ -78,7 +79,7 @@ impl Kernels {
         match self {
             Self::Stock => "stock",
             Self::Fast => "fast",
-            Self::Fused => "fused",
+            Self::CudaOps => "cuda-ops",
         }
     }
 
@@ -87,11 +88,11 @@ impl Kernels {
         self != Self::Stock && t.device().is_cpu() && t.dtype() == DType::F32
     }
 
-    /// Whether our CUDA kernels handle a tensor like `t` (f32 on a GPU, under `Fused`, in a
+    /// Whether our CUDA kernels handle a tensor like `t` (f32 on a GPU, under `CudaOps`, in a
     /// build with the `cuda` feature).
     fn cuda_for(self, t: &Tensor) -> bool {
         cfg!(feature = "cuda")
-            && self == Self::Fused
+            && self == Self::CudaOps
             && t.device().is_cuda()
             && t.dtype() == DType::F32
     }
