@@ -115,140 +115,79 @@ pub fn gallery(cli: &[String]) -> Result<()> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let out = |name: &str| o.out.join(name).display().to_string();
     let c = ckpt.display().to_string();
+    // (picture shown, `ddpm CMD [--checkpoint C] FLAGS --out OUT/FILE`, caption): FILE is the
+    // picture shown; FLAGS are split on spaces (they hold no paths; `{gif}` stands for
+    // OUT/reverse.gif, and the GIF steps show the GIF instead of their --out grid).
+    let step = |file: &str, cmd: &str, flags: &str, caption: &str| {
+        let mut a: Vec<String> = cmd.split_whitespace().map(String::from).collect();
+        if matches!(cmd, "sample" | "reconstruct") {
+            a.extend(["--checkpoint".to_string(), c.clone()]);
+        }
+        a.extend(flags.split_whitespace().map(|f| match f {
+            "{gif}" => out("reverse.gif"),
+            f => f.to_string(),
+        }));
+        a.extend(["--out".to_string(), out(file)]);
+        (file.to_string(), a, caption.to_string())
+    };
+    let showing =
+        |gif: &str, (_, a, caption): (String, Vec<String>, String)| (gif.to_string(), a, caption);
     let mut steps: Vec<(String, Vec<String>, String)> = vec![
-        (
-            "noise.png".into(),
-            args(&[
-                "noise",
-                "--index",
-                "0",
-                "--rows",
-                "4",
-                "--out",
-                &out("noise.png"),
-            ]),
-            "The forward process q(x_t | x_0) on four test digits, t = 0 … 999".into(),
+        step(
+            "noise.png",
+            "noise",
+            "--index 0 --rows 4",
+            "The forward process q(x_t | x_0) on four test digits, t = 0 … 999",
         ),
-        (
-            "samples-w3.png".into(),
-            args(&[
+        step(
+            "samples-w3.png",
+            "sample",
+            "--class all --n 8 --guidance 3",
+            "One row per class at the default guidance w = 3 (DPM-Solver++, 20 steps)",
+        ),
+        step(
+            "sweep.png",
+            "sample",
+            "--class all --n 4 --sweep 0,1,3,5 --scale 2",
+            "The same noise at w = 0, 1, 3, 5",
+        ),
+        showing(
+            "reverse.gif",
+            step(
+                "reverse-final.png",
                 "sample",
-                "--checkpoint",
-                &c,
-                "--class",
-                "all",
-                "--n",
-                "8",
-                "--guidance",
-                "3",
-                "--out",
-                &out("samples-w3.png"),
-            ]),
-            "One row per class at the default guidance w = 3 (DPM-Solver++, 20 steps)".into(),
+                "--class all --n 1 --gif {gif}",
+                "Reverse diffusion, one digit per class",
+            ),
         ),
-        (
-            "sweep.png".into(),
-            args(&[
+        showing(
+            "reverse-light.gif",
+            step(
+                "reverse-final.png",
                 "sample",
-                "--checkpoint",
-                &c,
-                "--class",
-                "all",
-                "--n",
-                "4",
-                "--sweep",
-                "0,1,3,5",
-                "--scale",
-                "2",
-                "--out",
-                &out("sweep.png"),
-            ]),
-            "The same noise at w = 0, 1, 3, 5".into(),
+                "--class all --n 1 --gif {gif} --gif-theme both",
+                "The same animation for light and dark pages (reverse-light.gif and \
+                 reverse-dark.gif, for a README's <picture> with prefers-color-scheme)",
+            ),
         ),
-        (
-            "reverse.gif".into(),
-            args(&[
-                "sample",
-                "--checkpoint",
-                &c,
-                "--class",
-                "all",
-                "--n",
-                "1",
-                "--gif",
-                &out("reverse.gif"),
-                "--out",
-                &out("reverse-final.png"),
-            ]),
-            "Reverse diffusion, one digit per class".into(),
+        step(
+            "preview.png",
+            "data preview",
+            "--dataset mnist --per-class 10",
+            "The training data: ten real digits per class",
         ),
-        (
-            "reverse-light.gif".into(),
-            args(&[
-                "sample",
-                "--checkpoint",
-                &c,
-                "--class",
-                "all",
-                "--n",
-                "1",
-                "--gif",
-                &out("reverse.gif"),
-                "--gif-theme",
-                "both",
-                "--out",
-                &out("reverse-final.png"),
-            ]),
-            "The same animation for light and dark pages (reverse-light.gif and reverse-dark.gif, \
-             for a README's <picture> with prefers-color-scheme)"
-                .into(),
-        ),
-        (
-            "preview.png".into(),
-            args(&[
-                "data",
-                "preview",
-                "--dataset",
-                "mnist",
-                "--per-class",
-                "10",
-                "--out",
-                &out("preview.png"),
-            ]),
-            "The training data: ten real digits per class".into(),
-        ),
-        (
-            "reconstruct.png".into(),
-            args(&[
-                "reconstruct",
-                "--checkpoint",
-                &c,
-                "--t",
-                "50,200,400,600,800,999",
-                "--out",
-                &out("reconstruct.png"),
-            ]),
+        step(
+            "reconstruct.png",
+            "reconstruct",
+            "--t 50,200,400,600,800,999",
             "Reconstruction: one test digit per class (first column) noised to t = 50 … 999 and \
-             denoised back with DDIM; small t keeps the digit, t near T draws a fresh one"
-                .into(),
+             denoised back with DDIM; small t keeps the digit, t near T draws a fresh one",
         ),
-        (
-            "reconstruct-as-3.png".into(),
-            args(&[
-                "reconstruct",
-                "--checkpoint",
-                &c,
-                "--t",
-                "200,400,600,800",
-                "--as-class",
-                "3",
-                "--guidance",
-                "2",
-                "--out",
-                &out("reconstruct-as-3.png"),
-            ]),
-            "Guided editing (SDEdit): the same digits noised to t and denoised as a 3 at w = 2"
-                .into(),
+        step(
+            "reconstruct-as-3.png",
+            "reconstruct",
+            "--t 200,400,600,800 --as-class 3 --guidance 2",
+            "Guided editing (SDEdit): the same digits noised to t and denoised as a 3 at w = 2",
         ),
     ];
     let eval_dir = o.out.join("eval");

@@ -15,6 +15,16 @@ fn ddpm(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `ddpm` with `flags` (split on spaces; they hold no paths), then each `(flag, value)` (the
+/// values kept whole: paths).
+fn ddpm_with(flags: &str, values: &[(&str, &str)]) -> Output {
+    let mut a: Vec<&str> = flags.split_whitespace().collect();
+    for (flag, value) in values {
+        a.extend([*flag, *value]);
+    }
+    ddpm(&a)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -27,13 +37,7 @@ fn tiny_checkpoint(dir: &Path, classes: usize) -> PathBuf {
             ..ddpm_unet::UNetConfig::tiny()
         },
         schedule: ddpm_schedule::ScheduleConfig::new(ddpm_schedule::BetaSchedule::linear(), 100),
-        data: DataInfo {
-            dataset: "mnist".into(),
-            channels: 1,
-            height: 28,
-            width: 28,
-            class_names: (0..10).map(|d| d.to_string()).collect(),
-        },
+        data: DataInfo::mnist(),
         prediction: Default::default(),
     };
     let path = dir.join(format!("tiny{classes}.safetensors"));
@@ -106,46 +110,28 @@ fn train_resume_then_sample() {
 
     let png = dir.path().join("s.png");
     let ckpt = out.join("checkpoint.safetensors");
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--class",
-        "7",
-        "--guidance",
-        "3",
-        "--n",
-        "2",
-        "--steps",
-        "2",
-        "--scale",
-        "1",
-        "--out",
-        png.to_str().unwrap(),
-        "--gif",
-        dir.path().join("a.gif").to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "sample --class 7 --guidance 3 --n 2 --steps 2 --scale 1",
+        &[
+            ("--checkpoint", ckpt.to_str().unwrap()),
+            ("--out", png.to_str().unwrap()),
+            ("--gif", dir.path().join("a.gif").to_str().unwrap()),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (2 * 29 + 1, 29 + 1));
     assert!(dir.path().join("a.gif").exists());
 
     // --gif-theme both: a light and a dark file, each other's inverse.
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--n",
-        "2",
-        "--steps",
-        "2",
-        "--out",
-        png.to_str().unwrap(),
-        "--gif",
-        dir.path().join("r.gif").to_str().unwrap(),
-        "--gif-theme",
-        "both",
-    ]);
+    let o = ddpm_with(
+        "sample --n 2 --steps 2 --gif-theme both",
+        &[
+            ("--checkpoint", ckpt.to_str().unwrap()),
+            ("--out", png.to_str().unwrap()),
+            ("--gif", dir.path().join("r.gif").to_str().unwrap()),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let first_frame = |name: &str| {
         let f = std::fs::File::open(dir.path().join(name)).unwrap();
@@ -186,27 +172,15 @@ fn sample_each_and_class_all() {
     let each = dir.path().join("each");
     let png = dir.path().join("grid.png");
     let npz = dir.path().join("samples.npz");
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--class",
-        "all",
-        "--n",
-        "1",
-        "--steps",
-        "1",
-        "--sampler",
-        "dpm++",
-        "--scale",
-        "1",
-        "--out",
-        png.to_str().unwrap(),
-        "--each",
-        each.to_str().unwrap(),
-        "--npz",
-        npz.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "sample --class all --n 1 --steps 1 --sampler dpm++ --scale 1",
+        &[
+            ("--checkpoint", ckpt.to_str().unwrap()),
+            ("--out", png.to_str().unwrap()),
+            ("--each", each.to_str().unwrap()),
+            ("--npz", npz.to_str().unwrap()),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let mut files: Vec<String> = std::fs::read_dir(&each)
         .unwrap()
@@ -303,19 +277,10 @@ fn help_states_the_guidance_convention() {
 fn noise_shows_the_forward_process() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("noise.png");
-    let o = ddpm(&[
-        "noise",
-        "--index",
-        "0",
-        "--rows",
-        "2",
-        "--t",
-        "0,50,999",
-        "--scale",
-        "1",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "noise --index 0 --rows 2 --t 0,50,999 --scale 1",
+        &[("--out", png.to_str().unwrap())],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let img = image::open(&png).unwrap().to_luma8();
     assert_eq!((img.width(), img.height()), (3 * 29 + 1, 2 * 29 + 1));
@@ -325,7 +290,7 @@ fn noise_shows_the_forward_process() {
         .filter(|&(x, y)| img.get_pixel(x, y)[0] == 0)
         .count();
     assert!(dark > 400, "{dark}");
-    let o = ddpm(&["noise", "--t", "1000", "--out", png.to_str().unwrap()]);
+    let o = ddpm_with("noise --t 1000", &[("--out", png.to_str().unwrap())]);
     assert!(!o.status.success() && stderr(&o).contains("outside 0..1000"));
 }
 
@@ -378,25 +343,10 @@ fn trains_and_samples_on_an_image_folder_of_another_size() {
     }
     let out = dir.path().join("run");
     let dataset = format!("folder:{}", root.display());
-    let o = ddpm(&[
-        "train",
-        "--dataset",
-        &dataset,
-        "--image-size",
-        "32",
-        "--model",
-        "tiny",
-        "-b",
-        "4",
-        "--max-steps",
-        "1",
-        "--timesteps",
-        "50",
-        "--held-out",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "train --image-size 32 --model tiny -b 4 --max-steps 1 --timesteps 50 --held-out 2",
+        &[("--dataset", &dataset), ("--out", out.to_str().unwrap())],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let ck = checkpoint_card(&out.join("checkpoint.safetensors"));
     assert_eq!(
@@ -408,21 +358,16 @@ fn trains_and_samples_on_an_image_folder_of_another_size() {
         (32, 32, 2)
     );
     let png = dir.path().join("b.png");
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        out.join("checkpoint.safetensors").to_str().unwrap(),
-        "--class",
-        "beta",
-        "--n",
-        "3",
-        "--steps",
-        "2",
-        "--scale",
-        "1",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "sample --class beta --n 3 --steps 2 --scale 1",
+        &[
+            (
+                "--checkpoint",
+                out.join("checkpoint.safetensors").to_str().unwrap(),
+            ),
+            ("--out", png.to_str().unwrap()),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(image::open(&png).unwrap().width(), 3 * 33 + 1);
 }
@@ -439,21 +384,13 @@ fn eval_writes_a_report_and_plots_across_guidance_weights() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = tiny_checkpoint(dir.path(), 10);
     let out = dir.path().join("eval");
-    let o = ddpm(&[
-        "eval",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--n",
-        "20",
-        "--guidance",
-        "0,2",
-        "--steps",
-        "2",
-        "--batch",
-        "10",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "eval --n 20 --guidance 0,2 --steps 2 --batch 10",
+        &[
+            ("--checkpoint", ckpt.to_str().unwrap()),
+            ("--out", out.to_str().unwrap()),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("| real (train vs test) |"), "{stdout}");
@@ -480,13 +417,13 @@ fn eval_writes_a_report_and_plots_across_guidance_weights() {
     }
     // --replot redraws from the report without sampling.
     let again = dir.path().join("again");
-    let o = ddpm(&[
+    let o = ddpm_with(
         "eval",
-        "--replot",
-        out.join("report.json").to_str().unwrap(),
-        "--out",
-        again.to_str().unwrap(),
-    ]);
+        &[
+            ("--replot", out.join("report.json").to_str().unwrap()),
+            ("--out", again.to_str().unwrap()),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("| 2 |"));
     assert!(image::open(again.join("fid_vs_is.png")).is_ok());
@@ -499,22 +436,19 @@ fn eval_errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = tiny_checkpoint(dir.path(), 10);
     let c = ckpt.to_str().unwrap();
-    let o = ddpm(&[
-        "eval",
-        "--checkpoint",
-        c,
-        "--classifier",
-        "/nope/clf.safetensors",
-    ]);
+    let o = ddpm_with(
+        "eval --classifier /nope/clf.safetensors",
+        &[("--checkpoint", c)],
+    );
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(
         e.contains("/nope/clf.safetensors") && e.contains("train-classifier"),
         "{e}"
     );
-    let o = ddpm(&["eval", "--checkpoint", c, "--n", "1"]);
+    let o = ddpm_with("eval --n 1", &[("--checkpoint", c)]);
     assert!(stderr(&o).contains("--n 1"), "{}", stderr(&o));
-    let o = ddpm(&["eval", "--checkpoint", c, "--guidance", "1,nan"]);
+    let o = ddpm_with("eval --guidance 1,nan", &[("--checkpoint", c)]);
     assert!(stderr(&o).contains("--guidance"), "{}", stderr(&o));
 }
 
@@ -522,23 +456,10 @@ fn eval_errors_name_the_problem() {
 fn bench_prints_one_json_line_per_measurement() {
     for mode in ["train", "forward"] {
         for kernels in ["fast", "stock"] {
-            let o = ddpm(&[
-                "bench",
-                "--mode",
-                mode,
-                "--model",
-                "tiny",
-                "--batch",
-                "2",
-                "--iters",
-                "1",
-                "--warmup",
-                "0",
-                "--kernels",
-                kernels,
-                "--image-size",
-                "8",
-            ]);
+            let o = ddpm_with(
+                "bench --model tiny --batch 2 --iters 1 --warmup 0 --image-size 8",
+                &[("--mode", mode), ("--kernels", kernels)],
+            );
             assert!(o.status.success(), "{}", stderr(&o));
             let v: serde_json::Value =
                 serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
@@ -549,15 +470,13 @@ fn bench_prints_one_json_line_per_measurement() {
             assert!(v["peak_rss_mib"].as_f64().unwrap() > 1.0);
         }
     }
-    let o = ddpm(&["bench", "--mode", "config", "--model", "small"]);
+    let o = ddpm_with("bench --mode config --model small", &[]);
     let cfg: ddpm_unet::UNetConfig =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
     assert_eq!(cfg, ddpm_unet::UNetConfig::small());
-    let o = ddpm(&["bench", "--mode", "train", "--iters", "0"]);
+    let o = ddpm_with("bench --mode train --iters 0", &[]);
     assert!(stderr(&o).contains("--iters"), "{}", stderr(&o));
-    let o = ddpm(&[
-        "bench", "--mode", "kernels", "--model", "tiny", "--batch", "3", "--iters", "1",
-    ]);
+    let o = ddpm_with("bench --mode kernels --model tiny --batch 3 --iters 1", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
@@ -574,40 +493,16 @@ fn sample_sweep_puts_one_titled_grid_per_weight_side_by_side() {
     let ckpt = tiny_checkpoint(dir.path(), 10);
     let c = ckpt.to_str().unwrap();
     let one = dir.path().join("one.png");
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        c,
-        "--class",
-        "3",
-        "--n",
-        "2",
-        "--steps",
-        "2",
-        "--scale",
-        "1",
-        "--out",
-        one.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "sample --class 3 --n 2 --steps 2 --scale 1",
+        &[("--checkpoint", c), ("--out", one.to_str().unwrap())],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let sweep = dir.path().join("sweep.png");
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        c,
-        "--class",
-        "3",
-        "--n",
-        "2",
-        "--steps",
-        "2",
-        "--scale",
-        "1",
-        "--sweep",
-        "0,1,3",
-        "--out",
-        sweep.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "sample --class 3 --n 2 --steps 2 --scale 1 --sweep 0,1,3",
+        &[("--checkpoint", c), ("--out", sweep.to_str().unwrap())],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let single = image::open(&one).unwrap();
     let panels = image::open(&sweep).unwrap();
@@ -619,17 +514,9 @@ fn sample_sweep_puts_one_titled_grid_per_weight_side_by_side() {
         single.width()
     );
     assert!(panels.height() > single.height());
-    let o = ddpm(&["sample", "--checkpoint", c, "--sweep", "0,nan"]);
+    let o = ddpm_with("sample --sweep 0,nan", &[("--checkpoint", c)]);
     assert!(!o.status.success());
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        c,
-        "--sweep",
-        "0,1",
-        "--gif",
-        "x.gif",
-    ]);
+    let o = ddpm_with("sample --sweep 0,1 --gif x.gif", &[("--checkpoint", c)]);
     assert!(
         stderr(&o).contains("--gif") || stderr(&o).contains("cannot be used"),
         "{}",
@@ -642,13 +529,13 @@ fn export_writes_a_smaller_sampling_only_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = tiny_checkpoint(dir.path(), 10);
     let out = dir.path().join("shipped.safetensors");
-    let o = ddpm(&[
+    let o = ddpm_with(
         "export",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &[
+            ("--checkpoint", ckpt.to_str().unwrap()),
+            ("--out", out.to_str().unwrap()),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let (full, small) = (
         std::fs::metadata(&ckpt).unwrap().len(),
@@ -658,28 +545,19 @@ fn export_writes_a_smaller_sampling_only_checkpoint() {
     assert!(small * 6 < full, "{small} vs {full}");
     assert_eq!(checkpoint_card(&out), checkpoint_card(&ckpt));
     let png = dir.path().join("s.png");
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        out.to_str().unwrap(),
-        "--class",
-        "7",
-        "--n",
-        "2",
-        "--steps",
-        "2",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "sample --class 7 --n 2 --steps 2",
+        &[
+            ("--checkpoint", out.to_str().unwrap()),
+            ("--out", png.to_str().unwrap()),
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     // A missing source is named.
-    let o = ddpm(&[
-        "export",
-        "--checkpoint",
-        "/nope.safetensors",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "export --checkpoint /nope.safetensors",
+        &[("--out", out.to_str().unwrap())],
+    );
     assert!(stderr(&o).contains("/nope.safetensors"), "{}", stderr(&o));
 }
 
@@ -689,32 +567,13 @@ fn autocast_runs_in_f16_on_the_cpu_and_names_what_bf16_needs() {
     let ckpt = tiny_checkpoint(dir.path(), 10);
     let ck = ckpt.to_str().unwrap();
     let out = dir.path().join("f16.png");
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        ck,
-        "--autocast",
-        "f16",
-        "--n",
-        "2",
-        "--class",
-        "3",
-        "--steps",
-        "3",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "sample --autocast f16 --n 2 --class 3 --steps 3",
+        &[("--checkpoint", ck), ("--out", out.to_str().unwrap())],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.exists());
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        ck,
-        "--autocast",
-        "bf16",
-        "--n",
-        "1",
-    ]);
+    let o = ddpm_with("sample --autocast bf16 --n 1", &[("--checkpoint", ck)]);
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("bf16 autocast needs a CUDA device"),
@@ -722,13 +581,10 @@ fn autocast_runs_in_f16_on_the_cpu_and_names_what_bf16_needs() {
         stderr(&o)
     );
     // Training refuses f16 (no loss scaling) before it looks at any data.
-    let o = ddpm(&[
-        "train",
-        "--autocast",
-        "f16",
-        "--out",
-        dir.path().to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "train --autocast f16",
+        &[("--out", dir.path().to_str().unwrap())],
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("bf16"), "{}", stderr(&o));
 }
@@ -739,27 +595,7 @@ fn autocast_runs_in_f16_on_the_cpu_and_names_what_bf16_needs() {
 fn train_with_a_budget_plans_saves_and_prints_its_plan() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = ddpm(&[
-        "train",
-        "--model",
-        "tiny",
-        "-b",
-        "8",
-        "--limit",
-        "32",
-        "--held-out",
-        "8",
-        "--timesteps",
-        "100",
-        "--sample-every",
-        "0",
-        "--budget",
-        "1m",
-        "--max-steps",
-        "6",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = ddpm_with("train --model tiny -b 8 --limit 32 --held-out 8 --timesteps 100 --sample-every 0 --budget 1m --max-steps 6", &[("--out", out.to_str().unwrap())]);
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "{}{text}", stderr(&o));
     let first = text.lines().next().unwrap_or_default();
@@ -777,13 +613,10 @@ fn train_with_a_budget_plans_saves_and_prints_its_plan() {
     let planned = state.config.budget_steps.expect("the plan is saved");
     assert!(planned > 6, "{planned}");
     assert_eq!(state.step, 6);
-    let o = ddpm(&[
-        "train",
-        "--budget",
-        "0m",
-        "--out",
-        dir.path().join("x").to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "train --budget 0m",
+        &[("--out", dir.path().join("x").to_str().unwrap())],
+    );
     assert!(
         !o.status.success() && stderr(&o).contains("positive"),
         "{}",
@@ -800,36 +633,26 @@ fn sample_in_batches_draws_the_same_digits() {
     let mut outs = Vec::new();
     for batch in ["3", "1000"] {
         let out = dir.path().join(format!("b{batch}.png"));
-        let o = ddpm(&[
-            "sample",
-            "--checkpoint",
-            ckpt.to_str().unwrap(),
-            "--class",
-            "all",
-            "--n",
-            "2",
-            "--steps",
-            "5",
-            "--batch",
-            batch,
-            "--guidance",
-            "2",
-            "--out",
-            out.to_str().unwrap(),
-            "--gif",
-            dir.path().join(format!("b{batch}.gif")).to_str().unwrap(),
-        ]);
+        let o = ddpm_with(
+            "sample --class all --n 2 --steps 5 --guidance 2",
+            &[
+                ("--checkpoint", ckpt.to_str().unwrap()),
+                ("--batch", batch),
+                ("--out", out.to_str().unwrap()),
+                (
+                    "--gif",
+                    dir.path().join(format!("b{batch}.gif")).to_str().unwrap(),
+                ),
+            ],
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         outs.push(std::fs::read(&out).unwrap());
     }
     assert_eq!(outs[0], outs[1], "batched sampling changed the digits");
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--batch",
-        "0",
-    ]);
+    let o = ddpm_with(
+        "sample --batch 0",
+        &[("--checkpoint", ckpt.to_str().unwrap())],
+    );
     assert!(
         !o.status.success() && stderr(&o).contains("--batch"),
         "{}",
@@ -880,16 +703,10 @@ fn split_npy(b: &[u8]) -> (String, &[u8]) {
 fn data_preview_draws_one_named_row_per_class() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("preview.png");
-    let o = ddpm(&[
-        "data",
-        "preview",
-        "--split",
-        "test",
-        "--per-class",
-        "3",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "data preview --split test --per-class 3",
+        &[("--out", out.to_str().unwrap())],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let img = image::open(&out).unwrap().to_rgb8();
     // Ten rows of 28 px digits at scale 2 with their gutters, and a label column.
@@ -901,7 +718,7 @@ fn data_preview_draws_one_named_row_per_class() {
         .filter(|&(x, y)| img.get_pixel(x, y)[0] < 100)
         .count();
     assert!(dark > 50, "no labels drawn");
-    let o = ddpm(&["data", "preview", "--per-class", "0"]);
+    let o = ddpm_with("data preview --per-class 0", &[]);
     assert!(!o.status.success() && stderr(&o).contains("--per-class 0"));
 }
 
@@ -913,21 +730,10 @@ fn reconstruct_writes_the_grid_and_the_error_table() {
     let ckpt = tiny_checkpoint(dir.path(), 10);
     let png = dir.path().join("rec.png");
     let c = ckpt.to_str().unwrap();
-    let o = ddpm(&[
-        "reconstruct",
-        "--checkpoint",
-        c,
-        "--index",
-        "0,1,2",
-        "--t",
-        "5,50,99",
-        "--steps",
-        "5",
-        "--scale",
-        "1",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let o = ddpm_with(
+        "reconstruct --index 0,1,2 --t 5,50,99 --steps 5 --scale 1",
+        &[("--checkpoint", c), ("--out", png.to_str().unwrap())],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -942,25 +748,10 @@ fn reconstruct_writes_the_grid_and_the_error_table() {
     // margin; 4 cells (4·29 + 1 px) beside the row labels.
     assert_eq!(img.height(), 3 * 30 + 8);
     assert!(img.width() > 4 * 29 + 1);
-    let guided = ddpm(&[
-        "reconstruct",
-        "--checkpoint",
-        c,
-        "--count",
-        "2",
-        "--t",
-        "50",
-        "--steps",
-        "5",
-        "--as-class",
-        "3",
-        "--guidance",
-        "2",
-        "--scale",
-        "1",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let guided = ddpm_with(
+        "reconstruct --count 2 --t 50 --steps 5 --as-class 3 --guidance 2 --scale 1",
+        &[("--checkpoint", c), ("--out", png.to_str().unwrap())],
+    );
     assert!(guided.status.success(), "{}", stderr(&guided));
     assert!(String::from_utf8_lossy(&guided.stdout).contains("as class 3"));
     for (args, want) in [

@@ -21,6 +21,16 @@ fn cmd(args: &[&str]) -> Command {
     c
 }
 
+/// `ddpm` with `flags` (split on spaces; they hold no paths), then each `(flag, value)` (the
+/// values kept whole: paths).
+fn ddpm_with(flags: &str, values: &[(&str, &str)]) -> Output {
+    let mut a: Vec<&str> = flags.split_whitespace().collect();
+    for (flag, value) in values {
+        a.extend([*flag, *value]);
+    }
+    ddpm(&a)
+}
+
 fn ddpm(args: &[&str]) -> Output {
     cmd(args).output().unwrap()
 }
@@ -47,13 +57,7 @@ fn tiny_card() -> ModelCard {
     ModelCard {
         model: ddpm_unet::UNetConfig::tiny(),
         schedule: ddpm_schedule::ScheduleConfig::new(ddpm_schedule::BetaSchedule::linear(), 100),
-        data: DataInfo {
-            dataset: "mnist".into(),
-            channels: 1,
-            height: 28,
-            width: 28,
-            class_names: (0..10).map(|d| d.to_string()).collect(),
-        },
+        data: DataInfo::mnist(),
         prediction: Default::default(),
     }
 }
@@ -272,7 +276,7 @@ fn two_runs_on_one_folder() {
         assert!(Instant::now() < deadline, "no checkpoint");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let resumed = ddpm(&["train", "--resume", "--out", out.to_str().unwrap()]);
+    let resumed = ddpm_with("train --resume", &[("--out", out.to_str().unwrap())]);
     assert!(
         stderr(&resumed).contains("in use by another run"),
         "{}",
@@ -280,14 +284,10 @@ fn two_runs_on_one_folder() {
     );
     first.kill().unwrap();
     first.wait().unwrap();
-    let after = ddpm(&[
-        "train",
-        "--resume",
-        "--max-steps",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let after = ddpm_with(
+        "train --resume --max-steps 1",
+        &[("--out", out.to_str().unwrap())],
+    );
     assert!(after.status.success(), "{}", stderr(&after));
 }
 
@@ -543,13 +543,13 @@ fn crafted_headers_and_cards_are_refused_before_allocating() {
             .to_string();
         assert!(e.contains("card.safetensors") && e.contains(needle), "{e}");
         // And through the binary: one clear error naming the file.
-        let o = ddpm(&[
+        let o = ddpm_with(
             "sample",
-            "--checkpoint",
-            path.to_str().unwrap(),
-            "--out",
-            dir.path().join("x.png").to_str().unwrap(),
-        ]);
+            &[
+                ("--checkpoint", path.to_str().unwrap()),
+                ("--out", dir.path().join("x.png").to_str().unwrap()),
+            ],
+        );
         assert!(!o.status.success());
         assert!(stderr(&o).contains("card.safetensors"), "{}", stderr(&o));
     }
@@ -651,16 +651,13 @@ fn bad_inputs_give_one_clear_error() {
             .unwrap();
     }
     t.save(&nan).unwrap();
-    let o = ddpm(&[
-        "sample",
-        "--checkpoint",
-        nan.to_str().unwrap(),
-        "--raw-weights",
-        "--steps",
-        "1",
-        "--out",
-        &out("nan.png"),
-    ]);
+    let o = ddpm_with(
+        "sample --raw-weights --steps 1",
+        &[
+            ("--checkpoint", nan.to_str().unwrap()),
+            ("--out", &out("nan.png")),
+        ],
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("not finite"), "{}", stderr(&o));
     assert!(!d.join("nan.png").exists());

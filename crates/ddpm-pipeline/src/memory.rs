@@ -162,13 +162,7 @@ mod tests {
         ModelCard {
             model: ddpm_unet::UNetConfig::small(),
             schedule: ddpm_schedule::ScheduleConfig::default(),
-            data: DataInfo {
-                dataset: "mnist".into(),
-                channels: 1,
-                height: 28,
-                width: 28,
-                class_names: (0..10).map(|d| d.to_string()).collect(),
-            },
+            data: DataInfo::mnist(),
             prediction: Default::default(),
         }
     }

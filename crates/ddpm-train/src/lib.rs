@@ -10,8 +10,7 @@
 //! let card = ModelCard {
 //!     model: ddpm_unet::UNetConfig { channel_mults: vec![1], attention_levels: vec![], ..ddpm_unet::UNetConfig::tiny() },
 //!     schedule: ddpm_schedule::ScheduleConfig::default(),
-//!     data: DataInfo { dataset: "mnist".into(), channels: 1, height: 8, width: 8,
-//!                      class_names: (0..10).map(|d| d.to_string()).collect() },
+//!     data: DataInfo::mnist_sized(8, 8),
 //!     prediction: ddpm_core::Prediction::Epsilon,
 //! };
 //! let mut trainer = Trainer::new(card, TrainConfig { batch_size: 4, ..TrainConfig::default() }, &Device::Cpu)?;
@@ -811,13 +810,7 @@ mod tests {
                 ..ddpm_unet::UNetConfig::tiny()
             },
             schedule: ddpm_schedule::ScheduleConfig::default(),
-            data: DataInfo {
-                dataset: "mnist".into(),
-                channels: 1,
-                height: 4,
-                width: 4,
-                class_names: (0..10).map(|d| d.to_string()).collect(),
-            },
+            data: DataInfo::mnist_sized(4, 4),
             prediction,
         }
     }

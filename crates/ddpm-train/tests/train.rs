@@ -16,13 +16,7 @@ fn card() -> ModelCard {
     ModelCard {
         model: ddpm_unet::UNetConfig::tiny(),
         schedule: ddpm_schedule::ScheduleConfig::new(ddpm_schedule::BetaSchedule::cosine(), 100),
-        data: DataInfo {
-            dataset: "mnist".into(),
-            channels: 1,
-            height: 28,
-            width: 28,
-            class_names: (0..10).map(|d| d.to_string()).collect(),
-        },
+        data: DataInfo::mnist(),
         prediction: Default::default(),
     }
 }

@@ -79,6 +79,24 @@ pub struct DataInfo {
     pub class_names: Vec<String>,
 }
 
+impl DataInfo {
+    /// MNIST: one channel of 28×28, classes `0` to `9`.
+    pub fn mnist() -> Self {
+        Self::mnist_sized(28, 28)
+    }
+
+    /// MNIST's channel and classes at another image size (tests use small ones).
+    pub fn mnist_sized(height: usize, width: usize) -> Self {
+        Self {
+            dataset: "mnist".into(),
+            channels: 1,
+            height,
+            width,
+            class_names: (0..10).map(|d| d.to_string()).collect(),
+        }
+    }
+}
+
 /// Everything needed to rebuild and sample a model: architecture, schedule and data shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelCard {
