@@ -33,6 +33,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod abi;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -124,18 +124,26 @@ impl CustomOp3 for AddNoise {
     }
 }
 
+// The kernels of `kernels/noise.cu`, typed (crate::abi).
+crate::abi::kernel! {
+    ADD_NOISE, add_noise_kernel = "ddpm_add_noise" in "noise" (x0: In, noise: In, coef: In, out: Out, n: Long, per_sample: Long);
+}
+
+#[cfg(test)]
+#[test]
+fn kernel_signatures_match_the_cu_source() {
+    crate::abi::check(&[ADD_NOISE]);
+}
+
 /// The CUDA launch of this op: `kernels/noise.cu`, compiled to PTX by `build.rs`. Kernel
 /// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
 /// whose lengths were checked against the sizes the kernel indexes with.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda {
-    use crate::cuda::{elementwise, launch, long, ptx, view, In, Ptx};
+    use crate::cuda::{elementwise, long, view, In};
     use candle_core::backend::BackendStorage;
     use candle_core::{bail, CudaStorage, Result};
-
-    /// `kernels/noise.cu`.
-    const PTX: Ptx = ptx!("noise");
 
     /// x_t from x0, noise and `[B, 2]` per-sample coefficients.
     pub(crate) fn add_noise(
@@ -157,9 +165,7 @@ mod cuda {
         let out = unsafe { dev.alloc::<f32>(n)? };
         let (nl, pl) = (long(n)?, long(ps)?);
         // SAFETY: arguments match `ddpm_add_noise`; coef holds 2 per sample of `ps` elements.
-        unsafe {
-            launch!(dev, PTX, "ddpm_add_noise", elementwise(n); &xv, &nv, &cv, &out, &nl, &pl)
-        };
+        unsafe { super::add_noise_kernel(&dev, elementwise(n), &xv, &nv, &cv, &out, &nl, &pl)? };
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }

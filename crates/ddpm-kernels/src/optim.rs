@@ -286,18 +286,32 @@ impl InplaceOp2 for Ema {
     }
 }
 
+// The kernels of `kernels/optim.cu`, typed (crate::abi).
+crate::abi::kernel! {
+    ADAM_MOMENTS, adam_moments_kernel = "ddpm_adam_moments" in "optim" (mv: InOut, g: In, n: Long, beta1: Float, beta2: Float, grad_scale: Float);
+}
+crate::abi::kernel! {
+    ADAMW_APPLY, adamw_apply_kernel = "ddpm_adamw_apply" in "optim" (w: InOut, mv: In, n: Long, lr: Float, inv_bc1: Float, inv_bc2: Float, eps: Float, decay: Float);
+}
+crate::abi::kernel! {
+    EMA, ema_kernel = "ddpm_ema" in "optim" (avg: InOut, w: In, n: Long, d: Float);
+}
+
+#[cfg(test)]
+#[test]
+fn kernel_signatures_match_the_cu_source() {
+    crate::abi::check(&[ADAM_MOMENTS, ADAMW_APPLY, EMA]);
+}
+
 /// The CUDA launch of this op: `kernels/optim.cu`, compiled to PTX by `build.rs`. Kernel
 /// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
 /// whose lengths were checked against the sizes the kernel indexes with.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda {
-    use crate::cuda::{elementwise, launch, long, ptx, view, view_mut, In, Out, Ptx};
+    use crate::cuda::{elementwise, long, view, view_mut, In, Out};
     use candle_core::backend::BackendStorage;
     use candle_core::{bail, Result};
-
-    /// `kernels/optim.cu`.
-    const PTX: Ptx = ptx!("optim");
 
     /// AdamW moments in place (`mv` = [m ‖ v]).
     pub(crate) fn adam_moments(
@@ -320,8 +334,16 @@ mod cuda {
         let nl = long(n)?;
         // SAFETY: arguments match `ddpm_adam_moments`; mv holds 2n and g n elements.
         unsafe {
-            launch!(dev, PTX, "ddpm_adam_moments", elementwise(n);
-            &mut mvv, &gv, &nl, &beta1, &beta2, &grad_scale)
+            super::adam_moments_kernel(
+                &dev,
+                elementwise(n),
+                &mut mvv,
+                &gv,
+                &nl,
+                &beta1,
+                &beta2,
+                &grad_scale,
+            )?
         };
         Ok(())
     }
@@ -339,8 +361,18 @@ mod cuda {
         let [lr, inv_bc1, inv_bc2, eps, decay] = p;
         // SAFETY: arguments match `ddpm_adamw_apply`; w holds n and mv 2n elements.
         unsafe {
-            launch!(dev, PTX, "ddpm_adamw_apply", elementwise(n);
-            &mut wv, &mvv, &nl, &lr, &inv_bc1, &inv_bc2, &eps, &decay)
+            super::adamw_apply_kernel(
+                &dev,
+                elementwise(n),
+                &mut wv,
+                &mvv,
+                &nl,
+                &lr,
+                &inv_bc1,
+                &inv_bc2,
+                &eps,
+                &decay,
+            )?
         };
         Ok(())
     }
@@ -356,7 +388,7 @@ mod cuda {
         }
         let nl = long(n)?;
         // SAFETY: arguments match `ddpm_ema`; both buffers hold n elements.
-        unsafe { launch!(dev, PTX, "ddpm_ema", elementwise(n); &mut av, &wv, &nl, &d) };
+        unsafe { super::ema_kernel(&dev, elementwise(n), &mut av, &wv, &nl, &d)? };
         Ok(())
     }
 }

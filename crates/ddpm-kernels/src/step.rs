@@ -334,18 +334,26 @@ impl CustomOp3 for ReverseStep {
     }
 }
 
+// The kernels of `kernels/step.cu`, typed (crate::abi).
+crate::abi::kernel! {
+    REVERSE_STEP, reverse_step_kernel = "ddpm_reverse_step" in "step" (x: In, eps: In, extra: In, out: Out, n: Long, guided: Int, w: Float, sqrt_ac: Float, sqrt_one_minus_ac: Float, clip: Int, c_x0: Float, c_eps: Float, c_x: Float, c_extra: Float);
+}
+
+#[cfg(test)]
+#[test]
+fn kernel_signatures_match_the_cu_source() {
+    crate::abi::check(&[REVERSE_STEP]);
+}
+
 /// The CUDA launch of this op: `kernels/step.cu`, compiled to PTX by `build.rs`. Kernel
 /// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
 /// whose lengths were checked against the sizes the kernel indexes with.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda {
-    use crate::cuda::{elementwise, launch, long, ptx, view, In, Ptx};
+    use crate::cuda::{elementwise, long, view, In};
     use candle_core::backend::BackendStorage;
     use candle_core::{bail, CudaStorage, Result};
-
-    /// `kernels/step.cu`.
-    const PTX: Ptx = ptx!("step");
 
     /// The fused reverse step: `[x_prev ‖ x̂₀]` (2n floats).
     #[allow(clippy::too_many_arguments)]
@@ -373,9 +381,24 @@ mod cuda {
         let (nl, gi, ci) = (long(n)?, i32::from(guided), i32::from(clip));
         // SAFETY: arguments match `ddpm_reverse_step`; x, extra hold n and eps 2n (guided) or n.
         unsafe {
-            launch!(dev, PTX, "ddpm_reverse_step", elementwise(n);
-            &xv, &ev, &zv, &out, &nl, &gi, &w, &sqrt_ac, &sqrt_one_minus_ac, &ci,
-            &c_x0, &c_eps, &c_x, &c_extra)
+            super::reverse_step_kernel(
+                &dev,
+                elementwise(n),
+                &xv,
+                &ev,
+                &zv,
+                &out,
+                &nl,
+                &gi,
+                &w,
+                &sqrt_ac,
+                &sqrt_one_minus_ac,
+                &ci,
+                &c_x0,
+                &c_eps,
+                &c_x,
+                &c_extra,
+            )?
         };
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }

@@ -23,6 +23,7 @@ fn bad(msg: impl Into<String>) -> TrainError {
 
 /// What `ddpm bench` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum BenchMode {
     /// Full training steps (forward, MSE, backward, AdamW, EMA) at --batch.
     Train,
@@ -57,29 +58,44 @@ impl BenchMode {
     }
 }
 
-/// One measurement: what to run, on which model, how often.
+/// One measurement: what to run, on which model, how often (the `clap` feature derives
+/// `clap::Args`: `ddpm bench`'s flags are these fields).
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct BenchSpec {
     /// What to measure.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value = "train"))]
     pub mode: BenchMode,
     /// Model preset.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value = "small"))]
     pub model: ddpm_unet::Preset,
     /// Batch size (default: 128 for train and for sampling on the CPU, 1000 for sampling on
     /// CUDA and for kernels, 256 for forward).
+    #[cfg_attr(feature = "clap", arg(short = 'b', long))]
     pub batch: Option<usize>,
-    /// Kernel implementation of the U-Net.
+    /// Kernel implementation: fast (ours), stock (candle's), or cuda-ops (fast plus our CUDA
+    /// kernels for GroupNorm, bias and upsampling on a GPU; the same as fast on the CPU).
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value = "fast"))]
     pub kernels: Kernels,
     /// Timed iterations.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 5))]
     pub iters: usize,
     /// Untimed warm-up iterations.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1))]
     pub warmup: usize,
     /// Image side (28 for MNIST).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 28))]
     pub image_size: usize,
     /// Sampling steps (sample mode).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 50))]
     pub steps: usize,
-    /// Samples per timed run (sample mode), in batches of `batch`.
+    /// Samples per timed run (sample mode), in batches of --batch.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1000))]
     pub n: usize,
-    /// Autocast dtype of the U-Net (bf16 or f16), if any.
+    /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
+    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
+    /// needs --device cuda (candle's CPU matmul has no bf16).
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub autocast: Option<ddpm_unet::Autocast>,
 }
 
@@ -109,7 +125,14 @@ fn sync(dev: &Device) -> Result<()> {
 /// Runs one measurement on `dev` and returns it as a JSON object.
 pub fn run(a: &BenchSpec, dev: &Device) -> Result<Value> {
     if a.iters == 0 {
-        return Err(bad("bench: iters must be at least 1"));
+        return Err(bad("--iters 0: time at least one iteration"));
+    }
+    if a.batch == Some(0) || a.n == 0 {
+        return Err(bad("--batch and --n must be at least 1"));
+    }
+    if let Some(c) = a.autocast {
+        c.check_device(dev)
+            .map_err(|e| bad(format!("--autocast {}: {e}", c.dtype().as_str())))?;
     }
     let dev = dev.clone();
     let threads = candle_core::utils::get_num_threads();

@@ -151,18 +151,29 @@ impl CustomOp1 for SumPlanes {
     }
 }
 
+// The kernels of `kernels/bias.cu`, typed (crate::abi).
+crate::abi::kernel! {
+    ADD_BIAS, add_bias_kernel = "ddpm_add_bias" in "bias" (x: In, b: In, y: Out, total: Size, c: Int, s: Int, per_sample: Int);
+}
+crate::abi::kernel! {
+    SUM_PLANES, sum_planes_kernel = "ddpm_sum_planes" in "bias" (g: In, out: Out, planes: Int, c: Int, s: Int, per_sample: Int);
+}
+
+#[cfg(test)]
+#[test]
+fn kernel_signatures_match_the_cu_source() {
+    crate::abi::check(&[ADD_BIAS, SUM_PLANES]);
+}
+
 /// The CUDA launch of this op: `kernels/bias.cu`, compiled to PTX by `build.rs`. Kernel
 /// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
 /// whose lengths were checked against the sizes the kernel indexes with.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda {
-    use crate::cuda::{elementwise, int, launch, per_block, ptx, view, Ptx};
+    use crate::cuda::{elementwise, int, per_block, view};
     use candle_core::backend::BackendStorage;
     use candle_core::{bail, CudaStorage, Layout, Result};
-
-    /// `kernels/bias.cu`.
-    const PTX: Ptx = ptx!("bias");
 
     /// `x [n, c, s] + b`, `b` of `[c]` or (per sample) `[n, c]`.
     pub(crate) fn add_bias(
@@ -188,8 +199,17 @@ mod cuda {
         let (ci, si, ps) = (int(c, "c")?, int(s.max(1), "s")?, i32::from(per_sample));
         // SAFETY: argument types and order match `ddpm_add_bias`; lengths checked above.
         unsafe {
-            launch!(dev, PTX, "ddpm_add_bias", elementwise(total);
-            &xv, &bv, &y, &total, &ci, &si, &ps)
+            super::add_bias_kernel(
+                &dev,
+                elementwise(total),
+                &xv,
+                &bv,
+                &y,
+                &total,
+                &ci,
+                &si,
+                &ps,
+            )?
         };
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
@@ -215,7 +235,7 @@ mod cuda {
         );
         // SAFETY: argument types and order match `ddpm_sum_planes`; lengths checked above.
         unsafe {
-            launch!(dev, PTX, "ddpm_sum_planes", per_block(n * c)?; &gv, &out, &pi, &ci, &si, &ps)
+            super::sum_planes_kernel(&dev, per_block(n * c)?, &gv, &out, &pi, &ci, &si, &ps)?
         };
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }

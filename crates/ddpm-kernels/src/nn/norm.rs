@@ -435,18 +435,29 @@ impl CustomOp3 for GroupNormBwd {
     }
 }
 
+// The kernels of `kernels/norm.cu`, typed (crate::abi).
+crate::abi::kernel! {
+    GN_FWD, gn_fwd_kernel = "ddpm_gn_fwd" in "norm" (x: In, gb: In, y: Out, n: Int, c: Int, groups: Int, s: Int, eps: Float, silu: Int);
+}
+crate::abi::kernel! {
+    GN_BWD, gn_bwd_kernel = "ddpm_gn_bwd" in "norm" (x: In, gb: In, dy: In, out: Out, n: Int, c: Int, groups: Int, s: Int, eps: Float, silu: Int);
+}
+
+#[cfg(test)]
+#[test]
+fn kernel_signatures_match_the_cu_source() {
+    crate::abi::check(&[GN_FWD, GN_BWD]);
+}
+
 /// The CUDA launch of this op: `kernels/norm.cu`, compiled to PTX by `build.rs`. Kernel
 /// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
 /// whose lengths were checked against the sizes the kernel indexes with.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda {
-    use crate::cuda::{int, launch, per_block, ptx, view, Ptx};
+    use crate::cuda::{int, per_block, view};
     use candle_core::backend::BackendStorage;
     use candle_core::{bail, CudaStorage, Layout, Result};
-
-    /// `kernels/norm.cu`.
-    const PTX: Ptx = ptx!("norm");
 
     /// GroupNorm's sizes as the kernels' `int`s: `[n, c, groups, s]`.
     fn gn_dims(n: usize, c: usize, groups: usize, s: usize) -> Result<[i32; 4]> {
@@ -484,8 +495,19 @@ mod cuda {
         let silu = i32::from(silu);
         // SAFETY: argument types and order match `ddpm_gn_fwd`; lengths checked above.
         unsafe {
-            launch!(dev, PTX, "ddpm_gn_fwd", per_block(n * groups)?;
-            &xv, &gv, &y, &ni, &ci, &gi, &si, &eps, &silu)
+            super::gn_fwd_kernel(
+                &dev,
+                per_block(n * groups)?,
+                &xv,
+                &gv,
+                &y,
+                &ni,
+                &ci,
+                &gi,
+                &si,
+                &eps,
+                &silu,
+            )?
         };
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
@@ -516,8 +538,20 @@ mod cuda {
         let silu = i32::from(silu);
         // SAFETY: argument types and order match `ddpm_gn_bwd`; lengths checked above.
         unsafe {
-            launch!(dev, PTX, "ddpm_gn_bwd", per_block(n * groups)?;
-            &xv, &gv, &dv, &out, &ni, &ci, &gi, &si, &eps, &silu)
+            super::gn_bwd_kernel(
+                &dev,
+                per_block(n * groups)?,
+                &xv,
+                &gv,
+                &dv,
+                &out,
+                &ni,
+                &ci,
+                &gi,
+                &si,
+                &eps,
+                &silu,
+            )?
         };
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }

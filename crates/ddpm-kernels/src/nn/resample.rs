@@ -131,18 +131,29 @@ impl CustomOp1 for SumBlocks2x {
     }
 }
 
+// The kernels of `kernels/resample.cu`, typed (crate::abi).
+crate::abi::kernel! {
+    UPSAMPLE2X, upsample2x_kernel = "ddpm_upsample2x" in "resample" (x: In, y: Out, total: Size, h: Int, w: Int);
+}
+crate::abi::kernel! {
+    SUM_BLOCKS2X, sum_blocks2x_kernel = "ddpm_sum_blocks2x" in "resample" (g: In, dx: Out, total: Size, h: Int, w: Int);
+}
+
+#[cfg(test)]
+#[test]
+fn kernel_signatures_match_the_cu_source() {
+    crate::abi::check(&[UPSAMPLE2X, SUM_BLOCKS2X]);
+}
+
 /// The CUDA launch of this op: `kernels/resample.cu`, compiled to PTX by `build.rs`. Kernel
 /// launches are foreign calls, so this module allows `unsafe`; each launch passes device buffers
 /// whose lengths were checked against the sizes the kernel indexes with.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod cuda {
-    use crate::cuda::{elementwise, int, launch, ptx, view, Ptx};
+    use crate::cuda::{elementwise, int, view};
     use candle_core::backend::BackendStorage;
     use candle_core::{bail, CudaStorage, Layout, Result};
-
-    /// `kernels/resample.cu`.
-    const PTX: Ptx = ptx!("resample");
 
     /// Nearest ×2 upsampling of `planes` planes of `h × w` (`up`), or its adjoint, the 2×2 block sums
     /// of `planes` planes of `2h × 2w` (`!up`).
@@ -170,9 +181,9 @@ mod cuda {
         // SAFETY: argument types and order match both kernels; lengths checked above.
         unsafe {
             if up {
-                launch!(dev, PTX, "ddpm_upsample2x", elementwise(total); &xv, &y, &total, &hi, &wi)
+                super::upsample2x_kernel(&dev, elementwise(total), &xv, &y, &total, &hi, &wi)?
             } else {
-                launch!(dev, PTX, "ddpm_sum_blocks2x", elementwise(total); &xv, &y, &total, &hi, &wi)
+                super::sum_blocks2x_kernel(&dev, elementwise(total), &xv, &y, &total, &hi, &wi)?
             }
         }
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
