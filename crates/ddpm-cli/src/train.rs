@@ -67,3 +67,22 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
     println!("{}", summary(outcome, &run.trainer, &out, elapsed));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `ddpm train` alone.
+    #[derive(Debug, Parser)]
+    struct Train {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    #[test]
+    fn run_options_default_is_what_the_command_line_gives() {
+        let parsed = Train::try_parse_from(["train"]).map_err(|e| e.to_string());
+        assert_eq!(parsed.map(|t| t.args.run), Ok(RunOptions::default()));
+    }
+}

@@ -60,7 +60,7 @@ impl FromStr for Budget {
 
 /// The options of a training run, one per `ddpm train` flag (the `clap` feature derives
 /// `clap::Args`, so the command line is this struct). `None` takes the recipe's value.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct RunOptions {
     /// Defaults for the flags left out: quick (the CPU default: a 30-minute budget) or full
