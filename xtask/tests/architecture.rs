@@ -56,8 +56,10 @@ fn layer(name: &str) -> Option<u32> {
         // The schedule sits below the U-Net: a model file's card records the schedule its
         // weights were trained with (docs/architecture.md).
         "ddpm-schedule" | "ddpm-viz" => Some(2),
-        "ddpm-unet" | "ddpm-sampler" => Some(3),
-        "ddpm-pipeline" | "ddpm-eval" => Some(4),
+        // The evaluator measures images: it sits beside the model, below the pipeline that
+        // evaluates a model with it.
+        "ddpm-unet" | "ddpm-sampler" | "ddpm-eval" => Some(3),
+        "ddpm-pipeline" => Some(4),
         "ddpm-train" => Some(5),
         "ddpm-cli" => Some(6),
         _ => None,

@@ -25,9 +25,9 @@ pub struct PreviewArgs {
     /// Folder with the IDX files (else $DDPM_DATA_DIR, then the copy in assets/mnist).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Which split to show.
-    #[arg(long, value_parser = ["train", "test"], default_value = "train")]
-    split: String,
+    /// Which split to show: train or test.
+    #[arg(long, default_value = "train")]
+    split: Split,
     /// Images per class (the first ones of each class in the split).
     #[arg(long, default_value_t = 10)]
     per_class: usize,
@@ -59,35 +59,17 @@ fn preview(a: PreviewArgs) -> Result<()> {
     if a.scale == 0 || a.scale > 16 {
         bail!("--scale {}: use 1 to 16", a.scale);
     }
-    let split = if a.split == "test" {
-        Split::Test
-    } else {
-        Split::Train
-    };
     let size = (a.image_size, a.image_size);
-    let ds = ddpm_data::load_dataset(
-        &a.dataset,
-        crate::data_dir(&a.dataset, a.data_dir.as_deref()).as_deref(),
-        split,
-        size,
-    )
-    .with_context(|| format!("loading --dataset {}", a.dataset))?;
+    let ds = crate::load(&a.dataset, a.data_dir.as_deref(), a.split, size)?;
     if ds.is_empty() {
         bail!(
             "--dataset {}: the {} split has no images",
             a.dataset,
-            a.split
+            a.split.name()
         );
     }
     let names = ds.class_names().to_vec();
-    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); names.len()];
-    for (i, &l) in ds.labels().iter().enumerate() {
-        if let Some(v) = by_class.get_mut(l as usize) {
-            if v.len() < a.per_class {
-                v.push(i);
-            }
-        }
-    }
+    let by_class = ds.first_per_class(a.per_class);
     let batcher = TensorBatcher::new(&ds, &Device::Cpu)?;
     let mut rows = Vec::new();
     for (name, indices) in names.iter().zip(&by_class) {
@@ -105,7 +87,7 @@ fn preview(a: PreviewArgs) -> Result<()> {
         a.out.display(),
         rows.len(),
         a.dataset,
-        a.split,
+        a.split.name(),
         a.per_class
     );
     Ok(())

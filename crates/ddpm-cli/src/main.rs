@@ -60,36 +60,19 @@ enum Command {
 /// The model a command loads: shared by `sample`, `eval` and `reconstruct`.
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
-    /// Checkpoint or export to load (default: the model shipped in assets/, else
-    /// runs/default/checkpoint.safetensors).
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
-    /// Use the raw weights instead of the EMA weights.
-    #[arg(long)]
-    raw_weights: bool,
+    #[command(flatten)]
+    opts: ddpm_pipeline::ModelOptions,
     /// Where to compute.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
-    /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
-    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
-    /// needs --device cuda (candle's CPU matmul has no bf16).
-    #[arg(long, value_enum)]
-    autocast: Option<ddpm_unet::Autocast>,
 }
 
 impl ModelArgs {
     /// Opens the device and loads the model: (model, its path, device).
     pub fn load(&self) -> Result<(ddpm_pipeline::Model, PathBuf, Device)> {
         let device = device(self.device)?;
-        let path = checkpoint_or_default(self.checkpoint.clone())?;
-        let weights = if self.raw_weights {
-            ddpm_unet::Weights::Raw
-        } else {
-            ddpm_unet::Weights::Ema
-        };
-        let cast = autocast(self.autocast, &device)?.map(|a| a.dtype());
-        let model = ddpm_pipeline::Model::load(&path, weights, &device)
-            .and_then(|m| m.map_unet(|u| u.with_autocast(cast)))
+        let path = checkpoint_or_default(self.opts.checkpoint.clone())?;
+        let model = (self.opts.load(&path, &device))
             .with_context(|| format!("--checkpoint {}", path.display()))?;
         Ok((model, path, device))
     }
@@ -120,24 +103,6 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     }
 }
 
-/// Checks `--autocast` (bf16 or f16) against `device`.
-pub fn autocast(
-    arg: Option<ddpm_unet::Autocast>,
-    device: &Device,
-) -> Result<Option<ddpm_unet::Autocast>> {
-    let Some(a) = arg else { return Ok(None) };
-    let name = a.dtype().as_str();
-    a.check_device(device)
-        .map_err(|e| anyhow::anyhow!("--autocast {name}: {e}"))?;
-    if device.is_cpu() {
-        tracing::warn!(
-            "--autocast {name} on the CPU runs several times slower than f32 (candle's CPU \
-             products convert half floats); it is meant for GPUs"
-        );
-    }
-    Ok(Some(a))
-}
-
 /// The IDX folder to load `kind` from: `--data-dir` if given; else, for MNIST when neither
 /// `$DDPM_DATA_DIR` is set nor a checkout's `assets/mnist` lies around the current directory,
 /// the copy in the source tree this binary was built from; else `None` (ddpm-data then looks
@@ -159,6 +124,17 @@ pub fn data_dir(
         .join("train-images-idx3-ubyte.gz")
         .exists()
         .then_some(built)
+}
+
+/// Loads `split` of `kind` from `explicit` or [`data_dir`]'s choice, naming what failed.
+pub fn load(
+    kind: &ddpm_data::DatasetKind,
+    explicit: Option<&std::path::Path>,
+    split: ddpm_data::Split,
+    size: (u32, u32),
+) -> Result<ddpm_data::ImageDataset> {
+    ddpm_data::load_dataset(kind, data_dir(kind, explicit).as_deref(), split, size)
+        .with_context(|| format!("loading the {} split of --dataset {kind}", split.name()))
 }
 
 /// `--checkpoint`, or the default model ([`default_checkpoint`]), or an error saying how to

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ddpm_data::{Batcher, Dataset, DatasetKind, Split, TensorBatcher};
-use ddpm_pipeline::{reconstruct, ReconstructionRequest, SamplerKind, SamplerSpec};
+use ddpm_pipeline::{reconstruct, ReconstructOptions};
 use ddpm_train::viz;
 
 /// Options of `ddpm reconstruct`.
@@ -26,24 +26,8 @@ pub struct ReconstructArgs {
     /// The first N test images instead of one per class.
     #[arg(long)]
     count: Option<usize>,
-    /// Timesteps to noise to, comma-separated, each in 0..T.
-    #[arg(long, value_delimiter = ',', default_value = "50,200,400,600,800,999")]
-    t: Vec<usize>,
-    /// Denoise every image as this class (index or name) instead of its own.
-    #[arg(long)]
-    as_class: Option<String>,
-    /// Guidance weight w while denoising (0 = none; diffusers' guidance_scale = 1 + w).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    guidance: f64,
-    /// Sampler; its grid of --steps timesteps is cut at each t (ddpm: every step from t).
-    #[arg(long, value_enum, default_value_t = SamplerKind::Ddim)]
-    sampler: SamplerKind,
-    /// Steps of the sampler's grid over the whole of 0..T.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Seed of the forward noise and any step noise.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    what: ReconstructOptions,
     /// Dataset the test images come from (default: the model's own).
     #[arg(long)]
     dataset: Option<DatasetKind>,
@@ -60,29 +44,11 @@ pub struct ReconstructArgs {
 
 /// Runs `ddpm reconstruct`.
 pub fn run(a: ReconstructArgs) -> Result<()> {
-    if !a.guidance.is_finite() {
-        bail!("--guidance {}: give a finite weight", a.guidance);
-    }
-    if a.t.is_empty() {
-        bail!("--t: give at least one timestep");
-    }
     if a.scale == 0 || a.scale > 16 {
         bail!("--scale {}: use 1 to 16", a.scale);
     }
     let (model, _, device) = a.model.load()?;
-    let t_total = model.schedule().config().num_timesteps;
-    if let Some(&bad) = a.t.iter().find(|&&t| t >= t_total) {
-        bail!("--t {bad} is outside 0..{t_total} (the model's T)");
-    }
-    let as_class = a
-        .as_class
-        .as_deref()
-        .map(|c| {
-            model
-                .class(c)
-                .map_err(|e| anyhow::anyhow!("--as-class: {e}"))
-        })
-        .transpose()?;
+    let request = a.what.resolve(&model)?;
     let kind = match &a.dataset {
         Some(k) => k.clone(),
         None => model.card().data.dataset.parse().map_err(|e: String| {
@@ -93,22 +59,14 @@ pub fn run(a: ReconstructArgs) -> Result<()> {
         })?,
     };
     let (_, h, w) = model.image_dims();
-    let ds = ddpm_data::load_dataset(
+    let ds = crate::load(
         &kind,
-        crate::data_dir(&kind, a.data_dir.as_deref()).as_deref(),
+        a.data_dir.as_deref(),
         Split::Test,
         (h as u32, w as u32),
-    )
-    .with_context(|| format!("loading the test split of --dataset {kind}"))?;
+    )?;
     let indices = pick(&a, &ds)?;
     let batch = TensorBatcher::new(&ds, &device)?.batch(&indices)?;
-    let request = ReconstructionRequest {
-        timesteps: a.t.clone(),
-        as_class,
-        guidance: a.guidance,
-        seed: a.seed,
-        sampler: SamplerSpec::new(a.sampler).with_steps(a.steps),
-    };
     let labels: Option<Vec<u32>> = model
         .is_conditional()
         .then(|| batch.labels.to_vec1::<u32>())
@@ -130,7 +88,7 @@ pub fn run(a: ReconstructArgs) -> Result<()> {
     }
     viz::write_png(&viz::labelled_rows(&rows), &a.out)
         .with_context(|| format!("--out {}", a.out.display()))?;
-    let target = match as_class {
+    let target = match request.as_class {
         Some(c) => format!(
             " as class {}",
             names.get(c as usize).map_or(c.to_string(), |n| n.clone())
@@ -141,9 +99,9 @@ pub fn run(a: ReconstructArgs) -> Result<()> {
         "wrote {}: {} test images{target}, columns = original, then t = {:?} ({}, w = {}, {secs:.1} s)",
         a.out.display(),
         indices.len(),
-        a.t,
+        request.timesteps,
         request.sampler,
-        a.guidance
+        request.guidance
     );
     println!("\n| t | √ᾱ_t | steps | mse | psnr dB |\n|---|---|---|---|---|");
     for r in &rec.rows {

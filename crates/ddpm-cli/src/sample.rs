@@ -4,10 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ddpm_core::{NoiseSchedule, PosteriorVariance};
+use ddpm_core::NoiseSchedule;
 use ddpm_data::{Dataset, DatasetKind, Split};
-use ddpm_pipeline::{generate_with, Frames, Labels, Model, Request, SamplerKind, SamplerSpec};
-use ddpm_sampler::Spacing;
+use ddpm_pipeline::{generate_with, Frames, SampleOptions};
 use ddpm_schedule::{BetaKind, ScheduleConfig};
 use ddpm_train::viz;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,42 +20,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct SampleArgs {
     #[command(flatten)]
     model: crate::ModelArgs,
-    /// Class to draw: an index (7), a class name, or `all` (one row per class).
-    #[arg(long, default_value = "all")]
-    class: String,
-    /// Guidance weight w: eps = (1+w)·eps(x,t,c) − w·eps(x,t,∅). 0 = no guidance;
-    /// diffusers' guidance_scale = 1 + w.
-    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
-    guidance: f64,
-    /// Guidance sweep: sample the same noise at each of these weights (comma-separated) and
-    /// write the grids side by side into --out, each titled with its w.
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true, conflicts_with_all = ["gif", "each", "npz"])]
-    sweep: Vec<f64>,
-    /// Samples (per class with --class all).
-    #[arg(long, default_value_t = 16)]
-    n: usize,
-    /// Samples denoised together (default: 128 on the CPU, where guidance makes that a
-    /// forward batch of 256, the size the forward benchmark runs at; 1024 on CUDA). The
-    /// deterministic samplers (dpm++, ddim with --eta 0) draw the same digits whatever the
-    /// batch; the stochastic ones draw their step noise batch by batch.
-    #[arg(long)]
-    batch: Option<usize>,
-    /// Sampling steps for ddim and dpm++ (at most the model's T).
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// Sampler. The default, DPM-Solver++(2M) in 20 steps, draws the same digits as DDIM in 50
-    /// steps from the same seed, in 40 % of the time.
-    #[arg(long, value_enum, default_value_t = SamplerKind::DpmPp)]
-    sampler: SamplerKind,
-    /// Timestep spacing of ddim and dpm++: leading, trailing or linspace.
-    #[arg(long, value_enum, default_value_t = Spacing::Leading)]
-    spacing: Spacing,
-    /// DDIM stochasticity η (0: deterministic, 1: DDPM-like).
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
-    /// Seed of the noise: the same seed gives the same images on CPU and GPU.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    #[command(flatten)]
+    sample: SampleOptions,
     /// Output PNG grid (default: samples/class-{class}_w{w}.png).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -80,167 +45,68 @@ pub struct SampleArgs {
     /// <picture> with prefers-color-scheme).
     #[arg(long, value_enum, default_value_t = viz::Themes::Dark, requires = "gif")]
     gif_theme: viz::Themes,
-    /// Do not clip the predicted x0 to [-1, 1].
-    #[arg(long)]
-    no_clip: bool,
-}
-
-/// Resolves `--class` against the model's classes: `Ok(None)` for `all`.
-fn parse_class(arg: &str, model: &Model) -> Result<Option<u32>> {
-    if arg == "all" {
-        return Ok(None);
-    }
-    if !model.is_conditional() {
-        bail!("--class {arg}: this checkpoint is an unconditional model; leave --class out (or use --class all)");
-    }
-    Ok(Some(
-        model
-            .class(arg)
-            .map_err(|e| anyhow::anyhow!("--class: {e}, or `all`"))?,
-    ))
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
-    if a.n == 0 {
-        bail!("--n 0: ask for at least one sample");
-    }
-    if a.sweep.iter().any(|w| !w.is_finite()) {
-        bail!(
-            "--sweep {:?}: the guidance weights must be finite numbers",
-            a.sweep
-        );
-    }
-    if !a.guidance.is_finite() {
-        bail!(
-            "--guidance {}: the guidance weight must be a finite number",
-            a.guidance
-        );
-    }
-    let (model, ckpt_path, device) = a.model.load()?;
-    let card = model.card().clone();
-    let conditional = model.is_conditional();
-    let class = parse_class(&a.class, &model)?;
-    let t_total = model.schedule().num_train_timesteps();
-    if a.sampler != SamplerKind::Ddpm && a.steps > t_total {
-        bail!("--steps {} is above the model's T = {t_total}", a.steps);
-    }
-    // Checked before anything is allocated from --n, --batch and --scale.
-    let n_total = match (conditional, class) {
-        (true, None) => card.model.num_classes.checked_mul(a.n),
-        _ => Some(a.n),
-    }
-    .context("--n: more samples than this machine can count")?;
-    let batch = a.batch.unwrap_or(if device.is_cpu() { 128 } else { 1024 });
-    if batch == 0 {
-        bail!("--batch 0: denoise at least one sample at a time");
-    }
-    ddpm_pipeline::memory::check_sampling(
-        &card,
-        n_total,
-        batch.min(n_total),
-        a.guidance != 0.0 || !a.sweep.is_empty(),
-        a.scale,
-        a.gif.is_some(),
-        device.is_cpu(),
-    )?;
-    // Labels: one row per class, or n of one class, or none (unconditional).
-    let (labels, per_row) = match (conditional, class) {
-        (false, _) => (Labels::Unconditional(a.n), a.n.min(8)),
-        (true, Some(c)) => (Labels::one(c, a.n), a.n.min(8)),
-        (true, None) => (Labels::rows(card.model.num_classes, a.n), a.n),
-    };
-    let n = labels.len();
-    let w = if conditional { a.guidance } else { 0.0 };
-    if !conditional && a.guidance != 0.0 {
-        tracing::warn!("the model is unconditional: --guidance is ignored");
-    }
-    let spec = SamplerSpec {
-        kind: a.sampler,
-        steps: a.steps,
-        eta: a.eta,
-        spacing: a.spacing,
-        clip_x0: !a.no_clip,
-        variance: PosteriorVariance::BetaTilde,
-    };
-    let request = |guidance: f64| Request {
-        labels: labels.clone(),
-        guidance,
-        seed: a.seed,
-        sampler: spec,
-        batch,
-    };
-    if !a.sweep.is_empty() {
-        if !conditional {
-            bail!("--sweep: this checkpoint is an unconditional model; guidance needs classes");
-        }
+    let (model, ckpt_path, _) = a.model.load()?;
+    let plan = a.sample.resolve(&model, a.scale, a.gif.is_some())?;
+    let (n, per_row) = (plan.request.labels.len(), plan.per_row);
+    let c = plan.class.map_or("all".to_string(), |c| c.to_string());
+    let started = std::time::Instant::now();
+    if !a.sample.sweep.is_empty() {
         let mut panels = Vec::new();
-        let started = std::time::Instant::now();
-        for &sw in &a.sweep {
-            let x0 = generate_with(&model, &request(sw), &mut |_| Ok(()))?;
-            panels.push((format!("W = {sw}"), viz::grid_image(&x0, per_row, a.scale)?));
+        for &w in &plan.weights {
+            let x0 = generate_with(&model, &plan.at(w), &mut |_| Ok(()))?;
+            panels.push((format!("W = {w}"), viz::grid_image(&x0, per_row, a.scale)?));
         }
-        let out = a.out.clone().unwrap_or_else(|| {
-            let c = class.map_or("all".to_string(), |c| c.to_string());
-            PathBuf::from(format!("samples/class-{c}_sweep.png"))
-        });
+        let out = (a.out.clone()).unwrap_or_else(|| format!("samples/class-{c}_sweep.png").into());
         viz::save_panels(&panels, &out).with_context(|| format!("--out {}", out.display()))?;
         println!(
             "wrote {} (w = {:?}, {n} samples each, same noise, {:.1} s) from {}",
             out.display(),
-            a.sweep,
+            plan.weights,
             started.elapsed().as_secs_f64(),
             ckpt_path.display()
         );
         return Ok(());
     }
-    let total = spec.num_steps(t_total);
-    let bar = ProgressBar::new((total * n.div_ceil(batch)) as u64);
+    let (w, spec) = (plan.weights[0], plan.request.sampler);
+    let total = spec.num_steps(model.schedule().num_train_timesteps());
+    let bar = ProgressBar::new((total * n.div_ceil(plan.request.batch)) as u64);
     bar.set_style(ProgressStyle::with_template(
         "sampling [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})",
     )?);
     let mut frames = a.gif.as_ref().map(|_| Frames::new(total, 40));
-    let started = std::time::Instant::now();
-    let x0 = generate_with(&model, &request(w), &mut |p| {
+    let x0 = generate_with(&model, &plan.request, &mut |p| {
         bar.inc(1);
         frames.as_mut().map_or(Ok(()), |f| f.record(&p))
     })?;
     bar.finish_and_clear();
-    let frames = match frames {
-        Some(f) => f
-            .into_tensors()?
-            .iter()
-            .map(|grid| viz::grid_image(grid, per_row, 2))
-            .collect::<std::result::Result<Vec<_>, _>>()?,
-        None => Vec::new(),
-    };
     let secs = started.elapsed().as_secs_f64();
-    let out = a.out.clone().unwrap_or_else(|| {
-        let c = class.map_or("all".to_string(), |c| c.to_string());
-        PathBuf::from(format!("samples/class-{c}_w{w}.png"))
-    });
+    let out = (a.out.clone()).unwrap_or_else(|| format!("samples/class-{c}_w{w}.png").into());
     viz::save_grid(&x0, per_row, a.scale, &out)
         .with_context(|| format!("--out {}", out.display()))?;
     println!(
         "wrote {} ({n} samples, {} {total} steps, w = {w}, {secs:.1} s) from {}",
         out.display(),
-        a.sampler,
+        spec.kind,
         ckpt_path.display()
     );
-    let classes = labels.classes();
+    let classes = plan.request.labels.classes();
     if let Some(dir) = &a.each {
-        viz::write_each(&x0, classes, &card.data.class_names, dir)
+        viz::write_each(&x0, classes, &model.card().data.class_names, dir)
             .with_context(|| format!("--each {}", dir.display()))?;
         println!("wrote {n} PNGs into {}", dir.display());
     }
     if let Some(npz) = &a.npz {
         viz::write_npz(&x0, classes, npz).with_context(|| format!("--npz {}", npz.display()))?;
-        println!(
-            "wrote {} ({n} samples{})",
-            npz.display(),
-            if classes.is_some() { " and labels" } else { "" }
-        );
+        let what = if classes.is_some() { " and labels" } else { "" };
+        println!("wrote {} ({n} samples{what})", npz.display());
     }
-    if let Some(gif) = &a.gif {
+    if let (Some(gif), Some(f)) = (&a.gif, frames) {
+        let frames = (f.into_tensors()?.iter())
+            .map(|grid| viz::grid_image(grid, per_row, 2))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let written = viz::save_gif_themed(&frames, 80, gif, a.gif_theme)
             .with_context(|| format!("--gif {}", gif.display()))?;
         for path in written {
@@ -295,13 +161,7 @@ pub fn noise(a: NoiseArgs) -> Result<()> {
     if a.rows == 0 || a.t.is_empty() {
         bail!("--rows and --t must be non-empty");
     }
-    let ds = ddpm_data::load_dataset(
-        &a.dataset,
-        crate::data_dir(&a.dataset, a.data_dir.as_deref()).as_deref(),
-        Split::Test,
-        (28, 28),
-    )
-    .with_context(|| format!("loading --dataset {}", a.dataset))?;
+    let ds = crate::load(&a.dataset, a.data_dir.as_deref(), Split::Test, (28, 28))?;
     if a.index + a.rows > ds.len() {
         bail!(
             "--index {} + --rows {} is past the {} test images",

@@ -20,6 +20,28 @@ pub enum Split {
     Test,
 }
 
+impl std::str::FromStr for Split {
+    type Err = String;
+    /// Parses [`Split::name`].
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "train" => Ok(Split::Train),
+            "test" => Ok(Split::Test),
+            other => Err(format!("`{other}`: the splits are train and test")),
+        }
+    }
+}
+
+impl Split {
+    /// `train` or `test`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+}
+
 impl Split {
     /// The standard file stems (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, …).
     pub fn file_stems(self) -> (&'static str, &'static str) {

@@ -115,16 +115,23 @@ impl ImageDataset {
     /// let names = vec!["a".to_string(), "b".into(), "c".into()];
     /// let ds = ddpm_data::ImageDataset::new(vec![0; 4], vec![1, 0, 1, 0], (1, 1, 1), names)?;
     /// assert_eq!(ds.first_of_each_class(), [1, 0]);
+    /// assert_eq!(ds.first_per_class(2), [vec![1, 3], vec![0, 2], vec![]]);
     /// # Ok::<(), ddpm_data::DataError>(())
     /// ```
     pub fn first_of_each_class(&self) -> Vec<usize> {
-        let mut first = vec![None; self.class_names.len()];
+        self.first_per_class(1).into_iter().flatten().collect()
+    }
+
+    /// The indices of the first `k` examples of every class (fewer where a class has fewer),
+    /// one list per class in class order.
+    pub fn first_per_class(&self, k: usize) -> Vec<Vec<usize>> {
+        let mut by_class = vec![Vec::new(); self.class_names.len()];
         for (i, &l) in self.labels.iter().enumerate() {
-            if let Some(slot @ None) = first.get_mut(l as usize) {
-                *slot = Some(i);
+            if let Some(v) = by_class.get_mut(l as usize).filter(|v| v.len() < k) {
+                v.push(i);
             }
         }
-        first.into_iter().flatten().collect()
+        by_class
     }
 
     /// The first `n` examples (all of them if `n` is larger).

@@ -240,18 +240,24 @@ pub fn save_classifier(
     })
 }
 
-/// How to train the classifier.
+/// How to train the classifier (with the `clap` feature, `ddpm train-classifier`'s flags).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct ClassifierTrainConfig {
     /// Passes over the training split.
+    #[cfg_attr(feature = "clap", arg(short = 'e', long, default_value_t = 4))]
     pub epochs: usize,
     /// Batch size.
+    #[cfg_attr(feature = "clap", arg(short = 'b', long, default_value_t = 128))]
     pub batch_size: usize,
     /// Peak AdamW learning rate (cosine-decayed to 0).
+    #[cfg_attr(feature = "clap", arg(short = 'l', long, default_value_t = 2e-3))]
     pub lr: f64,
     /// Seed of initialisation, shuffling and augmentation.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
     pub seed: u64,
     /// Random translation of each training image by up to this many pixels.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 2))]
     pub max_shift: usize,
 }
 

@@ -138,16 +138,25 @@ impl Reference {
         n: usize,
         device: &candle_core::Device,
     ) -> Result<(Self, SetMetrics), EvalError> {
-        let load = |split| {
-            ddpm_data::load_dataset(&ddpm_data::DatasetKind::Mnist, data_dir, split, (28, 28))
-        };
-        let (test, _) = load(ddpm_data::Split::Test)?.to_tensors(device)?;
+        let (train, test) = mnist_splits(data_dir)?;
+        let (test, _) = test.to_tensors(device)?;
         let reference = Self::new(classifier, &test)?;
-        let train = load(ddpm_data::Split::Train)?;
         let (x, y) = train.take(n.min(10_000)).to_tensors(device)?;
         let floor = reference.evaluate(classifier, &x, Some(&y.to_vec1::<u32>()?))?;
         Ok((reference, floor))
     }
+}
+
+/// MNIST's train and test splits at 28×28, from `data_dir` (else where ddpm-data finds them).
+pub fn mnist_splits(
+    data_dir: Option<&Path>,
+) -> Result<(ddpm_data::ImageDataset, ddpm_data::ImageDataset), EvalError> {
+    let load =
+        |split| ddpm_data::load_dataset(&ddpm_data::DatasetKind::Mnist, data_dir, split, (28, 28));
+    Ok((
+        load(ddpm_data::Split::Train)?,
+        load(ddpm_data::Split::Test)?,
+    ))
 }
 
 /// Where the shipped classifier lives, relative to the workspace root.

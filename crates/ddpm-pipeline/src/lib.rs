@@ -53,11 +53,15 @@ use ddpm_schedule::Schedule;
 use ddpm_unet::{ModelFileError, UNet};
 use serde::{Deserialize, Serialize};
 
+mod evaluate;
 pub mod memory;
+mod options;
 mod reconstruct;
 
 pub use ddpm_sampler::{Spacing, StepInfo};
 pub use ddpm_unet::{DataInfo, ModelCard, Weights};
+pub use evaluate::{evaluate, EvalRequest, Scorer};
+pub use options::{ReconstructOptions, SampleOptions, SamplePlan};
 
 pub use reconstruct::{
     reconstruct, Reconstruction, ReconstructionAt, ReconstructionError, ReconstructionRequest,
@@ -76,6 +80,9 @@ pub enum PipelineError {
     /// A request the model cannot serve (class out of range, zero samples, …).
     #[error("{0}")]
     Request(String),
+    /// Scoring samples failed (see ddpm-eval), or the classifier cannot score this model.
+    #[error(transparent)]
+    Eval(#[from] ddpm_eval::EvalError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -407,6 +414,51 @@ impl Model {
     /// Resolves a class given as an index (`7`) or a class name (`seven`, `Sneaker`).
     pub fn class(&self, arg: &str) -> Result<u32> {
         parse_class(arg, &self.card.data.class_names, self.is_conditional())
+    }
+}
+
+/// Which weights of a model file to load, and how to run them; with the `clap` feature, the
+/// model flags of `ddpm sample`, `eval` and `reconstruct`.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct ModelOptions {
+    /// Checkpoint or export to load (default: the model shipped in assets/, else
+    /// runs/default/checkpoint.safetensors).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub checkpoint: Option<std::path::PathBuf>,
+    /// Use the raw weights instead of the EMA weights.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub raw_weights: bool,
+    /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
+    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
+    /// needs --device cuda (candle's CPU matmul has no bf16).
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub autocast: Option<ddpm_unet::Autocast>,
+}
+
+impl ModelOptions {
+    /// Loads the model file at `path` (this struct's `checkpoint` is the caller's to resolve:
+    /// the `ddpm` binary falls back to the shipped model) onto `device`, with the weights and
+    /// autocast asked for. Autocast on the CPU works but is slow, and says so.
+    pub fn load(&self, path: &Path, device: &Device) -> Result<Model> {
+        let weights = if self.raw_weights {
+            Weights::Raw
+        } else {
+            Weights::Ema
+        };
+        if let Some(a) = self.autocast {
+            let name = a.dtype().as_str();
+            a.check_device(device)
+                .map_err(|e| request_err(format!("--autocast {name}: {e}")))?;
+            if device.is_cpu() {
+                tracing::warn!(
+                    "--autocast {name} on the CPU runs several times slower than f32 (candle's \
+                     CPU products convert half floats); it is meant for GPUs"
+                );
+            }
+        }
+        let cast = self.autocast.map(|a| a.dtype());
+        Model::load(path, weights, device)?.map_unet(|u| u.with_autocast(cast))
     }
 }
 

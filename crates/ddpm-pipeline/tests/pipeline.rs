@@ -274,3 +274,191 @@ fn reconstruction_keeps_the_digit_at_small_t_and_draws_afresh_at_t_max() {
     };
     assert!(reconstruct(&m, &batch.images, Some(&labels), &bad).is_err());
 }
+
+/// The command line's defaults of `ddpm sample` (what clap gives with no flags).
+fn sample_options() -> ddpm_pipeline::SampleOptions {
+    ddpm_pipeline::SampleOptions {
+        class: "all".into(),
+        guidance: 3.0,
+        sweep: vec![],
+        n: 2,
+        batch: None,
+        steps: 20,
+        sampler: SamplerKind::DpmPp,
+        spacing: ddpm_pipeline::Spacing::Leading,
+        eta: 0.0,
+        seed: 1,
+        no_clip: false,
+    }
+}
+
+#[test]
+fn sample_options_resolve_against_the_model_and_refuse_what_it_cannot_serve() {
+    let m = tiny(3);
+    let plan = sample_options().resolve(&m, 1, false).unwrap();
+    // One row of n per class, at the guidance asked for, with the CPU's batch.
+    assert_eq!(plan.request.labels, Labels::rows(3, 2));
+    assert_eq!((plan.per_row, plan.weights.clone()), (2, vec![3.0]));
+    assert_eq!((plan.request.batch, plan.class), (128, None));
+    let one = ddpm_pipeline::SampleOptions {
+        class: "2".into(),
+        sweep: vec![0.0, 1.0],
+        n: 12,
+        ..sample_options()
+    };
+    let plan = one.resolve(&m, 1, false).unwrap();
+    assert_eq!(plan.request.labels, Labels::one(2, 12));
+    assert_eq!((plan.per_row, plan.class), (8, Some(2)));
+    assert_eq!(plan.at(1.0).guidance, 1.0);
+    // An unconditional model samples at w = 0 and takes no class.
+    let plan = sample_options().resolve(&tiny(0), 1, false).unwrap();
+    assert_eq!(
+        (plan.weights, plan.request.labels),
+        (vec![0.0], Labels::Unconditional(2))
+    );
+    for (bad, says) in [
+        (
+            ddpm_pipeline::SampleOptions {
+                class: "9".into(),
+                ..sample_options()
+            },
+            "out of range",
+        ),
+        (
+            ddpm_pipeline::SampleOptions {
+                steps: 51,
+                ..sample_options()
+            },
+            "T = 50",
+        ),
+        (
+            ddpm_pipeline::SampleOptions {
+                guidance: f64::NAN,
+                ..sample_options()
+            },
+            "finite",
+        ),
+        (
+            ddpm_pipeline::SampleOptions {
+                n: 0,
+                ..sample_options()
+            },
+            "--n 0",
+        ),
+        (
+            ddpm_pipeline::SampleOptions {
+                batch: Some(0),
+                ..sample_options()
+            },
+            "--batch 0",
+        ),
+        (
+            ddpm_pipeline::SampleOptions {
+                n: usize::MAX,
+                ..sample_options()
+            },
+            "count",
+        ),
+    ] {
+        let e = bad.resolve(&m, 1, false).unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+    }
+}
+
+#[test]
+fn reconstruct_options_resolve_and_check_t_and_class() {
+    let m = tiny(3);
+    let opts = ddpm_pipeline::ReconstructOptions {
+        t: vec![10, 40],
+        as_class: Some("1".into()),
+        guidance: 2.0,
+        sampler: SamplerKind::Ddim,
+        steps: 10,
+        seed: 4,
+    };
+    let req = opts.resolve(&m).unwrap();
+    assert_eq!(
+        (req.timesteps.clone(), req.as_class),
+        (vec![10, 40], Some(1))
+    );
+    assert_eq!(
+        req.sampler,
+        SamplerSpec::new(SamplerKind::Ddim).with_steps(10)
+    );
+    let late = ddpm_pipeline::ReconstructOptions {
+        t: vec![50],
+        ..opts.clone()
+    };
+    assert!(late.resolve(&m).unwrap_err().to_string().contains("--t 50"));
+    let none = ddpm_pipeline::ReconstructOptions {
+        t: vec![],
+        ..opts.clone()
+    };
+    assert!(none.resolve(&m).is_err());
+    let class = ddpm_pipeline::ReconstructOptions {
+        as_class: Some("7".into()),
+        ..opts
+    };
+    assert!(class
+        .resolve(&m)
+        .unwrap_err()
+        .to_string()
+        .contains("--as-class"));
+}
+
+#[test]
+fn eval_requests_and_model_options_are_checked_before_any_work() {
+    let ok = ddpm_pipeline::EvalRequest {
+        n: 10,
+        guidance: vec![0.0, 1.0],
+        steps: 5,
+        sampler: SamplerKind::Ddim,
+        batch: 5,
+        seed: 1,
+    };
+    assert!(ok.validate().is_ok());
+    for (bad, says) in [
+        (ddpm_pipeline::EvalRequest { n: 1, ..ok.clone() }, "--n 1"),
+        (
+            ddpm_pipeline::EvalRequest {
+                batch: 0,
+                ..ok.clone()
+            },
+            "--batch 0",
+        ),
+        (
+            ddpm_pipeline::EvalRequest {
+                guidance: vec![f64::INFINITY],
+                ..ok.clone()
+            },
+            "finite",
+        ),
+        (
+            ddpm_pipeline::EvalRequest {
+                guidance: vec![],
+                ..ok.clone()
+            },
+            "--guidance",
+        ),
+    ] {
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+    }
+    // bf16 autocast needs a GPU: refused on the CPU, naming the option.
+    let bf16 = ddpm_pipeline::ModelOptions {
+        autocast: Some(ddpm_unet::Autocast::Bf16),
+        ..Default::default()
+    };
+    let path = root().join("assets/ddpm-mnist.safetensors");
+    let e = bf16.load(&path, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("--autocast bf16"), "{e}");
+    let raw = ddpm_pipeline::ModelOptions {
+        raw_weights: true,
+        ..Default::default()
+    };
+    // The shipped export holds only EMA weights: asking for the raw ones is an error.
+    assert!(raw.load(&path, &Device::Cpu).is_err());
+    assert!(ddpm_pipeline::ModelOptions::default()
+        .load(&path, &Device::Cpu)
+        .is_ok());
+}
