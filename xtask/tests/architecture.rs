@@ -199,6 +199,32 @@ fn no_library_compiles_a_source_path_in() {
     }
 }
 
+/// The libraries' option structs (`clap::Args` under their `clap` feature) stand alone: none
+/// names an argument it does not hold (`conflicts_with`, `requires`), which a user's command
+/// flattening it would lack. Such relations between a library's options and a command's own
+/// flags are the command's to declare (e.g. `ddpm sample --gif` conflicts with `--sweep`).
+#[test]
+fn library_option_structs_name_no_outside_argument() {
+    let mut structs = 0;
+    for krate in LIBRARIES {
+        for (path, text) in sources(&format!("crates/{krate}/src")) {
+            structs += text.matches("derive(clap::Args)").count();
+            for relation in [
+                "conflicts_with",
+                "requires",
+                "required_unless",
+                "overrides_with",
+            ] {
+                assert!(
+                    !text.contains(relation),
+                    "{path}: a library option names another argument ({relation})"
+                );
+            }
+        }
+    }
+    assert!(structs >= 7, "found {structs} library option structs");
+}
+
 /// Every candle custom op (`CustomOp1/2/3`, `InplaceOp1/2/3`) is implemented in ddpm-kernels.
 #[test]
 fn every_custom_op_lives_in_ddpm_kernels() {

@@ -31,14 +31,14 @@ pub struct SampleArgs {
     /// Also write one PNG per sample into DIR, named with its index and class, at the model's
     /// native size whatever --scale is (28×28 grayscale for MNIST), as FID tools and
     /// classifiers expect.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sweep")]
     each: Option<PathBuf>,
     /// Also write all samples and their labels as one .npz (arr_0: uint8 [N, H, W, C];
     /// arr_1: int64 labels), the format diffusion evaluators read.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sweep")]
     npz: Option<PathBuf>,
     /// Also write the reverse-diffusion animation as a GIF.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sweep")]
     gif: Option<PathBuf>,
     /// Colours of the GIF: dark (light digits on black, as MNIST is), light (inverted, for a
     /// light page), or both (two files, NAME-light.gif and NAME-dark.gif, e.g. for a README's

@@ -25,8 +25,7 @@ pub struct SampleOptions {
     /// write the grids side by side into --out, each titled with its w.
     #[cfg_attr(
         feature = "clap",
-        arg(long, value_delimiter = ',', allow_negative_numbers = true,
-            conflicts_with_all = ["gif", "each", "npz"])
+        arg(long, value_delimiter = ',', allow_negative_numbers = true)
     )]
     pub sweep: Vec<f64>,
     /// Samples (per class with --class all).
