@@ -11,9 +11,9 @@ import re
 import sys
 
 ACCUMULATE = '''    /// Adds `grad` to the gradient of `tensor`. The first gradient of a tensor is stored as it is
-    /// (made contiguous) instead of being added to a tensor of zeroes: the same values (up to the
-    /// sign of zero) without a zero-fill and a full-size addition per gradient (ddpm-rs patch,
-    /// vendor/README.md).
+    /// (made contiguous; copied if it is a view at an offset into a larger buffer) instead of
+    /// being added to a tensor of zeroes: the same values (up to the sign of zero) without a
+    /// zero-fill and a full-size addition per gradient (ddpm-rs patch, vendor/README.md).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
@@ -24,11 +24,15 @@ ACCUMULATE = '''    /// Adds `grad` to the gradient of `tensor`. The first gradi
                 let matches = grad.shape() == tensor.shape()
                     && grad.dtype() == tensor.dtype()
                     && grad.device().same_device(tensor.device());
-                let first = if matches {
-                    grad.contiguous()?
-                } else {
+                let first = if !matches {
                     // What upstream does, so that a mismatch fails (or broadcasts) as it did.
                     tensor.zeros_like()?.add(grad)?
+                } else if grad.layout().start_offset() == 0 {
+                    grad.contiguous()?
+                } else {
+                    // A view into a larger buffer (e.g. one part of an op's packed gradients):
+                    // stored as is, it would keep the whole buffer alive until the step ends.
+                    grad.force_contiguous()?
                 };
                 entry.insert(first);
             }

@@ -86,3 +86,36 @@ fn fan_out_subtraction_transpose_and_broadcast_match_hand_computed_gradients() {
         [4., 4., 4.]
     );
 }
+
+/// The number of f32 values in a CPU tensor's whole buffer.
+fn buffer_len(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.len(),
+        _ => panic!("expected an f32 CPU tensor"),
+    }
+}
+
+#[test]
+fn a_first_gradient_that_is_a_view_into_a_larger_buffer_is_stored_compact() {
+    // The gradient of a concatenation reaches its second part as a view at an offset into the
+    // concatenation's gradient; stored as it is, it would keep that whole buffer alive.
+    let dev = Device::Cpu;
+    let a = Var::new(&[1f32, 2.], &dev).unwrap();
+    let b = Var::new(&[3f32, 4., 5.], &dev).unwrap();
+    let w = Tensor::new(&[1f32, 2., 3., 4., 5.], &dev).unwrap();
+    let y = (Tensor::cat(&[a.as_tensor(), b.as_tensor()], 0).unwrap() * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = y.backward().unwrap();
+    let gb = g.get(&b).unwrap();
+    assert_eq!(values(gb), [3., 4., 5.]);
+    assert_eq!(gb.layout().start_offset(), 0);
+    assert_eq!(
+        buffer_len(gb),
+        3,
+        "the stored gradient holds its own 3 values only"
+    );
+    assert_eq!(values(g.get(&a).unwrap()), [1., 2.]);
+}
