@@ -8,11 +8,11 @@ fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-/// The address of a CPU tensor's buffer.
-fn buffer(t: &Tensor) -> *const f32 {
+/// The address and length (in f32 values) of a CPU tensor's whole buffer.
+fn buffer(t: &Tensor) -> (*const f32, usize) {
     let (storage, _) = t.storage_and_layout();
     match &*storage {
-        Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.as_ptr(),
+        Storage::Cpu(candle_core::CpuStorage::F32(v)) => (v.as_ptr(), v.len()),
         _ => panic!("expected an f32 CPU tensor"),
     }
 }
@@ -30,8 +30,8 @@ fn first_gradients_are_stored_not_added_to_zeroes() {
     // Upstream adds each into its own tensor of zeroes (two buffers); the patch stores the one
     // gradient of the sum for both.
     assert_eq!(
-        buffer(ga),
-        buffer(gb),
+        buffer(ga).0,
+        buffer(gb).0,
         "the candle-core in use is not the patched one of vendor/ (see vendor/README.md)"
     );
 }
@@ -87,15 +87,6 @@ fn fan_out_subtraction_transpose_and_broadcast_match_hand_computed_gradients() {
     );
 }
 
-/// The number of f32 values in a CPU tensor's whole buffer.
-fn buffer_len(t: &Tensor) -> usize {
-    let (storage, _) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.len(),
-        _ => panic!("expected an f32 CPU tensor"),
-    }
-}
-
 #[test]
 fn a_first_gradient_that_is_a_view_into_a_larger_buffer_is_stored_compact() {
     // The gradient of a concatenation reaches its second part as a view at an offset into the
@@ -113,7 +104,7 @@ fn a_first_gradient_that_is_a_view_into_a_larger_buffer_is_stored_compact() {
     assert_eq!(values(gb), [3., 4., 5.]);
     assert_eq!(gb.layout().start_offset(), 0);
     assert_eq!(
-        buffer_len(gb),
+        buffer(gb).1,
         3,
         "the stored gradient holds its own 3 values only"
     );
