@@ -53,6 +53,13 @@ pub struct EvalArgs {
 
 /// Runs `ddpm eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
+    crate::out_folder("--out", &a.out)?;
+    let outputs = ["report.json", "fid_vs_is.png", "accuracy_vs_w.png"].map(|f| a.out.join(f));
+    for written in &outputs {
+        for report in &a.replot {
+            crate::refuse_overwrite("--out", written, &[("--replot", report)])?;
+        }
+    }
     if !a.replot.is_empty() {
         let report = merge_reports(&a.replot).context("--replot")?;
         return write_outputs(&report, &a.out);

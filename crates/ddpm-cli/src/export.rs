@@ -23,6 +23,7 @@ pub struct ExportArgs {
 
 /// Runs `ddpm export`.
 pub fn run(a: ExportArgs) -> Result<()> {
+    crate::refuse_overwrite("--out", &a.out, &[("--checkpoint", &a.checkpoint)])?;
     let ckpt = ddpm_train::checkpoint::read(&a.checkpoint, &Device::Cpu)
         .with_context(|| format!("--checkpoint {}", a.checkpoint.display()))?;
     let dtype = if a.f32 { DType::F32 } else { DType::F16 };

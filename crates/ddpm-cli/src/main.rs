@@ -137,6 +137,39 @@ pub fn load(
         .with_context(|| format!("loading the {} split of --dataset {kind}", split.name()))
 }
 
+/// Refuses to write `output` (given as `out_flag`) when it is one of the files the command reads
+/// (`inputs`: each with its flag): the same file through any path, link or `..`
+/// ([`ddpm_core::files::same_file`]). Called by every command before it reads or writes
+/// anything large, so that no command replaces its own input.
+pub fn refuse_overwrite(
+    out_flag: &str,
+    output: &std::path::Path,
+    inputs: &[(&str, &std::path::Path)],
+) -> Result<()> {
+    for (flag, input) in inputs {
+        if ddpm_core::files::same_file(output, input) {
+            bail!(
+                "{out_flag} {} is the file {flag} {} reads: writing it would destroy the input. \
+                 Give another {out_flag}",
+                output.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an output folder (`flag`) that exists as something other than a folder.
+pub fn out_folder(flag: &str, dir: &std::path::Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => bail!(
+            "{flag} {} is a file, not a folder: give a folder (it is created if missing)",
+            dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// `--checkpoint`, or the default model ([`default_checkpoint`]), or an error saying how to
 /// get one.
 pub fn checkpoint_or_default(arg: Option<PathBuf>) -> Result<PathBuf> {
@@ -197,7 +230,7 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tune_allocator();
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let matches = negative_numbers(<Cli as clap::CommandFactory>::command()).get_matches();
     let cli =
         <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Flags the user typed (not defaults), for `train --resume` to report what it ignores.
@@ -225,6 +258,30 @@ fn main() -> Result<()> {
         Command::TrainClassifier(a) => eval::train_classifier(a),
     };
     in_thread_pool(run)
+}
+
+/// Lets every option that takes a value take a negative number, in every subcommand, so that
+/// `--lr -1e-3` is refused for its value by the option's own check instead of being misread as
+/// an unknown flag `-1`. Floating-point options take any value that starts with `-` (clap's
+/// own test of a negative number has no negative exponent); a flag given there instead of a
+/// number is then reported as an invalid number.
+fn negative_numbers(cmd: clap::Command) -> clap::Command {
+    use std::any::TypeId;
+    let cmd = cmd.mut_args(|a| {
+        if !a.get_action().takes_values() {
+            return a;
+        }
+        let ty = a.get_value_parser().type_id();
+        let float = ty == TypeId::of::<f64>() || ty == TypeId::of::<f32>();
+        a.allow_negative_numbers(true).allow_hyphen_values(float)
+    });
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    names
+        .iter()
+        .fold(cmd, |cmd, name| cmd.mut_subcommand(name, negative_numbers))
 }
 
 /// Runs `work` on a thread of rayon's global pool instead of the main thread.

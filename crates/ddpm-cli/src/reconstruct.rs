@@ -47,6 +47,9 @@ pub fn run(a: ReconstructArgs) -> Result<()> {
     if a.scale == 0 || a.scale > 16 {
         bail!("--scale {}: use 1 to 16", a.scale);
     }
+    if let Some(ckpt) = &a.model.opts.checkpoint {
+        crate::refuse_overwrite("--out", &a.out, &[("--checkpoint", ckpt)])?;
+    }
     let (model, _, device) = a.model.load()?;
     let request = a.what.resolve(&model)?;
     let kind = match &a.dataset {

@@ -48,9 +48,21 @@ pub struct SampleArgs {
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
+    if let Some(ckpt) = &a.model.opts.checkpoint {
+        for (flag, out) in [("--out", &a.out), ("--npz", &a.npz), ("--gif", &a.gif)] {
+            if let Some(out) = out {
+                crate::refuse_overwrite(flag, out, &[("--checkpoint", ckpt)])?;
+            }
+        }
+    }
+    if let Some(dir) = &a.each {
+        crate::out_folder("--each", dir)?;
+    }
     let (model, ckpt_path, _) = a.model.load()?;
     let plan = a.sample.resolve(&model, a.scale, a.gif.is_some())?;
     let (n, per_row) = (plan.request.labels.len(), plan.per_row);
+    let d = &model.card().data;
+    viz::grid_size(n, per_row, d.height, d.width, a.scale).context("--scale")?;
     let c = plan.class.map_or("all".to_string(), |c| c.to_string());
     let started = std::time::Instant::now();
     if !a.sample.sweep.is_empty() {
@@ -161,8 +173,11 @@ pub fn noise(a: NoiseArgs) -> Result<()> {
     if a.rows == 0 || a.t.is_empty() {
         bail!("--rows and --t must be non-empty");
     }
+    let end = a.index.checked_add(a.rows);
+    viz::grid_size(a.rows.saturating_mul(a.t.len()), a.t.len(), 28, 28, a.scale)
+        .context("--scale/--rows/--t")?;
     let ds = crate::load(&a.dataset, a.data_dir.as_deref(), Split::Test, (28, 28))?;
-    if a.index + a.rows > ds.len() {
+    if end.is_none_or(|end| end > ds.len()) {
         bail!(
             "--index {} + --rows {} is past the {} test images",
             a.index,

@@ -37,11 +37,13 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
     println!("{}", run.announcement);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    // Ctrl-C, SIGTERM (a job scheduler's stop) and SIGHUP (a closed terminal) alike: finish the
+    // step, save, exit non-zero (ctrlc's `termination` feature).
     ctrlc::set_handler(move || {
-        eprintln!("\nCtrl-C: finishing this step and saving a checkpoint…");
+        eprintln!("\nstopping: finishing this step and saving a checkpoint…");
         flag.store(true, Ordering::SeqCst);
     })
-    .context("cannot install the Ctrl-C handler")?;
+    .context("cannot install the signal handler (Ctrl-C, SIGTERM, SIGHUP)")?;
     // The budget counts from the process start on a first run; a resumed run has already spent
     // the checkpoint's training time (its plan is fixed, so this only feeds the display).
     let resumed_s = if run.resumed {
@@ -65,6 +67,15 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
     bar.finish();
     let elapsed = started.elapsed().as_secs_f64();
     println!("{}", summary(outcome, &run.trainer, &out, elapsed));
+    if outcome == ddpm_train::FitOutcome::Stopped {
+        anyhow::bail!(
+            "stopped by a signal at step {}; the checkpoint in {} is saved: continue with \
+             `ddpm train --resume --out {}`",
+            run.trainer.step(),
+            out.display(),
+            out.display()
+        );
+    }
     Ok(())
 }
 

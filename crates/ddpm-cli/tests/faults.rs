@@ -715,3 +715,610 @@ fn resume_keeps_the_limit_and_accepts_a_new_learning_rate() {
     assert_eq!(state.config.lr, 1e-4);
     assert_eq!(state.step, 3);
 }
+
+// ---- Issue #24: the hostile-user probe, one test per class of defect. ----
+
+/// A model file holding the tiny model's EMA weights under `card` (which is not validated on
+/// the way out: a crafted file).
+fn crafted_model(path: &Path, card: &ModelCard) {
+    let t = Trainer::new(tiny_card(), TrainConfig::default(), &Device::Cpu).unwrap();
+    let tensors: Vec<(String, Tensor)> = t
+        .optimizer()
+        .vars()
+        .iter()
+        .map(|(n, v)| (format!("ema.{n}"), v.as_tensor().clone()))
+        .collect();
+    checkpoint::save(path, card, None, tensors).unwrap();
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|e| {
+            e.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Class 1: Class names come from model files, which people download: a name that leads out of the
+/// `--each` folder or carries terminal escapes is refused when the file is read, and nothing
+/// is written anywhere.
+#[test]
+fn a_crafted_class_name_writes_nothing_outside_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("victim")).unwrap();
+    std::fs::write(d.join("victim/evil.png"), b"precious").unwrap();
+    for (i, evil) in [
+        "/../../victim/evil",
+        "../victim",
+        "x\u{1b}]0;pwned\u{7}",
+        "\u{1b}[2J",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut card = tiny_card();
+        card.data.class_names[0] = evil.to_string();
+        let model = d.join(format!("crafted{i}.safetensors"));
+        crafted_model(&model, &card);
+        let each = d.join("each");
+        let before = listing(d);
+        let o = ddpm_with(
+            "sample --class all --n 1 --steps 1",
+            &[
+                ("--checkpoint", model.to_str().unwrap()),
+                ("--each", each.to_str().unwrap()),
+                ("--out", d.join("grid.png").to_str().unwrap()),
+            ],
+        );
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{evil:?} was accepted");
+        assert!(
+            e.contains(&format!("crafted{i}.safetensors")) && e.contains("class name"),
+            "{evil:?}: {e}"
+        );
+        assert!(
+            !e.contains('\u{1b}'),
+            "a raw escape reached the terminal: {e:?}"
+        );
+        assert_eq!(listing(d), before, "{evil:?} created files");
+        assert_eq!(
+            std::fs::read(d.join("victim/evil.png")).unwrap(),
+            b"precious"
+        );
+    }
+    // The library refuses the same names however it is called.
+    let e = ddpm_train::viz::write_each(
+        &Tensor::zeros((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap(),
+        Some(&[0]),
+        &["../x".to_string()],
+        &d.join("each"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("class name"), "{e}");
+    assert!(!d.join("x.png").exists() && !d.join("each").exists());
+}
+
+/// Class 2: The run lock never follows a symbolic link nor truncates a file it did not make, and its
+/// cleanup removes only the temp files of the run's own files, never through a link.
+#[test]
+fn the_run_lock_and_its_cleanup_touch_only_their_own_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = d.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let victim = d.join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, run.join(ddpm_train::LOCK_FILE)).unwrap();
+    let flags = run_flags(&run, "1");
+    let o = ddpm(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let e = stderr(&o);
+    assert!(!o.status.success(), "a symlinked lock was taken");
+    assert!(e.contains("symbolic link") && e.contains(".lock"), "{e}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+    // A .lock that is not ours (other content): refused, left as it is.
+    std::fs::remove_file(run.join(ddpm_train::LOCK_FILE)).unwrap();
+    std::fs::write(run.join(ddpm_train::LOCK_FILE), b"my own notes, not a pid").unwrap();
+    let o = ddpm(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a lock file"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(run.join(ddpm_train::LOCK_FILE)).unwrap(),
+        b"my own notes, not a pid"
+    );
+    std::fs::remove_file(run.join(ddpm_train::LOCK_FILE)).unwrap();
+
+    // The cleanup: a user's own `.tmp` files stay, so do temp-like files reached through a
+    // `samples` link; a dead writer's temp file of the checkpoint goes.
+    let outside = d.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, run.join("samples")).unwrap();
+    let keep = [
+        run.join(".notes.tmp"),
+        run.join(".draft.1.2.tmp"),
+        outside.join(".epoch_001.png.999999999.0.tmp"),
+    ];
+    for k in &keep {
+        std::fs::write(k, b"mine").unwrap();
+    }
+    let stale = run.join(".checkpoint.safetensors.999999999.3.tmp");
+    std::fs::write(&stale, b"half a checkpoint").unwrap();
+    let o = ddpm(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    for k in &keep {
+        assert_eq!(
+            std::fs::read(k).unwrap(),
+            b"mine",
+            "{} was touched",
+            k.display()
+        );
+    }
+    assert!(
+        !stale.exists(),
+        "the stale temp file of the checkpoint stayed"
+    );
+}
+
+/// Class 3: `export` never writes over the checkpoint it reads (by any path), and refuses weights
+/// that are not finite; so do the other commands that read one file and write another.
+#[test]
+fn no_command_writes_over_its_input_and_export_refuses_non_finite_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ckpt = d.join("ckpt.safetensors");
+    tiny_checkpoint(&ckpt);
+    let before = std::fs::read(&ckpt).unwrap();
+    let other_spelling = d.join(".").join("ckpt.safetensors");
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    let via_link = d.join("sub/link.safetensors");
+    std::os::unix::fs::symlink(&ckpt, &via_link).unwrap();
+    for out in [&ckpt, &other_spelling, &via_link] {
+        let o = ddpm_with(
+            "export",
+            &[
+                ("--checkpoint", ckpt.to_str().unwrap()),
+                ("--out", out.to_str().unwrap()),
+            ],
+        );
+        assert!(
+            !o.status.success(),
+            "export onto its input ({})",
+            out.display()
+        );
+        assert!(stderr(&o).contains("destroy the input"), "{}", stderr(&o));
+        assert_eq!(std::fs::read(&ckpt).unwrap(), before);
+    }
+    // sample's and reconstruct's outputs, eval's report over a report it replots.
+    let c = ckpt.to_str().unwrap();
+    let o = ddpm_with(
+        "sample --steps 1 --n 1",
+        &[("--checkpoint", c), ("--npz", c)],
+    );
+    assert!(!o.status.success() && stderr(&o).contains("destroy the input"));
+    let o = ddpm_with("reconstruct --t 5", &[("--checkpoint", c), ("--out", c)]);
+    assert!(!o.status.success() && stderr(&o).contains("destroy the input"));
+    let report_dir = d.join("eval");
+    std::fs::create_dir_all(&report_dir).unwrap();
+    let report = report_dir.join("report.json");
+    std::fs::write(&report, b"{\"a report\": true}").unwrap();
+    let o = ddpm_with(
+        "eval",
+        &[
+            ("--replot", report.to_str().unwrap()),
+            ("--out", report_dir.to_str().unwrap()),
+        ],
+    );
+    assert!(!o.status.success() && stderr(&o).contains("destroy the input"));
+    assert_eq!(std::fs::read(&report).unwrap(), b"{\"a report\": true}");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), before);
+
+    // NaN EMA weights: no export at all.
+    let nan = d.join("nan.safetensors");
+    let t = Trainer::new(tiny_card(), TrainConfig::default(), &Device::Cpu).unwrap();
+    let tensors: Vec<(String, Tensor)> = t
+        .optimizer()
+        .vars()
+        .iter()
+        .map(|(n, v)| {
+            let x = (v.as_tensor().ones_like().unwrap() * f64::NAN).unwrap();
+            (format!("ema.{n}"), x)
+        })
+        .collect();
+    checkpoint::save(&nan, &tiny_card(), None, tensors).unwrap();
+    let out = d.join("export.safetensors");
+    let o = ddpm_with(
+        "export",
+        &[
+            ("--checkpoint", nan.to_str().unwrap()),
+            ("--out", out.to_str().unwrap()),
+        ],
+    );
+    assert!(!o.status.success(), "NaN weights exported");
+    assert!(stderr(&o).contains("NaN or infinite"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+fn step_of(ckpt: &Path) -> u64 {
+    checkpoint::read(ckpt, &Device::Cpu)
+        .unwrap()
+        .train
+        .unwrap()
+        .step
+}
+
+/// Waits until `path` holds a checkpoint (and returns its step).
+fn wait_for_checkpoint(path: &Path) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(c) = checkpoint::read(path, &Device::Cpu) {
+            return c.train.unwrap().step;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Classes 4 and 5: SIGTERM and SIGHUP stop a run as Ctrl-C does (finish the step, save, exit
+/// non-zero); a plain `--resume` continues the saved plan to the same weights as an
+/// uninterrupted run; resuming a finished run changes nothing.
+#[test]
+fn signals_save_and_plain_resume_continues_the_saved_plan() {
+    const STEPS: &str = "150";
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let o = ddpm(
+        &run_flags(&a, STEPS)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ckpt = b.join("checkpoint.safetensors");
+    let plain_resume = vec![
+        "train".to_string(),
+        "--resume".into(),
+        "--out".into(),
+        b.to_str().unwrap().into(),
+    ];
+    let mut stopped_at = Vec::new();
+    for (sig, args) in [
+        ("-TERM", run_flags(&b, STEPS)),
+        ("-HUP", plain_resume.clone()),
+    ] {
+        let child = spawn(&args);
+        let before = if stopped_at.is_empty() {
+            0
+        } else {
+            step_of(&ckpt)
+        };
+        // Wait for a checkpoint newer than the last stop, then signal.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while wait_for_checkpoint(&ckpt) <= before {
+            assert!(Instant::now() < deadline, "the run made no progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        signal(&child, sig);
+        let out = child.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sig}: exit 0 after a stop: {e}");
+        assert!(e.contains("stopped by a signal"), "{sig}: {e}");
+        let at = step_of(&ckpt);
+        assert!(at > before && at < 150, "{sig}: stopped at step {at}");
+        stopped_at.push(at);
+    }
+    // Plain --resume: the saved max steps, the same learning-rate schedule.
+    let o = ddpm(&plain_resume.iter().map(String::as_str).collect::<Vec<_>>());
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert_eq!(step_of(&ckpt), 150, "stopped at {stopped_at:?}");
+    let (ta, tb) = (tensors(&a.join("checkpoint.safetensors")), tensors(&ckpt));
+    for (name, va) in &ta {
+        assert!(tb[name] == *va, "{name} differs after a plain resume");
+    }
+    assert_eq!(metrics(&b), metrics(&a));
+    // A finished run, resumed: complete, nothing changed.
+    let (ck, mx) = (
+        std::fs::read(&ckpt).unwrap(),
+        std::fs::read(b.join("metrics.jsonl")).unwrap(),
+    );
+    let o = cmd(&plain_resume.iter().map(String::as_str).collect::<Vec<_>>())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(said.contains("already complete"), "{said}");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), ck);
+    assert_eq!(std::fs::read(b.join("metrics.jsonl")).unwrap(), mx);
+}
+
+/// Class 5: The epoch-end grid is drawn after the epoch's checkpoint and a stop interrupts it: the
+/// epoch is saved, and the resumed run draws the grid it did not finish.
+#[test]
+fn a_stop_during_the_epoch_grid_keeps_the_epoch_and_the_grid_comes_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut flags = run_flags(&run, "6");
+    // One epoch is 3 steps; a grid of 10 rows at 40 guided steps takes far longer.
+    for (flag, value) in [
+        ("--sample-every", "1"),
+        ("--sample-steps", "40"),
+        ("--checkpoint-every", "0"),
+    ] {
+        let i = flags.iter().position(|f| f == flag).unwrap_or(flags.len());
+        if i < flags.len() {
+            flags[i + 1] = value.into();
+        } else {
+            flags.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    let child = spawn(&flags);
+    let ckpt = run.join("checkpoint.safetensors");
+    assert_eq!(
+        wait_for_checkpoint(&ckpt),
+        3,
+        "the epoch's checkpoint comes first"
+    );
+    let grid = run.join("samples/epoch_001.png");
+    assert!(!grid.exists(), "the grid was drawn before the checkpoint");
+    signal(&child, "-TERM");
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the grid was not interrupted"
+    );
+    assert_eq!(step_of(&ckpt), 3, "{e}");
+    assert!(!grid.exists(), "an interrupted grid was written");
+    let o = ddpm_with(
+        "train --resume --max-steps 3",
+        &[("--out", run.to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        grid.exists(),
+        "the resumed run did not draw the missing grid"
+    );
+    assert_eq!(step_of(&ckpt), 3);
+}
+
+/// Class 6: Sizes from flags, cards, headers and the process's limits are checked before anything
+/// is allocated: one clear error, never an abort or a panic.
+#[test]
+fn sizes_are_checked_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ckpt = d.join("tiny.safetensors");
+    tiny_checkpoint(&ckpt);
+    let c = ckpt.to_str().unwrap();
+    let png = d.join("x.png");
+    let p = png.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["train", "--timesteps", "100000000", "--out", p],
+            "timesteps",
+        ),
+        (
+            vec!["train", "--timesteps", "4294967296", "--out", p],
+            "timesteps",
+        ),
+        (vec!["noise", "--scale", "4294967296", "--out", p], "scale"),
+        (
+            vec!["noise", "--index", "18446744073709551615", "--out", p],
+            "--index",
+        ),
+        (
+            vec![
+                "sample",
+                "--checkpoint",
+                c,
+                "--steps",
+                "1",
+                "--scale",
+                "100000",
+                "--out",
+                p,
+            ],
+            "scale",
+        ),
+        (
+            vec!["bench", "--mode", "forward", "--image-size", "1000000"],
+            "image size",
+        ),
+        (
+            vec!["bench", "--mode", "train", "--batch", "100000000"],
+            "GiB",
+        ),
+        (
+            vec!["train-classifier", "--batch-size", "100000000", "--out", p],
+            "batch_size",
+        ),
+        (
+            vec![
+                "train-classifier",
+                "--max-shift",
+                "18446744073709551615",
+                "--out",
+                p,
+            ],
+            "max_shift",
+        ),
+    ];
+    for (args, needle) in cases {
+        let started = Instant::now();
+        let o = ddpm(&args);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{args:?} exited 0");
+        assert!(
+            !e.contains("panicked") && !e.contains("memory allocation"),
+            "{args:?}: {e}"
+        );
+        assert!(e.contains(needle), "{args:?}: {e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{args:?} was slow to refuse"
+        );
+    }
+    assert!(!png.exists());
+    // Under an address-space limit (ulimit -v) the memory check counts what is left there,
+    // not the machine's MemAvailable: a request that fits the machine but not the limit is
+    // refused with a message.
+    let script = format!(
+        "ulimit -v 3000000 && exec {} sample --checkpoint {c} --class all --n 100000 --batch 8 \
+         --steps 1 --out {p}",
+        env!("CARGO_BIN_EXE_ddpm")
+    );
+    let o = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("address-space limit") || e.contains("available"),
+        "{e}"
+    );
+    assert!(!e.contains("memory allocation"), "{e}");
+}
+
+/// Class 7: Inputs must be regular files (no hang on a FIFO, no endless read of a device), weights
+/// must be floating point, and a card's classes must be unique.
+#[test]
+fn special_files_and_odd_tensors_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("model.safetensors");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let out = d.join("x.png");
+    for (input, needle) in [
+        (fifo.as_path(), "FIFO"),
+        (Path::new("/dev/zero"), "device"),
+        (d, "folder"),
+    ] {
+        let started = Instant::now();
+        let o = ddpm_with(
+            "sample --steps 1",
+            &[
+                ("--checkpoint", input.to_str().unwrap()),
+                ("--out", out.to_str().unwrap()),
+            ],
+        );
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(needle), "{}", stderr(&o));
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+    // A data folder whose IDX file is a FIFO.
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    assert!(Command::new("mkfifo")
+        .arg(data.join("train-images-idx3-ubyte.gz"))
+        .status()
+        .unwrap()
+        .success());
+    let o = ddpm_with(
+        "train --max-steps 1 --budget off",
+        &[
+            ("--data-dir", data.to_str().unwrap()),
+            ("--out", d.join("run").to_str().unwrap()),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
+
+    // A weight that is not a float.
+    let t = Trainer::new(tiny_card(), TrainConfig::default(), &Device::Cpu).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = t
+        .optimizer()
+        .vars()
+        .iter()
+        .map(|(n, v)| (format!("ema.{n}"), v.as_tensor().clone()))
+        .collect();
+    let (name, first) = tensors[0].clone();
+    tensors[0] = (
+        name,
+        first.ones_like().unwrap().to_dtype(DType::U8).unwrap(),
+    );
+    let ints = d.join("ints.safetensors");
+    checkpoint::save(&ints, &tiny_card(), None, tensors).unwrap();
+    let o = ddpm_with(
+        "sample --steps 1",
+        &[
+            ("--checkpoint", ints.to_str().unwrap()),
+            ("--out", out.to_str().unwrap()),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("floating point"), "{}", stderr(&o));
+
+    // Classes named twice.
+    let mut card = tiny_card();
+    card.data.class_names[1] = "0".into();
+    let twice = d.join("twice.safetensors");
+    crafted_model(&twice, &card);
+    let o = ddpm_with(
+        "sample --steps 1",
+        &[
+            ("--checkpoint", twice.to_str().unwrap()),
+            ("--out", out.to_str().unwrap()),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("twice"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+/// Class 8: Messages name the real problem: a negative learning rate, an output folder that is a
+/// file.
+#[test]
+fn messages_name_the_real_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let o = ddpm_with(
+        "train --lr -1e-3",
+        &[("--out", d.join("r").to_str().unwrap())],
+    );
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("positive") && !e.contains("unexpected argument"),
+        "{e}"
+    );
+    let file = d.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    for args in [
+        vec!["train", "--out", file.to_str().unwrap()],
+        vec![
+            "eval",
+            "--replot",
+            "none.json",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+    ] {
+        let o = ddpm(&args);
+        let e = stderr(&o);
+        assert!(!o.status.success());
+        assert!(
+            e.contains("is a file, not a folder") && !e.contains("File exists"),
+            "{args:?}: {e}"
+        );
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}

@@ -32,6 +32,9 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub mod files;
+pub mod memory;
+
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -30,6 +30,35 @@ fn list_dir(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries)
 }
 
+/// Decodes one image file: a regular file only (a FIFO or device named `x.png` is refused
+/// before it is opened), with the image crate's default decoding limits against bombs.
+fn read_image(file: &Path) -> Result<image::DynamicImage> {
+    let (f, _) = ddpm_core::files::open_regular(file).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => DataError::Corrupt {
+            path: file.to_path_buf(),
+            reason: e.to_string(),
+        },
+        _ => DataError::Io {
+            path: file.to_path_buf(),
+            source: e,
+        },
+    })?;
+    let unreadable = |source| DataError::UnreadableImage {
+        path: file.to_path_buf(),
+        source,
+    };
+    let mut reader = image::ImageReader::new(std::io::BufReader::new(f));
+    reader = reader
+        .with_guessed_format()
+        .map_err(|e| unreadable(image::ImageError::IoError(e)))?;
+    if reader.format().is_none() {
+        if let Ok(format) = image::ImageFormat::from_path(file) {
+            reader.set_format(format);
+        }
+    }
+    reader.decode().map_err(unreadable)
+}
+
 fn is_image(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
@@ -57,12 +86,7 @@ pub fn load_image_folder(root: &Path, height: u32, width: u32) -> Result<ImageDa
             return Err(DataError::EmptyClassFolder { path: dir.clone() });
         }
         for file in files {
-            let img = image::open(&file)
-                .map_err(|source| DataError::UnreadableImage {
-                    path: file.clone(),
-                    source,
-                })?
-                .to_luma8();
+            let img = read_image(&file)?.to_luma8();
             let img = if img.dimensions() == (width, height) {
                 img
             } else {

@@ -52,46 +52,107 @@ impl Split {
     }
 }
 
-/// Reads a whole file, inflating it when it starts with the gzip magic bytes.
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let io = |source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let raw = std::fs::read(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            DataError::Missing {
+/// An IDX file opened for reading: its bytes as they come (inflated when it starts with the
+/// gzip magic bytes, every member of a multi-member gzip file as gzip readers do), and the
+/// file's length when it is stored raw (what a header can be checked against).
+struct IdxReader {
+    path: PathBuf,
+    inner: Box<dyn Read>,
+    raw_len: Option<u64>,
+}
+
+impl IdxReader {
+    /// Opens a regular file (a folder, FIFO or device is refused before it is opened).
+    fn open(path: &Path) -> Result<Self> {
+        let (file, len) = ddpm_core::files::open_regular(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => DataError::Missing {
                 path: path.to_path_buf(),
                 hint: "pass --data-dir DIR (or set DDPM_DATA_DIR) to a folder with the IDX files"
                     .into(),
-            }
+            },
+            std::io::ErrorKind::InvalidInput => DataError::Corrupt {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            },
+            _ => DataError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+        let mut buffered = std::io::BufReader::new(file);
+        let magic = std::io::BufRead::fill_buf(&mut buffered).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let gz = magic.starts_with(&[0x1f, 0x8b]);
+        let (inner, raw_len): (Box<dyn Read>, _) = if gz {
+            (Box::new(flate2::read::MultiGzDecoder::new(buffered)), None)
         } else {
-            io(e)
-        }
-    })?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        // Inflated data is read in bounded: a crafted archive cannot make us allocate more
-        // than MAX_INFLATED bytes (the header's promises are checked against what is there).
-        let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(1 << 28));
-        flate2::read::GzDecoder::new(&raw[..])
-            .take(MAX_INFLATED + 1)
+            (Box::new(buffered), Some(len))
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            inner,
+            raw_len,
+        })
+    }
+
+    /// Up to `n` bytes (fewer only at the end of the data); `n` was checked against the
+    /// memory this process can allocate by the caller.
+    fn read_up_to(&mut self, n: u64) -> Result<Vec<u8>> {
+        // Capacity grows with what is really there: a gzip header's promise is not trusted.
+        let mut out = Vec::with_capacity(usize::try_from(n.min(1 << 26)).unwrap_or(0));
+        (&mut self.inner)
+            .take(n)
             .read_to_end(&mut out)
             .map_err(|e| DataError::Corrupt {
-                path: path.to_path_buf(),
-                reason: format!("is not a readable gzip file ({e}); download it again"),
+                path: self.path.clone(),
+                reason: format!("is not a readable gzip or IDX file ({e}); download it again"),
             })?;
-        if out.len() as u64 > MAX_INFLATED {
+        Ok(out)
+    }
+
+    /// The header's `n_words` big-endian words.
+    fn header(&mut self, n_words: usize) -> Result<Vec<u32>> {
+        let bytes = self.read_up_to(4 * n_words as u64)?;
+        header(&self.path, &bytes, n_words)
+    }
+
+    /// Exactly `len` bytes of data after a header of `header_len` bytes, refused before
+    /// anything is allocated when a raw file is shorter than `promised` data bytes, when `len`
+    /// is beyond [`MAX_INFLATED`] or the memory left ([`ddpm_core::memory::check`]).
+    fn data(&mut self, header_len: u64, promised: u64, len: u64) -> Result<Vec<u8>> {
+        if let Some(file_len) = self.raw_len {
+            let held = file_len.saturating_sub(header_len);
+            if held < promised {
+                return Err(DataError::Truncated {
+                    path: self.path.clone(),
+                    expected: usize::try_from(promised).unwrap_or(usize::MAX),
+                    found: usize::try_from(held).unwrap_or(usize::MAX),
+                });
+            }
+        }
+        if len > MAX_INFLATED {
             return Err(DataError::Corrupt {
-                path: path.to_path_buf(),
+                path: self.path.clone(),
                 reason: format!(
-                    "inflates to more than {} GiB, far beyond any IDX dataset",
+                    "its header promises {len} bytes of data, more than {} GiB, far beyond any \
+                     IDX dataset (a limit on the examples reads fewer)",
                     MAX_INFLATED >> 30
                 ),
             });
         }
-        Ok(out)
-    } else {
-        Ok(raw)
+        ddpm_core::memory::check(len, "its data").map_err(|e| DataError::Corrupt {
+            path: self.path.clone(),
+            reason: format!("cannot be loaded: {e}; limit the examples or free memory"),
+        })?;
+        let data = self.read_up_to(len)?;
+        check_len(
+            &self.path,
+            &data,
+            usize::try_from(len).unwrap_or(usize::MAX),
+        )?;
+        Ok(data)
     }
 }
 
@@ -148,10 +209,23 @@ pub struct IdxImages {
 
 /// Reads an IDX3 image file (magic 0x803), gzipped or raw.
 pub fn read_idx_images(path: &Path) -> Result<IdxImages> {
-    let bytes = read_maybe_gz(path)?;
-    check_magic(path, "image", IMAGES_MAGIC, header(path, &bytes, 1)?[0])?;
-    let h = header(path, &bytes, 4)?;
-    let (n, rows, cols) = (h[1] as usize, h[2] as usize, h[3] as usize);
+    read_idx_images_limited(path, None)
+}
+
+/// [`read_idx_images`], reading only the first `limit` images (all with `None`): the rest of
+/// the file is never read, so a limit bounds time and memory as well as what is used.
+pub fn read_idx_images_limited(path: &Path, limit: Option<usize>) -> Result<IdxImages> {
+    let mut r = IdxReader::open(path)?;
+    check_magic(path, "image", IMAGES_MAGIC, r.header(1)?[0])?;
+    let h = r.header(3).map_err(|e| match e {
+        DataError::Truncated { path, found, .. } => DataError::Truncated {
+            path,
+            expected: 16,
+            found: found + 4,
+        },
+        e => e,
+    })?;
+    let (n, rows, cols) = (h[0] as usize, h[1] as usize, h[2] as usize);
     if rows == 0 || cols == 0 {
         return Err(DataError::BadDimensions {
             path: path.to_path_buf(),
@@ -160,37 +234,51 @@ pub fn read_idx_images(path: &Path) -> Result<IdxImages> {
             reason: "images must have at least one row and column",
         });
     }
-    let data = &bytes[16..];
     // Checked: the three header words multiply to up to 2^96.
-    let len = n
-        .checked_mul(rows)
-        .and_then(|v| v.checked_mul(cols))
-        .ok_or_else(|| DataError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!(
-                "its header promises {n} images of {rows}×{cols} pixels, more bytes than \
-                 this machine can address: the file is corrupt; download it again"
-            ),
-        })?;
-    check_len(path, data, len)?;
+    let corrupt = || DataError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!(
+            "its header promises {n} images of {rows}×{cols} pixels, more bytes than this \
+             machine can address: the file is corrupt; download it again"
+        ),
+    };
+    let per_image = (rows as u64).checked_mul(cols as u64).ok_or_else(corrupt)?;
+    let promised = (n as u64).checked_mul(per_image).ok_or_else(corrupt)?;
+    let keep = limit.map_or(n, |l| l.min(n));
+    let len = keep as u64 * per_image; // ≤ promised
+    let pixels = r.data(16, promised, len)?;
     Ok(IdxImages {
-        n,
+        n: keep,
         rows,
         cols,
-        pixels: data[..len].to_vec(),
+        pixels,
     })
 }
 
 /// Reads an IDX1 label file (magic 0x801), gzipped or raw, checking every label is < `num_classes`.
 pub fn read_idx_labels(path: &Path, num_classes: usize) -> Result<Vec<u32>> {
-    let bytes = read_maybe_gz(path)?;
-    check_magic(path, "label", LABELS_MAGIC, header(path, &bytes, 1)?[0])?;
-    let h = header(path, &bytes, 2)?;
-    let n = h[1] as usize;
-    let data = &bytes[8..];
-    check_len(path, data, n)?;
-    data[..n]
-        .iter()
+    read_idx_labels_limited(path, num_classes, None)
+}
+
+/// [`read_idx_labels`], reading only the first `limit` labels (all with `None`).
+pub fn read_idx_labels_limited(
+    path: &Path,
+    num_classes: usize,
+    limit: Option<usize>,
+) -> Result<Vec<u32>> {
+    let mut r = IdxReader::open(path)?;
+    check_magic(path, "label", LABELS_MAGIC, r.header(1)?[0])?;
+    let n = r.header(1).map_err(|e| match e {
+        DataError::Truncated { path, found, .. } => DataError::Truncated {
+            path,
+            expected: 8,
+            found: found + 4,
+        },
+        e => e,
+    })?[0] as usize;
+    let keep = limit.map_or(n, |l| l.min(n));
+    let data = r.data(8, n as u64, keep as u64)?;
+    data.iter()
         .enumerate()
         .map(|(index, &l)| {
             if (l as usize) < num_classes {
@@ -221,11 +309,21 @@ pub fn find_idx_file(dir: &Path, stem: &str) -> PathBuf {
 /// Loads one split of an MNIST-format dataset (MNIST or Fashion-MNIST) from `dir`,
 /// with the standard file names, gzipped or raw.
 pub fn load_idx_dir(dir: &Path, split: Split, class_names: Vec<String>) -> Result<ImageDataset> {
+    load_idx_dir_limited(dir, split, class_names, None)
+}
+
+/// [`load_idx_dir`], reading only the first `limit` examples of each file.
+pub fn load_idx_dir_limited(
+    dir: &Path,
+    split: Split,
+    class_names: Vec<String>,
+    limit: Option<usize>,
+) -> Result<ImageDataset> {
     let (img_stem, lbl_stem) = split.file_stems();
     let img_path = find_idx_file(dir, img_stem);
     let lbl_path = find_idx_file(dir, lbl_stem);
-    let images = read_idx_images(&img_path)?;
-    let labels = read_idx_labels(&lbl_path, class_names.len())?;
+    let images = read_idx_images_limited(&img_path, limit)?;
+    let labels = read_idx_labels_limited(&lbl_path, class_names.len(), limit)?;
     if images.n != labels.len() {
         return Err(DataError::CountMismatch {
             images: img_path,

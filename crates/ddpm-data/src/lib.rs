@@ -36,9 +36,15 @@ use candle_core::{DType, Device, Tensor};
 
 pub use error::{DataError, Result};
 pub use folder::{load_image_folder, IMAGE_EXTENSIONS};
-pub use idx::{load_idx_dir, read_idx_images, read_idx_labels, Split};
+pub use idx::{
+    load_idx_dir, load_idx_dir_limited, read_idx_images, read_idx_images_limited, read_idx_labels,
+    read_idx_labels_limited, Split,
+};
 pub use loader::{Loader, LoaderConfig};
-pub use source::{load_dataset, resolve_idx_dir, shipped_mnist_dir, DatasetKind, DATA_DIR_ENV};
+pub use source::{
+    load_dataset, load_dataset_limited, resolve_idx_dir, shipped_mnist_dir, DatasetKind,
+    DATA_DIR_ENV,
+};
 
 /// A dataset of fixed-size images with integer labels.
 pub trait Dataset {

@@ -109,14 +109,36 @@ pub fn load_dataset(
     split: Split,
     size: (u32, u32),
 ) -> Result<ImageDataset> {
+    load_dataset_limited(kind, data_dir, split, size, None)
+}
+
+/// [`load_dataset`], keeping only the first `limit` examples (all with `None`); IDX files are
+/// read no further than that, so a limit bounds what is read, not only what is used.
+pub fn load_dataset_limited(
+    kind: &DatasetKind,
+    data_dir: Option<&Path>,
+    split: Split,
+    size: (u32, u32),
+    limit: Option<usize>,
+) -> Result<ImageDataset> {
     if let DatasetKind::Folder(root) = kind {
         let all = load_image_folder(root, size.0, size.1)?;
-        return Ok(split_folder(&all, split));
+        let split = split_folder(&all, split);
+        return Ok(match limit {
+            Some(n) => split.take(n),
+            None => split,
+        });
     }
     let names = kind.idx_class_names().unwrap_or_default();
     match resolve_idx_dir(kind, data_dir) {
-        Some(dir) => idx::load_idx_dir(&dir, split, names),
-        None => load_from_hub(kind, split, names),
+        Some(dir) => idx::load_idx_dir_limited(&dir, split, names, limit),
+        None => {
+            let all = load_from_hub(kind, split, names)?;
+            Ok(match limit {
+                Some(n) => all.take(n),
+                None => all,
+            })
+        }
     }
 }
 

@@ -397,3 +397,70 @@ fn dataset_kind_parses() {
     assert!("cifar".parse::<DatasetKind>().is_err());
     assert!("folder:".parse::<DatasetKind>().is_err());
 }
+
+/// A gzip file of several members (as `cat a.gz b.gz` or pigz makes) reads as gzip readers
+/// read it: all members, one after the other.
+#[test]
+fn multi_member_gzip_reads_every_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels: Vec<u8> = (0..200u32).map(|i| (i % 10) as u8).collect();
+    let raw = idx_labels(&labels);
+    let (a, b) = raw.split_at(57);
+    let mut two = gz(a);
+    two.extend(gz(b));
+    let path = dir.path().join("labels-idx1-ubyte.gz");
+    std::fs::write(&path, &two).unwrap();
+    let read = read_idx_labels(&path, 10).unwrap();
+    assert_eq!(read, labels.iter().map(|&l| l as u32).collect::<Vec<_>>());
+}
+
+/// A limit bounds what is read: the first examples of a file whose header promises far more
+/// than it holds load, while reading it whole is an error.
+#[test]
+fn a_limit_reads_only_the_first_examples() {
+    let dir = tempfile::tempdir().unwrap();
+    let pixels: Vec<u8> = (0..50 * 4 * 4).map(|i| i as u8).collect();
+    let path = dir.path().join("images-idx3-ubyte.gz");
+    std::fs::write(&path, gz(&idx_images(1_000_000, 4, 4, &pixels))).unwrap();
+    let e = err_string(read_idx_images(&path).unwrap_err());
+    assert!(e.contains("truncated"), "{e}");
+    let first = ddpm_data::read_idx_images_limited(&path, Some(10)).unwrap();
+    assert_eq!(first.n, 10);
+    assert_eq!(first.pixels, pixels[..10 * 16]);
+    // Through the dataset loader, as `ddpm train --limit` calls it.
+    let labels: Vec<u8> = (0..50).map(|i| (i % 10) as u8).collect();
+    write_split(
+        dir.path(),
+        Split::Train,
+        &idx_images(50, 4, 4, &pixels),
+        &idx_labels(&labels),
+        true,
+    );
+    let ds = ddpm_data::load_dataset_limited(
+        &DatasetKind::Mnist,
+        Some(dir.path()),
+        Split::Train,
+        (4, 4),
+        Some(7),
+    )
+    .unwrap();
+    assert_eq!(ds.len(), 7);
+}
+
+/// A FIFO or a device where a data file should be is refused before it is opened (it would
+/// block, or read without end).
+#[cfg(unix)]
+#[test]
+fn special_files_are_refused_as_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("train-images-idx3-ubyte");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let e = err_string(read_idx_images(&fifo).unwrap_err());
+    assert!(e.contains("FIFO") && e.contains("train-images"), "{e}");
+    let e = err_string(read_idx_labels(Path::new("/dev/zero"), 10).unwrap_err());
+    assert!(e.contains("device"), "{e}");
+}

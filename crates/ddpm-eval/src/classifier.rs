@@ -181,7 +181,8 @@ impl Classifier {
             path: path.to_path_buf(),
             why,
         };
-        let bytes = std::fs::read(path).map_err(|e| {
+        // The shipped classifier is 0.5 MB; 1 GiB bounds any file read as one.
+        let bytes = ddpm_core::files::read_regular(path, 1 << 30).map_err(|e| {
             bad(format!(
                 "cannot read it ({e}); train one with `ddpm train-classifier`"
             ))
@@ -323,6 +324,48 @@ pub fn test_accuracy(
     Ok(right as f64 / labels.len().max(1) as f64)
 }
 
+impl ClassifierTrainConfig {
+    /// Checks the options against a training set of `examples` images of `side × side`, before
+    /// anything is allocated: epochs in 1..=10,000, a batch size from 1 to the number of
+    /// examples whose step fits in memory ([`ddpm_core::memory::check`]), a finite learning
+    /// rate in (0, 1], and a shift below half the image side. The error names the field.
+    pub fn validate(&self, examples: usize, side: usize) -> Result<(), EvalError> {
+        let bad = |field, value: String, why: String| Err(EvalError::Config { field, value, why });
+        if !(1..=10_000).contains(&self.epochs) {
+            return bad("epochs", self.epochs.to_string(), "give 1 to 10000".into());
+        }
+        if self.batch_size == 0 || self.batch_size > examples.max(1) {
+            return bad(
+                "batch_size",
+                self.batch_size.to_string(),
+                format!("give 1 to {examples}, the number of training images"),
+            );
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
+            return bad("lr", self.lr.to_string(), "give a rate in (0, 1]".into());
+        }
+        if self.max_shift.saturating_mul(2) >= side {
+            return bad(
+                "max_shift",
+                self.max_shift.to_string(),
+                format!("shift by less than half the image side ({side})"),
+            );
+        }
+        // Activations of both convolution stages with their gradients, per image.
+        let c = ClassifierConfig::default().channels;
+        let per_image = (side as u64).pow(2) * 4 * (1 + c[0] + c[1]) as u64 * 4;
+        ddpm_core::memory::check(
+            per_image.saturating_mul(self.batch_size as u64),
+            &format!("a classifier step at batch size {}", self.batch_size),
+        )
+        .map_err(|why| EvalError::Config {
+            field: "batch_size",
+            value: self.batch_size.to_string(),
+            why,
+        })
+    }
+}
+
 /// Trains a classifier on `train` (single-channel square images) and measures it on `test`.
 /// `on_epoch(epoch, mean_loss, seconds)` is called after each epoch.
 pub fn train_classifier(
@@ -338,6 +381,7 @@ pub fn train_classifier(
             "the classifier trains on single-channel square images, got {c}×{h}×{w}"
         )));
     }
+    config.validate(train.len(), h)?;
     let arch = ClassifierConfig {
         in_channels: 1,
         image_size: h,

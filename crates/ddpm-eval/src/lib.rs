@@ -53,6 +53,16 @@ pub enum EvalError {
     /// Inputs of mismatched or invalid shapes.
     #[error("{0}")]
     Shape(String),
+    /// A training option is out of range (the field named, with what it accepts).
+    #[error("{field} {value}: {why}")]
+    Config {
+        /// The option's field.
+        field: &'static str,
+        /// Its value, as given.
+        value: String,
+        /// What it accepts.
+        why: String,
+    },
     /// The classifier's training loss became NaN or infinite.
     #[error(
         "classifier training diverged (non-finite loss) at step {step}; lower the learning rate"

@@ -104,10 +104,11 @@ fn report_err(path: &Path, why: impl Into<String>) -> EvalError {
 pub fn merge_reports(paths: &[PathBuf]) -> Result<Report, EvalError> {
     let mut merged: Option<Report> = None;
     for path in paths {
-        let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        // A report is a few KiB; 64 MiB bounds any file read as one.
+        let bytes = ddpm_core::files::read_regular(path, 64 << 20)
+            .map_err(|e| report_err(path, format!("cannot read it: {e}")))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| report_err(path, "is not UTF-8 text: not a `ddpm eval` report"))?;
         let r: Report = serde_json::from_str(&text)
             .map_err(|e| report_err(path, format!("not a `ddpm eval` report: {e}")))?;
         match &mut merged {

@@ -42,12 +42,20 @@ pub fn check_training(card: &ModelCard, batch: usize) -> Result<()> {
         return Ok(());
     };
     let per_image = training_bytes(card, 1).max(1);
+    let advice = if per_image > avail {
+        format!(
+            "even one image per step needs {:.2} GiB: choose a smaller model or image size, or \
+             free memory",
+            gib(per_image)
+        )
+    } else {
+        format!("use a batch size of {} or less", avail / per_image)
+    };
     Err(request_err(format!(
         "batch size {batch}: a training step needs about {:.1} GiB, but only {:.1} GiB is \
-         available: use a batch size of {} or less",
+         available: {advice}",
         gib(need),
         gib(avail),
-        (avail / per_image).max(1)
     )))
 }
 
@@ -68,8 +76,12 @@ pub fn sampling_bytes(
     let working = fwd.saturating_mul(per_level * 4 * LIVE_MAPS);
     let images = (n as u64).saturating_mul(pixels * 4 * 3);
     let s = scale.max(1) as u64;
-    let picture =
-        (n as u64).saturating_mul((d.height as u64 * s + s) * (d.width as u64 * s + s) * 3);
+    let side = |px: usize| (px as u64).saturating_mul(s).saturating_add(s);
+    let picture = (n as u64).saturating_mul(
+        side(d.height)
+            .saturating_mul(side(d.width))
+            .saturating_mul(3),
+    );
     // A GIF keeps 41 frames of every sample, drawn at scale 2.
     let frames = if gif {
         (n as u64).saturating_mul(
@@ -84,17 +96,13 @@ pub fn sampling_bytes(
         .saturating_add(frames)
 }
 
-/// The memory available, when it is known and less than `need` bytes.
+/// The memory this process can still allocate ([`ddpm_core::memory::available`]: the machine's,
+/// the address-space limit's and the cgroup's, the least of them), when it is known and less
+/// than `need` bytes.
 fn shortfall(need: u64) -> Option<u64> {
-    available_bytes().filter(|&avail| need > avail)
-}
-
-/// Memory this machine can still give (Linux: `MemAvailable`), if known.
-fn available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    ddpm_core::memory::available()
+        .map(|(avail, _)| avail)
+        .filter(|&avail| need > avail)
 }
 
 fn gib(b: u64) -> f64 {
@@ -181,6 +189,17 @@ mod tests {
         // Training: the measured peak of `small` at batch 128 (956 MiB).
         let train = training_bytes(&c, 128) as f64;
         assert!((0.6e9..1.3e9).contains(&train), "{train}");
+        // A step that does not fit even at batch 1 says so, instead of "a batch size of 1".
+        let mut huge = small();
+        huge.data.height = 4096;
+        huge.data.width = 4096;
+        if let Err(e) = check_training(&huge, 1) {
+            let e = e.to_string();
+            assert!(
+                e.contains("even one image") && !e.contains("of 1 or less"),
+                "{e}"
+            );
+        }
         // Absurd requests saturate instead of wrapping around.
         assert_eq!(
             sampling_bytes(&c, usize::MAX, 128, true, 1, false),

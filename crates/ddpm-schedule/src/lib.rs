@@ -28,6 +28,10 @@ pub use ddpm_core::PosteriorVariance;
 use ddpm_core::{NoiseSchedule, Posterior};
 use serde::{Deserialize, Serialize};
 
+/// The most timesteps a schedule may have: its f64 tables are built on the host, and no model
+/// uses more than a few thousand.
+pub const MAX_TIMESTEPS: usize = 100_000;
+
 /// Errors raised when a schedule configuration is invalid.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[non_exhaustive]
@@ -35,6 +39,12 @@ pub enum ScheduleError {
     /// T must be at least 2.
     #[error("the number of timesteps must be at least 2, got {0}")]
     TooFewTimesteps(usize),
+    /// T is above [`MAX_TIMESTEPS`] (its tables would be gigabytes, and no sampler needs it).
+    #[error(
+        "the number of timesteps {0} is above {MAX_TIMESTEPS}: diffusion models use 1000 (up to \
+         a few thousand)"
+    )]
+    TooManyTimesteps(usize),
     /// A parameter is NaN or infinite.
     #[error("schedule parameter `{name}` must be finite, got {value}")]
     NonFinite {
@@ -186,6 +196,9 @@ impl ScheduleConfig {
         let n = self.num_timesteps;
         if n < 2 {
             return Err(ScheduleError::TooFewTimesteps(n));
+        }
+        if n > MAX_TIMESTEPS {
+            return Err(ScheduleError::TooManyTimesteps(n));
         }
         let finite = |name, value: f64| {
             if value.is_finite() {

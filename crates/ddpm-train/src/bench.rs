@@ -166,9 +166,6 @@ pub fn run(a: &BenchSpec, dev: &Device) -> Result<Value> {
     if batch == 0 || a.n == 0 {
         return Err(bad("bench: batch and n must be at least 1"));
     }
-    if a.mode == BenchMode::Kernels {
-        return kernels_bench(a, &dev, &cfg, batch);
-    }
     let card = ModelCard {
         model: cfg.clone(),
         schedule: ScheduleConfig::default(),
@@ -181,6 +178,19 @@ pub fn run(a: &BenchSpec, dev: &Device) -> Result<Value> {
         },
         prediction: Default::default(),
     };
+    // Sizes are checked before anything is allocated from them.
+    card.validate()
+        .map_err(|e| bad(format!("image size {s}: {e}")))?;
+    if dev.is_cpu() {
+        let fits = match a.mode {
+            BenchMode::Train => ddpm_pipeline::memory::check_training(&card, batch),
+            _ => ddpm_pipeline::memory::check_sampling(&card, a.n, batch, true, 1, false, true),
+        };
+        fits.map_err(|e| bad(e.to_string()))?;
+    }
+    if a.mode == BenchMode::Kernels {
+        return kernels_bench(a, &dev, &cfg, batch);
+    }
     let params = ddpm_unet::parameter_count(&cfg)?;
     let mut rng = SeededNoise::new(0);
     let x = Tensor::from_vec(

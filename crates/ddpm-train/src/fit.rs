@@ -74,6 +74,9 @@ pub trait TrainObserver {
     fn on_epoch(&mut self, _report: &EpochReport) {}
     /// After each checkpoint is written.
     fn on_checkpoint(&mut self, _path: &Path) {}
+    /// While a sample grid is drawn (after the checkpoint it belongs to): `done` of `total`
+    /// sampler steps.
+    fn on_grid(&mut self, _done: usize, _total: usize) {}
 }
 
 impl TrainObserver for () {}
@@ -85,8 +88,12 @@ pub enum FitOutcome {
     Finished,
     /// `max_steps` or the budget's step count reached.
     MaxSteps,
-    /// The stop flag was raised (Ctrl-C); a checkpoint was written.
+    /// The stop flag was raised (Ctrl-C, SIGTERM, SIGHUP); a checkpoint was written (a grid
+    /// being drawn is left unfinished, and drawn when the run resumes).
     Stopped,
+    /// The run had already reached its step limit or its epochs: nothing was trained and no
+    /// file was changed (a missing final grid is drawn).
+    Complete,
     /// A budgeted run reached its deadline before its planned steps (the machine ran slower
     /// than its probe measured): it ended there, with its final grid and checkpoint, within
     /// the budget.
@@ -222,6 +229,20 @@ pub fn fit_timed(
     // checkpoint (by a run killed before its next one) are dropped: they are written again.
     let mut period = trainer.period;
     truncate_metrics(out_dir, trainer.step(), period.steps > 0)?;
+    // A grid is drawn after its checkpoint: one the last run did not finish is drawn now.
+    if trainer.step() > 0 && !draw_pending_grid(trainer, out_dir, observer, stop)? {
+        return Ok(FitOutcome::Stopped);
+    }
+    let complete =
+        trainer.epoch >= cfg.epochs || trainer.step_cap().is_some_and(|m| trainer.step() >= m);
+    if complete {
+        tracing::info!(
+            step = trainer.step(),
+            "the run is already complete: nothing to train (raise the step limit or the epochs \
+             to train longer)"
+        );
+        return Ok(FitOutcome::Complete);
+    }
     while trainer.epoch < cfg.epochs {
         let epoch = trainer.epoch;
         let skip = trainer.batch_in_epoch as usize;
@@ -262,7 +283,7 @@ pub fn fit_timed(
             });
             let late =
                 !at_max && deadline.is_some_and(|d| d.would_pass(clock.now_s(), secs, next_extra));
-            if (at_max || late) && !stopping {
+            if at_max || late {
                 if late {
                     tracing::warn!(
                         step = trainer.step(),
@@ -282,9 +303,12 @@ pub fn fit_timed(
                     out_dir,
                     &mut period,
                     observer,
-                    final_grid,
+                    final_grid.clone(),
                 )?;
                 save(trainer, period, &ckpt, observer)?;
+                if !draw_grid(trainer, final_grid.as_deref(), observer, stop)? {
+                    return Ok(FitOutcome::Stopped);
+                }
                 return Ok(if late {
                     FitOutcome::Deadline
                 } else {
@@ -292,8 +316,12 @@ pub fn fit_timed(
                 });
             }
             if stopping {
-                // No metrics line: the running averages go into the checkpoint, and the
+                // The metrics line of this step, if one is due (the resumed run starts at the
+                // next step); else the running averages go into the checkpoint, and the
                 // resumed run writes the line this one would have written.
+                if cfg.log_every > 0 && trainer.step().is_multiple_of(cfg.log_every) {
+                    end_period(trainer, epoch, data, out_dir, &mut period, observer, None)?;
+                }
                 save(trainer, period, &ckpt, observer)?;
                 return Ok(FitOutcome::Stopped);
             }
@@ -308,8 +336,20 @@ pub fn fit_timed(
         trainer.batch_in_epoch = 0;
         let grid = cfg.sample_every > 0 && trainer.epoch.is_multiple_of(cfg.sample_every);
         let grid = grid.then(|| grid_path(out_dir, trainer.epoch));
-        end_period(trainer, epoch, data, out_dir, &mut period, observer, grid)?;
+        end_period(
+            trainer,
+            epoch,
+            data,
+            out_dir,
+            &mut period,
+            observer,
+            grid.clone(),
+        )?;
         save(trainer, period, &ckpt, observer)?;
+        // The grid comes after the checkpoint: a stop while it is drawn loses nothing.
+        if !draw_grid(trainer, grid.as_deref(), observer, stop)? {
+            return Ok(FitOutcome::Stopped);
+        }
     }
     Ok(FitOutcome::Finished)
 }
@@ -432,24 +472,16 @@ fn end_period(
     grid: Option<PathBuf>,
 ) -> Result<()> {
     if period.steps == 0 {
-        // Nothing trained since the last line (a run resumed exactly at an epoch end):
-        // no metrics to write, but the epoch's grid is still due.
-        if let Some(path) = &grid {
-            write_sample_grid(trainer, path)?;
-        }
+        // Nothing trained since the last line (a run resumed exactly at an epoch end): no
+        // metrics to write. Its grid, if it was not drawn, is drawn by `draw_pending_grid`.
         return Ok(());
     }
     let held_out_loss = match &data.held_out {
         Some((x, y)) => Some(trainer.held_out_loss(x, y)? as f64),
         None => None,
     };
-    let sample_grid = match grid {
-        Some(path) => {
-            write_sample_grid(trainer, &path)?;
-            Some(path)
-        }
-        None => None,
-    };
+    // The grid is named here and drawn after the checkpoint (`draw_grid`).
+    let sample_grid = grid;
     let report = EpochReport {
         epoch,
         step: trainer.step(),
@@ -466,6 +498,45 @@ fn end_period(
     observer.on_epoch(&report);
     *period = PeriodState::default();
     Ok(())
+}
+
+/// Draws the grid at `path` (if any) with the stop flag and progress of [`write_grid`]; false
+/// when a stop interrupted it.
+fn draw_grid(
+    trainer: &Trainer,
+    path: Option<&Path>,
+    observer: &mut dyn TrainObserver,
+    stop: &AtomicBool,
+) -> Result<bool> {
+    match path {
+        Some(p) => write_grid(trainer, p, observer, Some(stop)),
+        None => Ok(true),
+    }
+}
+
+/// Draws the grid the last metrics line names for the checkpoint's step when it is missing
+/// (the run that wrote the line stopped while drawing it); false when a stop interrupted it.
+fn draw_pending_grid(
+    trainer: &Trainer,
+    out_dir: &Path,
+    observer: &mut dyn TrainObserver,
+    stop: &AtomicBool,
+) -> Result<bool> {
+    let Ok(lines) = read_metrics(out_dir) else {
+        return Ok(true);
+    };
+    let pending = lines
+        .last()
+        .filter(|r| r.step == trainer.step())
+        .and_then(|r| r.sample_grid.clone())
+        .filter(|p| !p.exists());
+    match pending {
+        Some(p) => {
+            tracing::info!(grid = %p.display(), "drawing the sample grid the last run did not finish");
+            write_grid(trainer, &p, observer, Some(stop))
+        }
+        None => Ok(true),
+    }
 }
 
 /// The sample grid written after `epochs_done` epochs.
@@ -574,34 +645,72 @@ pub fn plot_metrics(out_dir: &Path) -> Result<()> {
     )?)
 }
 
-/// Samples one row per class (8 per row; 64 samples for unconditional models) with the
-/// EMA weights, DDIM and the configured guidance, from a fixed seed, and saves the grid.
+/// The most classes a sample grid shows (one row each); a model with more shows its first.
+pub const MAX_GRID_CLASSES: usize = 100;
+
+/// The most images a grid denoises at once (memory stays bounded whatever the class count).
+const GRID_BATCH: usize = 128;
+
+/// Samples one row per class (8 per row, at most [`MAX_GRID_CLASSES`] rows; 64 samples for
+/// unconditional models) with the EMA weights, DDIM and the configured guidance, from a fixed
+/// seed, and saves the grid.
 pub fn write_sample_grid(trainer: &Trainer, path: &Path) -> Result<()> {
+    write_grid(trainer, path, &mut (), None).map(|_| ())
+}
+
+/// [`write_sample_grid`], reporting progress to `observer` and ending early, with `Ok(false)`
+/// and nothing written, once `stop` is raised.
+fn write_grid(
+    trainer: &Trainer,
+    path: &Path,
+    observer: &mut dyn TrainObserver,
+    stop: Option<&AtomicBool>,
+) -> Result<bool> {
     let cfg = trainer.config();
     let card = trainer.card();
     let model = trainer.ema_model()?;
     let (per_row, classes) = (8usize, card.model.num_classes);
     let (labels, w) = if classes > 0 {
-        (Labels::rows(classes, per_row), cfg.sample_guidance)
+        let rows = classes.min(MAX_GRID_CLASSES);
+        (Labels::rows(rows, per_row), cfg.sample_guidance)
     } else {
         (Labels::Unconditional(64), 0.0)
     };
     let steps = cfg.sample_steps.clamp(1, card.schedule.num_timesteps);
     let request = Request {
-        batch: labels.len(),
+        batch: labels.len().min(GRID_BATCH),
         labels,
         guidance: w,
         seed: cfg.seed.wrapping_add(1),
         sampler: SamplerSpec::new(SamplerKind::Ddim).with_steps(steps),
     };
+    let d = &card.data;
+    let n = request.labels.len();
+    viz::grid_size(n, per_row, d.height, d.width, 2)?;
+    let total = steps * n.div_ceil(request.batch);
     let schedule = trainer.schedule();
+    let mut done = 0;
+    let mut interrupted = false;
     let x0 = ddpm_pipeline::generate(
         &ddpm_pipeline::denoiser(&model, card, schedule),
         schedule,
-        (card.data.channels, card.data.height, card.data.width),
+        (d.channels, d.height, d.width),
         trainer.device(),
         &request,
-        &mut |_| Ok(()),
-    )?;
-    Ok(viz::save_grid(&x0, per_row, 2, path)?)
+        &mut |_| {
+            if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                interrupted = true;
+                candle_core::bail!("stopped while drawing the sample grid");
+            }
+            done += 1;
+            observer.on_grid(done, total);
+            Ok(())
+        },
+    );
+    if interrupted {
+        tracing::info!(grid = %path.display(), "stopped while drawing the grid: it is drawn when the run resumes");
+        return Ok(false);
+    }
+    viz::save_grid(&x0?, per_row, 2, path)?;
+    Ok(true)
 }

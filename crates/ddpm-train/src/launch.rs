@@ -373,13 +373,22 @@ pub fn launch(
                  {old} (the schedule's shape is kept); it is no longer the run it started as"
             );
         }
+        let c = t.config();
+        let plan = match (c.max_steps, c.budget_steps) {
+            (Some(m), Some(b)) if m < b => format!(" of {m} (the step limit)"),
+            (_, Some(b)) => format!(" of the budget's {b}"),
+            (Some(m), None) => format!(" of {m} (the step limit)"),
+            (None, None) => format!(" of {} epochs", c.epochs),
+        };
+        let kept = if opts.max_steps.is_none() && opts.epochs.is_none() {
+            ", continuing the saved plan"
+        } else {
+            ""
+        };
         let line = format!(
-            "ddpm train: resuming {} at step {}{}",
+            "ddpm train: resuming {} at step {}{plan}{kept}",
             ckpt.display(),
             t.step(),
-            t.config()
-                .budget_steps
-                .map_or(String::new(), |n| format!(" of the budget's {n}"))
         );
         (t, None, line)
     } else {
@@ -397,6 +406,7 @@ pub fn launch(
             dir_for(&opts.dataset).as_deref(),
             Split::Train,
             (opts.image_size, opts.image_size),
+            opts.limit,
         )?;
         let (card, config) = opts.new_run(&train, device)?;
         if device.is_cpu() {
@@ -428,6 +438,20 @@ fn check_options(opts: &RunOptions, device: &Device) -> Result<()> {
             "--image-size {}: give a side between 1 and {} pixels",
             opts.image_size,
             crate::checkpoint::MAX_IMAGE_SIDE
+        )));
+    }
+    if std::fs::metadata(&opts.out).is_ok_and(|m| !m.is_dir()) {
+        return Err(TrainError::Config(format!(
+            "out {}: is a file, not a folder; give the folder to train into (it is created if \
+             missing)",
+            opts.out.display()
+        )));
+    }
+    if opts.timesteps < 2 || opts.timesteps > ddpm_schedule::MAX_TIMESTEPS {
+        return Err(TrainError::Config(format!(
+            "timesteps {}: give between 2 and {} diffusion steps (models use 1000)",
+            opts.timesteps,
+            ddpm_schedule::MAX_TIMESTEPS
         )));
     }
     match opts.autocast {
@@ -465,8 +489,11 @@ fn load(
     dir: Option<&Path>,
     split: Split,
     size: (u32, u32),
+    limit: Option<usize>,
 ) -> Result<ddpm_data::ImageDataset> {
-    Ok(ddpm_data::load_dataset(kind, dir, split, size)?)
+    Ok(ddpm_data::load_dataset_limited(
+        kind, dir, split, size, limit,
+    )?)
 }
 
 /// The training set (the one loaded to build a new run's card, else the checkpoint's, limited
@@ -483,7 +510,13 @@ fn fit_data(
     let dir = dir_for(&kind);
     let mut train = match preloaded {
         Some(t) => t,
-        None => load(&kind, dir.as_deref(), Split::Train, size)?,
+        None => load(
+            &kind,
+            dir.as_deref(),
+            Split::Train,
+            size,
+            trainer.config().train_limit,
+        )?,
     };
     if let Some(n) = trainer.config().train_limit {
         train = train.take(n);
@@ -498,7 +531,7 @@ fn fit_data(
     let held_out = if held_n == 0 {
         None
     } else {
-        match load(&kind, dir.as_deref(), Split::Test, size) {
+        match load(&kind, dir.as_deref(), Split::Test, size, Some(held_n)) {
             Ok(test) if !test.is_empty() => Some(test.take(held_n).to_tensors(device)?),
             Ok(_) => None,
             Err(e) => {
@@ -524,7 +557,15 @@ pub fn summary(outcome: FitOutcome, trainer: &Trainer, out: &Path, elapsed_s: f6
             "reached its step limit (budget or --max-steps)"
         }
         FitOutcome::MaxSteps => "reached --max-steps",
-        FitOutcome::Stopped => "stopped by Ctrl-C",
+        FitOutcome::Stopped => "stopped by a signal (Ctrl-C, SIGTERM or SIGHUP)",
+        FitOutcome::Complete => {
+            return format!(
+                "the run in {} is already complete at step {}: nothing was trained and no file \
+                 changed. To train longer, resume with a higher --max-steps or --epochs",
+                out.display(),
+                trainer.step()
+            )
+        }
         FitOutcome::Deadline => {
             "reached the budget's deadline before its planned steps (this machine ran slower \
              than its probe measured)"

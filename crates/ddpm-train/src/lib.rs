@@ -271,7 +271,7 @@ fn seeded_init(vars: &[(String, Var)], seed: u64) -> Result<()> {
 pub struct ResumeOverrides {
     /// A new number of epochs (e.g. raised to train longer).
     pub epochs: Option<u64>,
-    /// The step limit of this continuation (`None`: none, whatever the first run had).
+    /// A new step limit (`None`: the saved one, so a plain resume continues the saved plan).
     pub max_steps: Option<u64>,
     /// A new peak learning rate (the schedule's shape is kept).
     pub lr: Option<f64>,
@@ -307,22 +307,10 @@ impl Trainer {
     /// A fresh model with seeded initial weights.
     pub fn new(card: ModelCard, config: TrainConfig, device: &Device) -> Result<Self> {
         config.validate()?;
-        card.model
-            .check_image_size(card.data.height, card.data.width)
-            .map_err(|e| TrainError::Config(e.to_string()))?;
-        if card.model.in_channels != card.data.channels {
-            return Err(TrainError::Config(format!(
-                "the model has {} input channels, the data {}",
-                card.model.in_channels, card.data.channels
-            )));
-        }
-        if card.model.num_classes != 0 && card.model.num_classes != card.data.class_names.len() {
-            return Err(TrainError::Config(format!(
-                "the model has {} classes, the data {}",
-                card.model.num_classes,
-                card.data.class_names.len()
-            )));
-        }
+        // The card a checkpoint will carry is checked as a reader checks it (sizes, class
+        // names that are safe in file names), so the trainer never writes one it cannot read.
+        card.validate()
+            .map_err(|e| TrainError::Config(format!("the model card: {e}")))?;
         let schedule = card
             .schedule
             .build()
@@ -378,7 +366,9 @@ impl Trainer {
             if let Some(e) = overrides.epochs {
                 c.epochs = e;
             }
-            c.max_steps = overrides.max_steps;
+            if let Some(m) = overrides.max_steps {
+                c.max_steps = Some(m);
+            }
             if let Some(lr) = overrides.lr {
                 if lr != c.lr {
                     changed = Some((c.lr, lr));

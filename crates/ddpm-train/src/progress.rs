@@ -99,6 +99,15 @@ mod bar {
                 r.epoch, r.loss, r.images_per_sec
             ));
         }
+        fn on_grid(&mut self, done: usize, total: usize) {
+            self.bar
+                .set_message(format!("drawing the sample grid: step {done}/{total}"));
+            if let Some(p) = &mut self.plain {
+                if p.due(self.started.elapsed().as_secs_f64()) {
+                    eprintln!("drawing the sample grid: step {done}/{total}");
+                }
+            }
+        }
         fn on_epoch(&mut self, r: &EpochReport) {
             self.bar.println(format!(
                 "epoch {} step {}: train loss {:.4}, held-out {}, {:.1} img/s{}",
@@ -141,6 +150,16 @@ impl PlainLines {
     pub fn start(&mut self, total: u64, now_s: f64) {
         self.total = total;
         self.last_s = now_s;
+    }
+
+    /// Whether a line is due at `now_s` seconds (and, if so, counts it as printed): for
+    /// progress other than steps, such as a sample grid being drawn.
+    pub fn due(&mut self, now_s: f64) -> bool {
+        let due = self.every_s > 0.0 && now_s - self.last_s >= self.every_s;
+        if due {
+            self.last_s = now_s;
+        }
+        due
     }
 
     /// The line for step report `r` at `now_s` seconds, when one is due; `suffix` is appended

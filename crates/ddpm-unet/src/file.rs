@@ -116,16 +116,23 @@ pub struct ModelCard {
 pub const MAX_IMAGE_SIDE: usize = 4096;
 /// The most image channels a model card may declare.
 pub const MAX_CHANNELS: usize = 4;
+/// The most classes a model card may name (each is a row of the trainer's grids and an
+/// embedding row).
+pub const MAX_CLASSES: usize = 10_000;
+/// The largest model file [`read`] reads (the `mnist` preset's training checkpoint is 58 MB).
+pub const MAX_FILE_BYTES: u64 = 16 << 30;
 /// The most diffusion steps a schedule in a model card may declare.
-pub const MAX_TIMESTEPS: usize = 100_000;
+pub const MAX_TIMESTEPS: usize = ddpm_schedule::MAX_TIMESTEPS;
 /// The most channels a model card's U-Net may have at any level.
 pub const MAX_MODEL_CHANNELS: usize = 8192;
 
 impl ModelCard {
     /// Checks the card on its own, before anything is allocated from it: sizes within sane
     /// bounds ([`MAX_IMAGE_SIDE`], [`MAX_CHANNELS`], [`MAX_TIMESTEPS`],
-    /// [`MAX_MODEL_CHANNELS`]), the data's channels and classes equal to the network's, and
-    /// the image size one the U-Net can take. The reason names the field at fault.
+    /// [`MAX_MODEL_CHANNELS`], [`MAX_CLASSES`]), the data's channels and classes equal to the
+    /// network's, class names that are safe in a file name and on a terminal
+    /// ([`ddpm_core::files::check_name`]; a card is untrusted input) and unique, and the image
+    /// size one the U-Net can take. The reason names the field at fault.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let d = &self.data;
         let m = &self.model;
@@ -145,6 +152,32 @@ impl ModelCard {
             return Err(format!(
                 "the card's network takes {} channels but its data has {}",
                 m.in_channels, d.channels
+            ));
+        }
+        if d.class_names.len() > MAX_CLASSES {
+            return Err(format!(
+                "the card names {} classes, more than {MAX_CLASSES}",
+                d.class_names.len()
+            ));
+        }
+        for (i, name) in d.class_names.iter().enumerate() {
+            ddpm_core::files::check_name(name)
+                .map_err(|e| format!("the card's class name {i} {e}"))?;
+            if d.class_names[..i].contains(name) {
+                return Err(format!(
+                    "the card names class `{name}` twice (classes {} and {i})",
+                    d.class_names[..i]
+                        .iter()
+                        .position(|n| n == name)
+                        .unwrap_or(0)
+                ));
+            }
+        }
+        if d.dataset.is_empty() || d.dataset.len() > 4096 || d.dataset.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "the card's dataset name `{}` is empty, too long or holds a control character",
+                d.dataset.escape_debug()
             ));
         }
         if m.num_classes != 0 && m.num_classes != d.class_names.len() {
@@ -241,22 +274,40 @@ pub fn save(
     })
 }
 
+/// The bytes of a model file: a regular file of at most [`MAX_FILE_BYTES`] that fits in memory.
+fn read_bytes(path: &Path) -> Result<Vec<u8>, ModelFileError> {
+    let io = |source| ModelFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (_, len) = ddpm_core::files::open_regular(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => invalid(
+            path,
+            "does not exist. Train a model with `cargo xtask train` or pass the path of a \
+             model file",
+        ),
+        std::io::ErrorKind::InvalidInput => invalid(path, e.to_string()),
+        _ => io(e),
+    })?;
+    if len > MAX_FILE_BYTES {
+        return Err(invalid(
+            path,
+            format!(
+                "is {}, more than any model file ({}): it is not a model file",
+                ddpm_core::memory::human(len),
+                ddpm_core::memory::human(MAX_FILE_BYTES)
+            ),
+        ));
+    }
+    // The bytes and the tensors built from them.
+    ddpm_core::memory::check(len.saturating_mul(2), "reading it").map_err(|e| invalid(path, e))?;
+    ddpm_core::files::read_regular(path, MAX_FILE_BYTES).map_err(io)
+}
+
 /// Reads a model file, checking its format tag and validating its card
 /// ([`ModelCard::validate`]) before any tensor is built from it.
 pub fn read(path: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            invalid(
-                path,
-                "does not exist. Train a model with `cargo xtask train` or pass --checkpoint PATH",
-            )
-        } else {
-            ModelFileError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            }
-        }
-    })?;
+    let bytes = read_bytes(path)?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
         invalid(
             path,
@@ -293,6 +344,16 @@ pub fn read(path: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
             format!("cannot read tensors (truncated or corrupt?): {e}"),
         )
     })?;
+    if let Some((name, t)) = tensors.iter().find(|(_, t)| !t.dtype().is_float()) {
+        return Err(invalid(
+            path,
+            format!(
+                "tensor `{name}` is {:?}, but model weights are floating point (f32, f16 or \
+                 bf16): the file is not a model of this kind",
+                t.dtype()
+            ),
+        ));
+    }
     Ok(ModelFile {
         path: path.to_path_buf(),
         card,
@@ -336,8 +397,30 @@ impl ModelFile {
     /// halves the size) and the card.
     pub fn export_ema(&self, dst: &Path, dtype: DType) -> Result<(), ModelFileError> {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for (name, t) in self.group("ema.") {
-            tensors.push((format!("ema.{name}"), t.to_dtype(dtype)?));
+        let mut names: Vec<(String, Tensor)> = self.group("ema.").into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in names {
+            if ddpm_core::ensure_finite(&t, "").is_err() {
+                return Err(invalid(
+                    &self.path,
+                    format!(
+                        "EMA weight `{name}` holds NaN or infinite values: the run diverged, and \
+                         an export of it would only draw noise. Nothing was written; export an \
+                         earlier checkpoint or resume the run at a lower learning rate"
+                    ),
+                ));
+            }
+            let converted = t.to_dtype(dtype)?;
+            if ddpm_core::ensure_finite(&converted, "").is_err() {
+                return Err(invalid(
+                    &self.path,
+                    format!(
+                        "EMA weight `{name}` overflows {dtype:?} (values beyond its range): \
+                         nothing was written; export in f32"
+                    ),
+                ));
+            }
+            tensors.push((format!("ema.{name}"), converted));
         }
         if tensors.is_empty() {
             return Err(invalid(&self.path, "holds no EMA weights to export"));

@@ -69,15 +69,11 @@ pub fn grid_image(images: &Tensor, ncols: usize, scale: usize) -> Result<RgbImag
         )));
     }
     let (ncols, scale) = (ncols.clamp(1, n.max(1)), scale.max(1));
-    let nrows = n.div_ceil(ncols);
+    let (width, height) = grid_size(n, ncols, h, w, scale)?;
     let px = to_u8(images)?;
     let gutter = scale;
     let (cw, ch) = (w * scale + gutter, h * scale + gutter);
-    let mut out = RgbImage::from_pixel(
-        (ncols * cw + gutter) as u32,
-        (nrows * ch + gutter) as u32,
-        Rgb([96, 96, 96]),
-    );
+    let mut out = RgbImage::from_pixel(width, height, Rgb([96, 96, 96]));
     for i in 0..n {
         let (ox, oy) = (gutter + (i % ncols) * cw, gutter + (i / ncols) * ch);
         for y in 0..h * scale {
@@ -94,6 +90,50 @@ pub fn grid_image(images: &Tensor, ncols: usize, scale: usize) -> Result<RgbImag
         }
     }
     Ok(out)
+}
+
+/// The side (pixels) past which a picture is refused: PNG encoders and viewers stop well
+/// before PNG's own limit of 2³¹ − 1.
+pub const MAX_PICTURE_SIDE: u64 = 1 << 16;
+
+/// The (width, height) of the grid [`grid_image`] draws for `n` images of `h × w` in `ncols`
+/// columns at `scale`, checked before anything is allocated: every product in checked
+/// arithmetic, each side at most [`MAX_PICTURE_SIDE`], and the picture within the memory this
+/// process can still allocate ([`ddpm_core::memory::check`]). The error names the scale and the
+/// size it would give.
+pub fn grid_size(n: usize, ncols: usize, h: usize, w: usize, scale: usize) -> Result<(u32, u32)> {
+    let (ncols, scale) = (ncols.clamp(1, n.max(1)) as u64, scale.max(1) as u64);
+    let nrows = (n as u64).div_ceil(ncols);
+    let side = |cells: u64, px: usize| {
+        (px as u64)
+            .checked_mul(scale)
+            .and_then(|v| v.checked_add(scale))
+            .and_then(|cell| cell.checked_mul(cells))
+            .and_then(|v| v.checked_add(scale))
+    };
+    let (width, height) = (side(ncols, w), side(nrows, h));
+    let too_big = || {
+        VizError::Invalid(format!(
+            "{n} images of {h}×{w} at scale {scale} in {ncols} columns make a picture of {}×{} \
+             pixels, beyond the {MAX_PICTURE_SIDE} pixels a side that pictures are drawn at: \
+             use a smaller scale or fewer samples",
+            width.map_or("more than 2⁶⁴".to_string(), |v| v.to_string()),
+            height.map_or("more than 2⁶⁴".to_string(), |v| v.to_string()),
+        ))
+    };
+    let (Some(width), Some(height)) = (width, height) else {
+        return Err(too_big());
+    };
+    if width > MAX_PICTURE_SIDE || height > MAX_PICTURE_SIDE {
+        return Err(too_big());
+    }
+    // The RGB picture and its encoded copy.
+    ddpm_core::memory::check(
+        width.saturating_mul(height).saturating_mul(3 * 2),
+        &format!("a picture of {width}×{height} pixels"),
+    )
+    .map_err(|e| VizError::Invalid(format!("{e}: use a smaller scale or fewer samples")))?;
+    Ok((width as u32, height as u32))
 }
 
 /// `[N, C, H, W]` images in `[-1, 1]` as bytes in `0..=255` (same layout): `round((x + 1)·127.5)`
@@ -669,15 +709,33 @@ pub fn write_each(
     dir: &Path,
 ) -> Result<usize> {
     let n = images.dim(0)?;
+    if let Ok(m) = std::fs::metadata(dir) {
+        if !m.is_dir() {
+            return Err(VizError::BadPath(format!(
+                "{} is a file, not a folder: give a folder for the PNGs (it is created if \
+                 missing)",
+                dir.display()
+            )));
+        }
+    }
     for i in 0..n {
         let name = match labels.and_then(|l| l.get(i)) {
-            Some(&l) => format!(
-                "{i:05}_class-{}.png",
-                names.get(l as usize).map_or("?", |s| s.as_str())
-            ),
+            Some(&l) => {
+                let class = names.get(l as usize).map_or("unnamed", |s| s.as_str());
+                // Names come from model files, which are untrusted: a name that could lead
+                // out of `dir` (or drive a terminal) is refused, never written.
+                ddpm_core::files::check_name(class).map_err(|e| {
+                    VizError::BadPath(format!(
+                        "class name {e}: refusing to use it in a file name in {}",
+                        dir.display()
+                    ))
+                })?;
+                format!("{i:05}_class-{class}.png")
+            }
             None => format!("{i:05}.png"),
         };
-        write_sample_png(&images.get(i)?, &dir.join(name))?;
+        let path = dir.join(&name);
+        write_sample_png(&images.get(i)?, &path)?;
     }
     Ok(n)
 }
