@@ -38,7 +38,7 @@ pub fn training_bytes(card: &ModelCard, batch: usize) -> u64 {
 /// machine has available.
 pub fn check_training(card: &ModelCard, batch: usize) -> Result<()> {
     let need = training_bytes(card, batch);
-    let Some(avail) = shortfall(need) else {
+    let Some((avail, limit)) = shortfall(need) else {
         return Ok(());
     };
     let per_image = training_bytes(card, 1).max(1);
@@ -53,7 +53,7 @@ pub fn check_training(card: &ModelCard, batch: usize) -> Result<()> {
     };
     Err(request_err(format!(
         "batch size {batch}: a training step needs about {:.1} GiB, but only {:.1} GiB is \
-         available: {advice}",
+         {limit}: {advice}",
         gib(need),
         gib(avail),
     )))
@@ -99,10 +99,8 @@ pub fn sampling_bytes(
 /// The memory this process can still allocate ([`ddpm_core::memory::available`]: the machine's,
 /// the address-space limit's and the cgroup's, the least of them), when it is known and less
 /// than `need` bytes.
-fn shortfall(need: u64) -> Option<u64> {
-    ddpm_core::memory::available()
-        .map(|(avail, _)| avail)
-        .filter(|&avail| need > avail)
+fn shortfall(need: u64) -> Option<(u64, ddpm_core::memory::Limit)> {
+    ddpm_core::memory::available().filter(|&(avail, _)| need > avail)
 }
 
 fn gib(b: u64) -> f64 {
@@ -122,7 +120,7 @@ pub fn check_sampling(
     on_cpu: bool,
 ) -> Result<()> {
     let need = sampling_bytes(card, n, if on_cpu { batch } else { 0 }, guided, scale, gif);
-    let Some(avail) = shortfall(need) else {
+    let Some((avail, limit)) = shortfall(need) else {
         return Ok(());
     };
     let working = if on_cpu {
@@ -130,7 +128,10 @@ pub fn check_sampling(
     } else {
         0
     };
-    let advice = if working > avail / 2 {
+    let one = sampling_bytes(card, 1, 0, guided, scale, gif);
+    let advice = if scale > 1 && one > avail.saturating_sub(working) {
+        format!("a picture at scale {scale} alone does not fit: use a smaller scale")
+    } else if working > avail / 2 {
         let per_image = sampling_bytes(card, 0, 1, guided, 1, false).max(1);
         format!(
             "use a smaller batch (about {} fit beside the samples)",
@@ -146,7 +147,7 @@ pub fn check_sampling(
     };
     Err(request_err(format!(
         "this request needs about {:.1} GiB ({n} samples of {}×{}×{} in batches of {batch}{}{}), \
-         but only {:.1} GiB is available: {advice}",
+         but only {:.1} GiB is {limit}: {advice}",
         gib(need),
         card.data.channels,
         card.data.height,
