@@ -17,7 +17,7 @@ const USAGE: &str =
                          [--train-batch N] [--forward-batch N]
                          [--sample-batch N] [--steps N]
                          [--no-stock] [--no-torch] [--torch-compile] [--python PATH]
-                         [--device cpu|cuda] [--autocast bf16|f16] [--ddpm PATH] [--out DIR]
+                         [--device cpu|cuda] [--precisions f32,bf16] [--ddpm PATH] [--out DIR]
 
 Modes: train (full training steps), forward (inference forward passes), sample (guided DDIM,
 w = 3, --steps steps, --sample-batch images; not in the default list because it is slow on a CPU).
@@ -30,8 +30,13 @@ given the same number through torch.set_num_threads.
 machine without a Rust toolchain). With --device cuda, `fast` is candle's forward with our
 GEMM-based convolution backward and `stock` candle's own, and peak GPU memory is read by
 polling nvidia-smi (the whole process: context included), for every implementation alike.
---autocast bf16|f16: every implementation runs its forward passes in that dtype with f32
-weights (ours: `ddpm bench --autocast`; PyTorch: torch.autocast). bf16 needs --device cuda.";
+--precisions f32,bf16 (the default): each implementation runs in each precision: f32, and
+bf16 autocast with f32 weights (ours: `ddpm bench --autocast bf16`; PyTorch: torch.autocast,
+the one line a PyTorch user adds for speed). --precisions f32 skips bf16; --autocast X is
+--precisions X. On the CPU our bf16 is the reference path (bf16-rounded product inputs, f32
+accumulation), slower than f32 until a bf16 kernel exists. Stock candle runs in f32 only.
+Each preset and mode ends with a line: our best ÷ PyTorch's best (over precisions and
+torch.compile), the figure to compare.";
 
 struct Opts {
     presets: Vec<String>,
@@ -49,7 +54,7 @@ struct Opts {
     torch_compile: bool,
     python: String,
     device: String,
-    autocast: Option<String>,
+    precisions: Vec<String>,
     out: PathBuf,
 }
 
@@ -70,7 +75,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         torch_compile: false,
         python: std::env::var("DDPM_BENCH_PYTHON").unwrap_or_else(|_| "python3".into()),
         device: "cpu".into(),
-        autocast: None,
+        precisions: vec!["f32".into(), "bf16".into()],
         out: PathBuf::from("target/bench"),
     };
     let mut it = args.iter();
@@ -100,7 +105,9 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--torch-compile" => o.torch_compile = true,
             "--python" => o.python = val(a)?,
             "--device" => o.device = val(a)?,
-            "--autocast" => o.autocast = Some(val(a)?),
+            "--precisions" | "--autocast" => {
+                o.precisions = val(a)?.split(',').map(str::to_string).collect()
+            }
             "--out" => o.out = PathBuf::from(val(a)?),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -114,10 +121,39 @@ fn parse(args: &[String]) -> Result<Opts> {
             bail!("--modes: `{m}` is not one of train, forward, sample");
         }
     }
+    for p in &o.precisions {
+        if !["f32", "bf16", "f16"].contains(&p.as_str()) {
+            bail!("--precisions: `{p}` is not one of f32, bf16, f16");
+        }
+    }
     if o.device != "cpu" && o.device != "cuda" {
         bail!("--device: `{}` is neither cpu nor cuda", o.device);
     }
     Ok(o)
+}
+
+/// The CPU's model name and its bf16 flags (`avx512_bf16`, `amx_bf16`, or `none`), from
+/// /proc/cpuinfo where there is one.
+fn cpu_description() -> (String, String) {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let model = field("model name").unwrap_or_else(|| "unknown".into());
+    let flags = field("flags").unwrap_or_default();
+    let bf16: Vec<&str> = flags
+        .split_whitespace()
+        .filter(|f| *f == "avx512_bf16" || *f == "amx_bf16")
+        .collect();
+    let bf16 = if bf16.is_empty() {
+        "none".to_string()
+    } else {
+        bf16.join(", ")
+    };
+    (model, bf16)
 }
 
 /// Polls `nvidia-smi` for the GPU's used memory while a measurement runs.
@@ -271,6 +307,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         .unwrap_or(threads() as u64);
 
     let mut rows: Vec<Value> = Vec::new();
+    let mut summaries: Vec<String> = Vec::new();
     for preset in &o.presets {
         let mut cfg = ddpm_cmd();
         cfg.args(["bench", "--mode", "config", "--model", preset]);
@@ -288,30 +325,37 @@ pub fn bench(args: &[String]) -> Result<()> {
                 "sample" => o.sample_batch,
                 _ => o.forward_batch,
             };
-            let mut impls = vec!["fast"];
+            // (kernels, precision) of ours; (compile, precision) of PyTorch.
+            let autocast = |p: &String| (p != "f32").then(|| p.clone());
+            let mut impls: Vec<(&str, Option<String>)> =
+                o.precisions.iter().map(|p| ("fast", autocast(p))).collect();
             if o.stock {
-                impls.push("stock");
+                impls.push(("stock", None));
             }
             let mut torch_variants = Vec::new();
             if torch_ok {
-                torch_variants.push(false);
-                if o.torch_compile {
-                    torch_variants.push(true);
+                for compile in [false, true] {
+                    if compile && !o.torch_compile {
+                        continue;
+                    }
+                    for p in &o.precisions {
+                        torch_variants.push((compile, autocast(p)));
+                    }
                 }
             }
-            let ours = |k: &str| {
+            let ours = |k: &str, autocast: &Option<String>| {
                 let mut c = ddpm_cmd();
                 c.args(["bench", "--mode", mode, "--model", preset, "--kernels", k]);
                 c.args(["--batch", &batch.to_string(), "--device", &o.device]);
                 c.args(["--iters", &o.iters.to_string()]);
                 c.args(["--warmup", &o.warmup.to_string()]);
                 c.args(["--steps", &o.steps.to_string()]);
-                if let Some(a) = &o.autocast {
+                if let Some(a) = autocast {
                     c.args(["--autocast", a]);
                 }
                 c
             };
-            let torch = |compile: bool| {
+            let torch = |compile: bool, autocast: &Option<String>| {
                 let mut c = Command::new(&o.python);
                 c.arg("bench/torch_reference.py");
                 c.args(["--config", &config, "--mode", mode]);
@@ -324,7 +368,7 @@ pub fn bench(args: &[String]) -> Result<()> {
                 if compile {
                     c.arg("--compile");
                 }
-                if let Some(a) = &o.autocast {
+                if let Some(a) = autocast {
                     c.args(["--autocast", a]);
                 }
                 c
@@ -334,11 +378,11 @@ pub fn bench(args: &[String]) -> Result<()> {
             let n_impl = impls.len() + torch_variants.len();
             let mut runs: Vec<Vec<Value>> = vec![Vec::new(); n_impl];
             for _ in 0..o.rounds {
-                for (i, k) in impls.iter().enumerate() {
-                    runs[i].push(json_of_on(&mut ours(k), gpu)?);
+                for (i, (k, a)) in impls.iter().enumerate() {
+                    runs[i].push(json_of_on(&mut ours(k, a), gpu)?);
                 }
-                for (j, &compile) in torch_variants.iter().enumerate() {
-                    runs[impls.len() + j].push(json_of_on(&mut torch(compile), gpu)?);
+                for (j, (compile, a)) in torch_variants.iter().enumerate() {
+                    runs[impls.len() + j].push(json_of_on(&mut torch(*compile, a), gpu)?);
                 }
             }
             let group: Vec<Value> = runs.into_iter().map(median_run).collect();
@@ -355,15 +399,34 @@ pub fn bench(args: &[String]) -> Result<()> {
                     );
                 }
             }
-            // Eager PyTorch under the same autocast is the 1.00× reference.
-            let torch_name = match &o.autocast {
-                Some(a) => format!("pytorch-{a}"),
-                None => "pytorch".into(),
-            };
+            // Eager PyTorch in f32 is the 1.00× reference of the × PyTorch column; the summary
+            // line compares the best of each side.
             let torch_ips = group
                 .iter()
-                .find(|r| r.get("impl").and_then(Value::as_str) == Some(torch_name.as_str()))
+                .find(|r| r.get("impl").and_then(Value::as_str) == Some("pytorch"))
                 .map(|r| f(r, "images_per_s"));
+            let best = |torch: bool| {
+                group
+                    .iter()
+                    .filter(|r| {
+                        let name = r.get("impl").and_then(Value::as_str).unwrap_or("");
+                        name.starts_with("pytorch") == torch && !name.contains("stock")
+                    })
+                    .max_by(|a, b| f(a, "images_per_s").total_cmp(&f(b, "images_per_s")))
+                    .map(|r| {
+                        let name = r.get("impl").and_then(Value::as_str).unwrap_or("?");
+                        (name.to_string(), f(r, "images_per_s"))
+                    })
+            };
+            if let (Some((ours_name, ours_ips)), Some((torch_name, torch_best))) =
+                (best(false), best(true))
+            {
+                summaries.push(format!(
+                    "{preset} {mode} (batch {batch}): ours best {ours_name} {ours_ips:.1} images/s \
+                     ÷ PyTorch best {torch_name} {torch_best:.1} = {:.2}×",
+                    ours_ips / torch_best
+                ));
+            }
             let fwd_flops = group
                 .iter()
                 .find_map(|r| {
@@ -388,8 +451,10 @@ pub fn bench(args: &[String]) -> Result<()> {
 
     let mut table = String::new();
     let n = gemm.get("n").and_then(Value::as_u64).unwrap_or(0);
+    let (cpu, flags) = cpu_description();
     table.push_str(&format!(
-        "Machine GEMM ({n}³ f32, {nthreads} threads, {}): {peak:.1} GFLOP/s\n\n",
+        "CPU: {cpu}; bf16 instructions: {flags}\nMachine GEMM ({n}³ f32, {nthreads} threads, {}): \
+         {peak:.1} GFLOP/s\n\n",
         o.device
     ));
     table.push_str(
@@ -422,6 +487,12 @@ pub fn bench(args: &[String]) -> Result<()> {
                 .map(|v| format!("{v:.0}"))
                 .unwrap_or_else(|| "–".into()),
         ));
+    }
+    if !summaries.is_empty() {
+        table.push_str("\nOurs-best ÷ PyTorch-best:\n\n");
+        for line in &summaries {
+            table.push_str(&format!("- {line}\n"));
+        }
     }
     println!("{table}");
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;

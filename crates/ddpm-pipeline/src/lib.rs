@@ -430,8 +430,9 @@ pub struct ModelOptions {
     #[cfg_attr(feature = "clap", arg(long))]
     pub raw_weights: bool,
     /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
-    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
-    /// needs --device cuda (candle's CPU matmul has no bf16).
+    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. On the
+    /// CPU, bf16 runs the reference path: bf16-rounded product inputs, f32 accumulation, slower
+    /// than f32.
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub autocast: Option<ddpm_unet::Autocast>,
 }
@@ -450,11 +451,13 @@ impl ModelOptions {
             let name = a.dtype().as_str();
             a.check_device(device)
                 .map_err(|e| request_err(format!("--autocast {name}: {e}")))?;
-            if device.is_cpu() {
-                tracing::warn!(
+            match a.cpu_note(device) {
+                Some(note) => tracing::warn!("--autocast {name}: {note}"),
+                None if device.is_cpu() => tracing::warn!(
                     "--autocast {name} on the CPU runs several times slower than f32 (candle's \
                      CPU products convert half floats); it is meant for GPUs"
-                );
+                ),
+                None => {}
             }
         }
         let cast = self.autocast.map(|a| a.dtype());

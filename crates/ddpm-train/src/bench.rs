@@ -93,8 +93,8 @@ pub struct BenchSpec {
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 1000))]
     pub n: usize,
     /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
-    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. bf16
-    /// needs --device cuda (candle's CPU matmul has no bf16).
+    /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. On the
+    /// CPU, bf16 runs the reference path (bf16-rounded product inputs, f32 accumulation).
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub autocast: Option<ddpm_unet::Autocast>,
 }

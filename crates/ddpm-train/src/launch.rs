@@ -163,8 +163,9 @@ pub struct RunOptions {
     pub limit: Option<usize>,
     /// Autocast: forward and backward of the U-Net in bf16 (convolutions, linear layers,
     /// attention products) with f32 weights, optimizer state, EMA and loss; GroupNorm and
-    /// softmax stay f32. Needs --device cuda (candle's CPU matmul has no bf16). Only bf16:
-    /// f16 training would need loss scaling.
+    /// softmax stay f32. On the CPU: the reference path (bf16-rounded product inputs and
+    /// gradients, f32 accumulation), slower than f32. Only bf16: f16 training would need loss
+    /// scaling.
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub autocast: Option<Autocast>,
 }
@@ -457,12 +458,16 @@ fn check_options(opts: &RunOptions, device: &Device) -> Result<()> {
     match opts.autocast {
         Some(Autocast::F16) => Err(TrainError::Config(
             "--autocast f16: training autocasts to bf16 only (f16 would need loss scaling, which \
-             the trainer does not do); use --autocast bf16 on --device cuda"
+             the trainer does not do); use --autocast bf16"
                 .into(),
         )),
-        Some(a) => a
-            .check_device(device)
-            .map_err(|e| TrainError::Config(format!("--autocast bf16: {e}"))),
+        Some(a) => {
+            if let Some(note) = a.cpu_note(device) {
+                tracing::warn!("--autocast bf16: {note}");
+            }
+            a.check_device(device)
+                .map_err(|e| TrainError::Config(format!("--autocast bf16: {e}")))
+        }
         None => Ok(()),
     }
 }

@@ -51,6 +51,7 @@ pub use ddpm_kernels::nn as ops;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{conv2d, embedding, linear, Conv2dConfig, Embedding, Linear, VarBuilder};
 use ddpm_core::Denoiser;
+use ddpm_kernels::nn::precision;
 
 pub use config::{ConfigError, Preset, UNetConfig};
 pub use file::{load_unet, DataInfo, ModelCard, ModelFile, ModelFileError, Weights};
@@ -62,7 +63,8 @@ pub use ops::Kernels;
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Autocast {
-    /// bfloat16: f32's range, 8 bits of mantissa; needs no loss scaling. GPU only in candle.
+    /// bfloat16: f32's range, 8 bits of mantissa; needs no loss scaling. On the CPU: the
+    /// reference path (bf16-rounded product inputs, f32 accumulation).
     Bf16,
     /// IEEE half: more mantissa, little range; training would need loss scaling.
     F16,
@@ -86,16 +88,29 @@ impl Autocast {
         }
     }
 
-    /// Whether `device` can run it: candle's CPU matrix product has no bf16.
-    pub fn check_device(self, device: &candle_core::Device) -> std::result::Result<(), String> {
-        if self == Self::Bf16 && device.is_cpu() {
-            return Err(
-                "bf16 autocast needs a CUDA device: candle's CPU matrix product has no \
-                        bf16 (drop the autocast option on the CPU)"
-                    .into(),
-            );
-        }
+    /// Whether `device` can run it. Every device can: bf16 on the CPU runs the reference path
+    /// ([`ddpm_kernels::nn::precision`]: bf16-rounded inputs to f32 products, the same numbers
+    /// a bf16 kernel computes, but slower than f32; [`Autocast::cpu_note`] says so).
+    pub fn check_device(self, _device: &candle_core::Device) -> std::result::Result<(), String> {
         Ok(())
+    }
+
+    /// What a user should know about this autocast on `device`, if anything: bf16 on the CPU
+    /// runs the reference path, slower than f32, whatever bf16 instructions the CPU has
+    /// (no `vdpbf16ps`/AMX kernel is written yet).
+    pub fn cpu_note(self, device: &candle_core::Device) -> Option<String> {
+        if self != Self::Bf16 || !device.is_cpu() {
+            return None;
+        }
+        let cpu = match precision::cpu_bf16().flag() {
+            Some(flag) => format!("this CPU has {flag}, but no kernel uses it yet"),
+            None => "this CPU has no bf16 instructions (avx512_bf16, amx_bf16)".to_string(),
+        };
+        Some(format!(
+            "bf16 on the CPU runs the reference path (products take bf16-rounded inputs and \
+             accumulate in f32, as a bf16 kernel does; activations stay f32): {cpu}, so it is \
+             slower than f32. Use it to check bf16 numerics, not for speed"
+        ))
     }
 }
 
@@ -149,8 +164,22 @@ impl Conv {
     }
 
     /// Under autocast the f32 parameters are cast to the input's dtype (a differentiable cast:
-    /// their gradients come back in f32).
-    fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    /// their gradients come back in f32); with the bf16 reference path ([`Run::bf16`]) the
+    /// product takes bf16-rounded inputs and gradients and accumulates in f32.
+    fn forward(&self, x: &Tensor, run: Run) -> Result<Tensor> {
+        let kernels = run.kernels;
+        if run.bf16 {
+            let bias = self.bias.as_ref().map(precision::bf16_inputs).transpose()?;
+            let y = ops::conv2d(
+                &precision::bf16_inputs(x)?,
+                &precision::bf16_inputs(&self.weight)?,
+                bias.as_ref(),
+                self.stride,
+                self.padding,
+                kernels,
+            )?;
+            return precision::bf16_grads(&y);
+        }
         let dt = x.dtype();
         let bias = self.bias.as_ref().map(|b| b.to_dtype(dt)).transpose()?;
         ops::conv2d(
@@ -172,8 +201,15 @@ fn conv1(cin: usize, cout: usize, vb: VarBuilder<'_>) -> Result<Conv> {
     Conv::new(cin, cout, 1, 1, 0, vb)
 }
 
-/// `l.forward(x)` with `l`'s parameters cast to `x`'s dtype when they differ (autocast).
-fn linear_in(l: &Linear, x: &Tensor) -> Result<Tensor> {
+/// `l.forward(x)` with `l`'s parameters cast to `x`'s dtype when they differ (autocast), or,
+/// on the bf16 reference path, with bf16-rounded inputs and gradients.
+fn linear_in(l: &Linear, x: &Tensor, run: Run) -> Result<Tensor> {
+    if run.bf16 {
+        let bias = l.bias().map(precision::bf16_inputs).transpose()?;
+        let y = Linear::new(precision::bf16_inputs(l.weight())?, bias)
+            .forward(&precision::bf16_inputs(x)?)?;
+        return precision::bf16_grads(&y);
+    }
     let dt = x.dtype();
     if l.weight().dtype() == dt {
         return l.forward(x);
@@ -272,10 +308,12 @@ impl ResBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, emb: &Tensor, train: bool, k: Kernels) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x, true, k)?, k)?;
-        let e = linear_in(&self.emb_proj, emb)?;
-        let h = self.norm2.forward_shifted(&h, Some(&e), true, k)?;
+    fn forward(&self, x: &Tensor, emb: &Tensor, train: bool, k: Run) -> Result<Tensor> {
+        let h = self
+            .conv1
+            .forward(&self.norm1.forward(x, true, k.kernels)?, k)?;
+        let e = linear_in(&self.emb_proj, emb, k)?;
+        let h = self.norm2.forward_shifted(&h, Some(&e), true, k.kernels)?;
         let h = self.conv2.forward(&dropout(&h, self.dropout, train)?, k)?;
         let skip = match &self.skip {
             Some(s) => s.forward(x, k)?,
@@ -304,12 +342,12 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, kern: Kernels) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, kern: Run) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let d = c / self.heads;
         let qkv = self
             .qkv
-            .forward(&self.norm.forward(x, false, kern)?, kern)?
+            .forward(&self.norm.forward(x, false, kern.kernels)?, kern)?
             .reshape((b, 3, self.heads, d, h * w))?;
         // [B, heads, HW, d] for q and v; [B, heads, d, HW] for k.
         let q = qkv
@@ -323,13 +361,34 @@ impl Attention {
             .squeeze(1)?
             .transpose(2, 3)?
             .contiguous()?;
-        let scores = (q.matmul(&k)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = (product(&q, &k, kern)? * (1.0 / (d as f64).sqrt()))?;
         // The softmax in f32 under autocast, as PyTorch's autocast does.
         let attn =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = attn.matmul(&v)?.transpose(2, 3)?.reshape((b, c, h, w))?;
+        let out = product(&attn, &v, kern)?
+            .transpose(2, 3)?
+            .reshape((b, c, h, w))?;
         x + self.proj.forward(&out, kern)?
     }
+}
+
+/// `a.matmul(b)`, on the bf16 reference path with bf16-rounded inputs and gradients.
+fn product(a: &Tensor, b: &Tensor, run: Run) -> Result<Tensor> {
+    if run.bf16 {
+        let y = precision::bf16_inputs(a)?.matmul(&precision::bf16_inputs(b)?)?;
+        return precision::bf16_grads(&y);
+    }
+    a.matmul(b)
+}
+
+/// How one forward pass runs: the kernels, and whether its products take the bf16 reference
+/// path (bf16 autocast on the CPU: activations, norms, softmax and additions stay f32; every
+/// convolution, linear layer and attention product takes bf16-rounded inputs, and its two
+/// gradient products bf16-rounded gradients, accumulating in f32).
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    kernels: Kernels,
+    bf16: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -460,8 +519,9 @@ impl UNet {
     /// cast on use, so their gradients arrive in f32), GroupNorm and the softmax compute in
     /// f32, and the output is cast back to the input's dtype. `None` (the default): all f32.
     ///
-    /// Fails for a dtype other than bf16 and f16. candle's CPU matrix product has no bf16, so
-    /// bf16 needs a GPU.
+    /// Fails for a dtype other than bf16 and f16. On the CPU, bf16 runs the reference path
+    /// ([`ddpm_kernels::nn::precision`]): activations stay f32 and every product takes
+    /// bf16-rounded inputs (and gradients) with f32 accumulation.
     pub fn with_autocast(mut self, dtype: Option<DType>) -> Result<Self> {
         if let Some(dt) = dtype {
             if !matches!(dt, DType::BF16 | DType::F16) {
@@ -521,15 +581,22 @@ impl UNet {
         if t.dims() != [b] {
             candle_core::bail!("U-Net: t must be [{b}], got {:?}", t.shape());
         }
-        let k = self.kernels;
         let out_dtype = x.dtype();
+        // bf16 on the CPU: the reference path (module docs of ddpm_kernels::nn::precision).
+        let bf16_reference =
+            self.autocast == Some(DType::BF16) && x.device().is_cpu() && out_dtype == DType::F32;
+        let k = Run {
+            kernels: self.kernels,
+            bf16: bf16_reference,
+        };
         let (x, dt) = match self.autocast {
+            Some(_) if bf16_reference => (x.clone(), out_dtype),
             Some(dt) => (x.to_dtype(dt)?, dt),
             None => (x.clone(), out_dtype),
         };
         let temb = timestep_embedding(t, self.config.base_channels)?.to_dtype(dt)?;
         let (te0, te1) = &self.time_embed;
-        let mut emb = linear_in(te1, &candle_nn::ops::silu(&linear_in(te0, &temb)?)?)?;
+        let mut emb = linear_in(te1, &candle_nn::ops::silu(&linear_in(te0, &temb, k)?)?, k)?;
         if let Some(ce) = &self.class_embed {
             let null = self.config.num_classes as u32;
             let labels = match labels {
@@ -572,10 +639,10 @@ impl UNet {
                 }
             }
             if let Some(us) = &level.resample {
-                hcur = us.forward(&ops::upsample_nearest2x(&hcur, k)?, k)?;
+                hcur = us.forward(&ops::upsample_nearest2x(&hcur, k.kernels)?, k)?;
             }
         }
-        let out = self.norm_out.forward(&hcur, true, k)?;
+        let out = self.norm_out.forward(&hcur, true, k.kernels)?;
         self.conv_out.forward(&out, k)?.to_dtype(out_dtype)
     }
 }

@@ -311,3 +311,102 @@ fn autocast_keeps_f32_weights_and_matches_f32() {
     let e = unet.with_autocast(Some(DType::U8)).unwrap_err().to_string();
     assert!(e.contains("bf16 or f16"), "{e}");
 }
+
+/// bf16 autocast on the CPU, the reference path: the output stays f32 and close to the f32
+/// model's (within bf16's precision, and not equal: the rounding happens), the weight gradients
+/// arrive in f32 and point the same way.
+#[test]
+fn bf16_reference_path_on_the_cpu_matches_f32_within_bf16_precision() {
+    let mut rng = SeededNoise::new(10);
+    let x = randn(&mut rng, &[3, 1, 16, 16]);
+    let t = Tensor::new(&[3u32, 400, 999], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[1u32, 7, 10], &Device::Cpu).unwrap();
+    let (varmap, unet) = build(&UNetConfig::tiny());
+    let bf16 = unet.clone().with_autocast(Some(DType::BF16)).unwrap();
+    let run = |m: &UNet| {
+        let out = m.forward_t(&x, &t, Some(&y), false).unwrap();
+        let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        (out, grads)
+    };
+    let (o32, g32) = run(&unet);
+    let (ob, gb) = run(&bf16);
+    assert_eq!(ob.dtype(), DType::F32);
+    let rel = ddpm_core::testing::max_rel_diff(&ob, &o32);
+    assert!(rel < 3e-2, "bf16 output differs from f32 by {rel}");
+    assert!(rel > 1e-5, "no rounding happened ({rel})");
+    let (mut dot, mut n32, mut nb) = (0f64, 0f64, 0f64);
+    for v in varmap.all_vars() {
+        let (a, b) = (
+            g32.get(&v).unwrap(),
+            gb.get(&v).expect("every weight gets a gradient"),
+        );
+        assert_eq!(b.dtype(), DType::F32);
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        for (a, b) in a.iter().zip(&b) {
+            dot += (*a as f64) * (*b as f64);
+            n32 += (*a as f64).powi(2);
+            nb += (*b as f64).powi(2);
+        }
+    }
+    let cos = dot / (n32.sqrt() * nb.sqrt());
+    assert!(cos > 0.999, "gradient direction cosine {cos}");
+}
+
+/// The reference path's convolution is an f32 convolution of bf16-rounded inputs, forward and
+/// backward: its output equals stock candle's convolution of the pre-rounded tensors, and its
+/// input and weight gradients equal the f32 gradients taken with the upstream gradient rounded.
+#[test]
+fn bf16_reference_convolution_is_the_f32_product_of_rounded_inputs() {
+    use candle_core::Var;
+    use ddpm_unet::ops::precision::{bf16_grads, bf16_inputs};
+    use ddpm_unet::ops::{conv2d, Kernels};
+    let mut rng = SeededNoise::new(11);
+    let x = Var::from_tensor(&randn(&mut rng, &[2, 5, 9, 7])).unwrap();
+    let w = Var::from_tensor(&randn(&mut rng, &[4, 5, 3, 3])).unwrap();
+    let g = randn(&mut rng, &[2, 4, 9, 7]);
+    for kernels in [Kernels::Fast, Kernels::Stock] {
+        let y = bf16_grads(
+            &conv2d(
+                &bf16_inputs(x.as_tensor()).unwrap(),
+                &bf16_inputs(w.as_tensor()).unwrap(),
+                None,
+                1,
+                1,
+                kernels,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        // The same, by hand: round, then plain f32 ops.
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let (xr, wr) = (
+            Var::from_tensor(&round(x.as_tensor())).unwrap(),
+            Var::from_tensor(&round(w.as_tensor())).unwrap(),
+        );
+        let yr = xr.as_tensor().conv2d(wr.as_tensor(), 1, 1, 1, 1).unwrap();
+        let diff = ddpm_core::testing::max_rel_diff(&y, &yr);
+        assert!(diff < 1e-5, "{kernels:?}: forward differs by {diff}");
+        let hand = (&yr * round(&g))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (ours, theirs, what) in [(&x, &xr, "input"), (&w, &wr, "weight")] {
+            let d = ddpm_core::testing::max_rel_diff(
+                grads.get(ours).unwrap(),
+                hand.get(theirs).unwrap(),
+            );
+            assert!(d < 1e-4, "{kernels:?}: {what} gradient differs by {d}");
+        }
+    }
+}

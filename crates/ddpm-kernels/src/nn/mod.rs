@@ -37,6 +37,7 @@ mod conv;
 mod conv_grad;
 mod gemm;
 mod norm;
+pub mod precision;
 mod resample;
 mod simd;
 mod uninit;
