@@ -605,7 +605,10 @@ fn train_with_a_budget_plans_saves_and_prints_its_plan() {
     assert!(o.status.success(), "{}{text}", stderr(&o));
     let first = text.lines().next().unwrap_or_default();
     assert!(
-        first.contains("recipe `quick`") && first.contains("1m") && first.contains("--budget"),
+        first.contains("recipe `quick`")
+            && first.contains("1m")
+            && first.contains("--budget")
+            && first.contains("precision f32"),
         "{first}"
     );
     assert!(text.contains("--max-steps"), "{text}");

@@ -387,9 +387,10 @@ pub fn launch(
             ""
         };
         let line = format!(
-            "ddpm train: resuming {} at step {}{plan}{kept}",
+            "ddpm train: resuming {} at step {}{plan}{kept}; {}",
             ckpt.display(),
             t.step(),
+            precision_note(t.config().autocast, device)
         );
         (t, None, line)
     } else {
@@ -401,7 +402,11 @@ pub fn launch(
             )));
         }
         let recipe = opts.recipe_for(device);
-        let line = crate::recipe::announce(recipe, opts.recipe.is_some(), opts.budget_s(device));
+        let line = format!(
+            "{}; {}",
+            crate::recipe::announce(recipe, opts.recipe.is_some(), opts.budget_s(device)),
+            precision_note(opts.autocast, device)
+        );
         let train = load(
             &opts.dataset,
             dir_for(&opts.dataset).as_deref(),
@@ -469,6 +474,22 @@ fn check_options(opts: &RunOptions, device: &Device) -> Result<()> {
                 .map_err(|e| TrainError::Config(format!("--autocast bf16: {e}")))
         }
         None => Ok(()),
+    }
+}
+
+/// The precision a run trains in, for its first output line.
+fn precision_note(autocast: Option<Autocast>, device: &Device) -> String {
+    match autocast {
+        None => "precision f32 (--autocast bf16 for bf16 products)".into(),
+        Some(a) if device.is_cpu() => format!(
+            "precision: {} products with f32 weights, on the CPU's reference path (slower than \
+             f32)",
+            a.dtype().as_str()
+        ),
+        Some(a) => format!(
+            "precision: {} products with f32 weights",
+            a.dtype().as_str()
+        ),
     }
 }
 

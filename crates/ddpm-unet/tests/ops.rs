@@ -320,3 +320,47 @@ fn fused_is_fast_on_the_cpu_and_every_kernel_set_has_a_name() {
         .unwrap();
     assert_eq!(max_rel_diff(&fused, &fast), 0.0);
 }
+
+/// The safety net of the kernels' uninitialised output buffers runs in the tests: a kernel that
+/// skips one element of its output (simulated by `fault::skip_one_write_of`, available with the
+/// `check-uninit` feature this crate's tests turn on) is an error naming the op, for each op
+/// that allocates without zeroing, forward and backward. Without the check, the skipped element
+/// would be returned as whatever the allocator left there.
+#[test]
+fn a_kernel_that_skips_an_element_fails_the_tests() {
+    use ddpm_unet::ops::fault::skip_one_write_of;
+    let mut rng = SeededNoise::new(21);
+    let x = var(&mut rng, &[2, 4, 6, 6]);
+    let w = var(&mut rng, &[4, 4, 3, 3]);
+    let gamma = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+    let beta = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    let k = Kernels::Fast;
+    type Op<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
+    let backward = |y: candle_core::Result<Tensor>| -> candle_core::Result<Tensor> {
+        y?.sum_all()?.backward()?;
+        Tensor::zeros(1, DType::F32, &Device::Cpu)
+    };
+    let cases: Vec<(&'static str, Op<'_>)> = vec![
+        ("conv2d", Box::new(|| conv2d(&x, &w, None, 1, 1, k))),
+        (
+            "conv2d backward",
+            Box::new(|| backward(conv2d(&x, &w, None, 1, 1, k))),
+        ),
+        (
+            "group_norm",
+            Box::new(|| group_norm(&x, &gamma, &beta, None, 2, 1e-5, true, k)),
+        ),
+        ("upsample", Box::new(|| upsample_nearest2x(&x, k))),
+        (
+            "upsample backward",
+            Box::new(|| backward(upsample_nearest2x(&x, k))),
+        ),
+    ];
+    for (what, op) in cases {
+        // Untouched, the op runs.
+        op().unwrap_or_else(|e| panic!("{what}: {e}"));
+        skip_one_write_of(what);
+        let e = op().expect_err(what).to_string();
+        assert!(e.contains(what) && e.contains("unwritten"), "{what}: {e}");
+    }
+}

@@ -282,7 +282,9 @@ fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Res
             )
         };
         // SAFETY: the closure writes every element of its buffer (each output index once;
-        // checked in tests and debug builds, where an unwritten element is an error).
+        // checked by every workspace test (feature `check-uninit`) and in debug builds,
+        // where an unwritten element is an error: ddpm-unet's
+        // `a_kernel_that_skips_an_element_fails_the_tests`).
         #[allow(unsafe_code)]
         return unsafe { filled(g.n * g.cout * g.l(), "conv2d", fill) };
     }
@@ -568,7 +570,9 @@ impl CustomOp2 for Conv2dBwdData {
                 )
             };
             // SAFETY: the closure writes every element of its buffer (each output index once;
-            // checked in tests and debug builds, where an unwritten element is an error).
+            // checked by every workspace test (feature `check-uninit`) and in debug builds,
+            // where an unwritten element is an error: ddpm-unet's
+            // `a_kernel_that_skips_an_element_fails_the_tests`).
             #[allow(unsafe_code)]
             let dx = unsafe { filled(n * g.in_len(), "conv2d backward", fill) }?;
             return Ok((CpuStorage::F32(dx), Shape::from((n, cin, h, wd))));

@@ -38,6 +38,13 @@ mod conv_grad;
 mod gemm;
 mod norm;
 pub mod precision;
+
+/// The hook that tests the kernels' unwritten-element check (feature `check-uninit`, which the
+/// workspace's tests turn on).
+#[cfg(feature = "check-uninit")]
+pub mod fault {
+    pub use super::uninit::skip_one_write_of;
+}
 mod resample;
 mod simd;
 mod uninit;

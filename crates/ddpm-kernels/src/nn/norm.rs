@@ -284,7 +284,9 @@ impl CustomOp2 for GroupNormOp {
             Ok(())
         };
         // SAFETY: the closure writes every element of its buffer (each output index once;
-        // checked in tests and debug builds, where an unwritten element is an error).
+        // checked by every workspace test (feature `check-uninit`) and in debug builds,
+        // where an unwritten element is an error: ddpm-unet's
+        // `a_kernel_that_skips_an_element_fails_the_tests`).
         #[allow(unsafe_code)]
         let y = unsafe { filled(x.len(), "group_norm", fill) }?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))

@@ -62,7 +62,9 @@ impl CustomOp1 for Upsample2x {
             Ok(())
         };
         // SAFETY: the closure writes every element of its buffer (each output index once;
-        // checked in tests and debug builds, where an unwritten element is an error).
+        // checked by every workspace test (feature `check-uninit`) and in debug builds,
+        // where an unwritten element is an error: ddpm-unet's
+        // `a_kernel_that_skips_an_element_fails_the_tests`).
         #[allow(unsafe_code)]
         let y = unsafe { filled(n * c * 4 * h * w, "upsample", fill) }?;
         Ok((CpuStorage::F32(y), Shape::from((n, c, 2 * h, 2 * w))))
@@ -109,7 +111,9 @@ impl CustomOp1 for SumBlocks2x {
             Ok(())
         };
         // SAFETY: the closure writes every element of its buffer (each output index once;
-        // checked in tests and debug builds, where an unwritten element is an error).
+        // checked by every workspace test (feature `check-uninit`) and in debug builds,
+        // where an unwritten element is an error: ddpm-unet's
+        // `a_kernel_that_skips_an_element_fails_the_tests`).
         #[allow(unsafe_code)]
         let dx = unsafe { filled(n * c * h * w, "upsample backward", fill) }?;
         Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))

@@ -11,8 +11,23 @@ use candle_core::{bail, Result};
 pub(crate) type Slot = MaybeUninit<f32>;
 
 /// Whether to pre-fill with [`SENTINEL`] and check that every element was written: in this
-/// crate's tests and in builds with debug assertions.
-const CHECK: bool = cfg!(any(test, debug_assertions));
+/// crate's unit tests, in builds with debug assertions, and with the `check-uninit` feature,
+/// which the workspace's test builds turn on through their dev-dependencies (ddpm-kernels' and
+/// ddpm-unet's), so every test that reaches a kernel runs the check
+/// (`crates/ddpm-unet/tests/ops.rs`, `a_kernel_that_skips_an_element_fails_the_tests`, proves it).
+pub(crate) const CHECK: bool = cfg!(any(test, debug_assertions, feature = "check-uninit"));
+
+#[cfg(feature = "check-uninit")]
+thread_local! {
+    static SKIP: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes the next buffer named `what` that [`filled`] returns on this thread lose one written
+/// element, as a kernel that skipped it would: the test of the check itself.
+#[cfg(feature = "check-uninit")]
+pub fn skip_one_write_of(what: &'static str) {
+    SKIP.with(|s| s.set(Some(what)));
+}
 
 /// A signalling-NaN payload that arithmetic never produces (it only yields quiet NaNs).
 const SENTINEL: u32 = 0x7f80_dead;
@@ -37,6 +52,11 @@ pub(crate) unsafe fn filled(
         v.resize_with(len, MaybeUninit::uninit);
     }
     fill(&mut v)?;
+    #[cfg(feature = "check-uninit")]
+    if SKIP.with(|s| s.get()) == Some(what) && len > 0 {
+        SKIP.with(|s| s.set(None));
+        v[len / 2] = MaybeUninit::new(f32::from_bits(SENTINEL));
+    }
     if CHECK {
         if let Some(i) = v.iter().position(|x| {
             // SAFETY: with checking on, every element was initialised by the `resize` above.
@@ -46,8 +66,8 @@ pub(crate) unsafe fn filled(
         }
     }
     let mut v = ManuallyDrop::new(v);
-    // SAFETY: `fill` wrote every element (the contract above; checked in tests and debug
-    // builds), `MaybeUninit<f32>` has the layout of `f32`, and the pointer, length and capacity
+    // SAFETY: `fill` wrote every element (the contract above; checked where `CHECK` is on: the
+    // workspace's tests and debug builds), `MaybeUninit<f32>` has the layout of `f32`, and the pointer, length and capacity
     // come from a vector of the same layout whose ownership `ManuallyDrop` hands over.
     Ok(unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) })
 }

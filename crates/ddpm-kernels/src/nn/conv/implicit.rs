@@ -288,7 +288,9 @@ mod tests {
                     )
                 };
                 // SAFETY: the closure writes every element of its buffer (each output index once;
-                // checked in tests and debug builds, where an unwritten element is an error).
+                // checked by every workspace test (feature `check-uninit`) and in debug builds,
+                // where an unwritten element is an error: ddpm-unet's
+                // `a_kernel_that_skips_an_element_fails_the_tests`).
                 #[allow(unsafe_code)]
                 let got = unsafe { filled(cout * g.l(), "forward", fill) }.unwrap();
                 assert!(max_diff(&got, &want) < 1e-4, "forward {g:?}");
@@ -313,7 +315,9 @@ mod tests {
                     forward(&gt, &pt, &wr, None, &gr, &mut sc.q, &mut sc.stage, o, false)
                 };
                 // SAFETY: the closure writes every element of its buffer (each output index once;
-                // checked in tests and debug builds, where an unwritten element is an error).
+                // checked by every workspace test (feature `check-uninit`) and in debug builds,
+                // where an unwritten element is an error: ddpm-unet's
+                // `a_kernel_that_skips_an_element_fails_the_tests`).
                 #[allow(unsafe_code)]
                 let got = unsafe { filled(g.in_len(), "input gradient", fill) }.unwrap();
                 assert!(max_diff(&got, &want) < 1e-4, "input gradient {g:?}");
