@@ -721,14 +721,17 @@ fn resume_keeps_the_limit_and_accepts_a_new_learning_rate() {
 /// A model file holding the tiny model's EMA weights under `card` (which is not validated on
 /// the way out: a crafted file).
 fn crafted_model(path: &Path, card: &ModelCard) {
+    checkpoint::save(path, card, None, ema_tensors()).unwrap();
+}
+
+/// The tiny model's initial weights, named as EMA weights (what an export holds).
+fn ema_tensors() -> Vec<(String, Tensor)> {
     let t = Trainer::new(tiny_card(), TrainConfig::default(), &Device::Cpu).unwrap();
-    let tensors: Vec<(String, Tensor)> = t
-        .optimizer()
+    t.optimizer()
         .vars()
         .iter()
         .map(|(n, v)| (format!("ema.{n}"), v.as_tensor().clone()))
-        .collect();
-    checkpoint::save(path, card, None, tensors).unwrap();
+        .collect()
 }
 
 fn listing(dir: &Path) -> Vec<String> {
@@ -920,15 +923,9 @@ fn no_command_writes_over_its_input_and_export_refuses_non_finite_weights() {
 
     // NaN EMA weights: no export at all.
     let nan = d.join("nan.safetensors");
-    let t = Trainer::new(tiny_card(), TrainConfig::default(), &Device::Cpu).unwrap();
-    let tensors: Vec<(String, Tensor)> = t
-        .optimizer()
-        .vars()
-        .iter()
-        .map(|(n, v)| {
-            let x = (v.as_tensor().ones_like().unwrap() * f64::NAN).unwrap();
-            (format!("ema.{n}"), x)
-        })
+    let tensors: Vec<(String, Tensor)> = ema_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, (t.ones_like().unwrap() * f64::NAN).unwrap()))
         .collect();
     checkpoint::save(&nan, &tiny_card(), None, tensors).unwrap();
     let out = d.join("export.safetensors");
@@ -1267,13 +1264,7 @@ fn special_files_and_odd_tensors_are_refused() {
     assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
 
     // A weight that is not a float.
-    let t = Trainer::new(tiny_card(), TrainConfig::default(), &Device::Cpu).unwrap();
-    let mut tensors: Vec<(String, Tensor)> = t
-        .optimizer()
-        .vars()
-        .iter()
-        .map(|(n, v)| (format!("ema.{n}"), v.as_tensor().clone()))
-        .collect();
+    let mut tensors = ema_tensors();
     let (name, first) = tensors[0].clone();
     tensors[0] = (
         name,

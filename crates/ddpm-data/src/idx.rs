@@ -112,10 +112,20 @@ impl IdxReader {
         Ok(out)
     }
 
-    /// The header's `n_words` big-endian words.
-    fn header(&mut self, n_words: usize) -> Result<Vec<u32>> {
-        let bytes = self.read_up_to(4 * n_words as u64)?;
-        header(&self.path, &bytes, n_words)
+    /// The header: its magic word, checked against `magic` (a file of `what`), then the other
+    /// `n_words − 1` big-endian words. A short file is reported against the whole header.
+    fn header(&mut self, what: &'static str, magic: u32, n_words: usize) -> Result<Vec<u32>> {
+        let first = self.read_up_to(4)?;
+        check_magic(&self.path, what, magic, header(&self.path, &first, 1)?[0])?;
+        let rest = self.read_up_to(4 * (n_words as u64 - 1))?;
+        if rest.len() < 4 * (n_words - 1) {
+            return Err(DataError::Truncated {
+                path: self.path.clone(),
+                expected: 4 * n_words,
+                found: 4 + rest.len(),
+            });
+        }
+        header(&self.path, &rest, n_words - 1)
     }
 
     /// Exactly `len` bytes of data after a header of `header_len` bytes, refused before
@@ -216,15 +226,7 @@ pub fn read_idx_images(path: &Path) -> Result<IdxImages> {
 /// the file is never read, so a limit bounds time and memory as well as what is used.
 pub fn read_idx_images_limited(path: &Path, limit: Option<usize>) -> Result<IdxImages> {
     let mut r = IdxReader::open(path)?;
-    check_magic(path, "image", IMAGES_MAGIC, r.header(1)?[0])?;
-    let h = r.header(3).map_err(|e| match e {
-        DataError::Truncated { path, found, .. } => DataError::Truncated {
-            path,
-            expected: 16,
-            found: found + 4,
-        },
-        e => e,
-    })?;
+    let h = r.header("image", IMAGES_MAGIC, 4)?;
     let (n, rows, cols) = (h[0] as usize, h[1] as usize, h[2] as usize);
     if rows == 0 || cols == 0 {
         return Err(DataError::BadDimensions {
@@ -267,15 +269,7 @@ pub fn read_idx_labels_limited(
     limit: Option<usize>,
 ) -> Result<Vec<u32>> {
     let mut r = IdxReader::open(path)?;
-    check_magic(path, "label", LABELS_MAGIC, r.header(1)?[0])?;
-    let n = r.header(1).map_err(|e| match e {
-        DataError::Truncated { path, found, .. } => DataError::Truncated {
-            path,
-            expected: 8,
-            found: found + 4,
-        },
-        e => e,
-    })?[0] as usize;
+    let n = r.header("label", LABELS_MAGIC, 2)?[0] as usize;
     let keep = limit.map_or(n, |l| l.min(n));
     let data = r.data(8, n as u64, keep as u64)?;
     data.iter()

@@ -267,6 +267,33 @@ fn forward_flops_of_a_one_level_net_by_hand() {
     assert!(small > 1e8 && small < 1e9, "{small}");
 }
 
+/// The cosine between two sets of weight gradients of `varmap`'s weights, over all of them;
+/// each of `other`'s gradients must exist and be f32 (autocast keeps the weights f32).
+fn gradient_cosine(
+    varmap: &VarMap,
+    f32_grads: &candle_core::backprop::GradStore,
+    other: &candle_core::backprop::GradStore,
+) -> f64 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for v in varmap.all_vars() {
+        let (a, b) = (
+            f32_grads.get(&v).unwrap(),
+            other.get(&v).expect("every weight gets a gradient"),
+        );
+        assert_eq!(b.dtype(), DType::F32);
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        for (a, b) in a.iter().zip(&b) {
+            dot += (*a as f64) * (*b as f64);
+            na += (*a as f64).powi(2);
+            nb += (*b as f64).powi(2);
+        }
+    }
+    dot / (na.sqrt() * nb.sqrt())
+}
+
 /// Autocast in f16 on the CPU (the path bf16 takes on a GPU; candle's CPU matmul has no bf16):
 /// output in f32, close to the f32 model's; weight gradients arrive in f32 on the f32 weights
 /// and point the same way as the f32 model's.
@@ -289,24 +316,7 @@ fn autocast_keeps_f32_weights_and_matches_f32() {
     assert_eq!(o16.dtype(), DType::F32);
     let rel = ddpm_core::testing::max_rel_diff(&o16, &o32);
     assert!(rel < 2e-2, "f16 output differs from f32 by {rel}");
-    let (mut dot, mut n32, mut n16) = (0f64, 0f64, 0f64);
-    for v in varmap.all_vars() {
-        let (a, b) = (
-            g32.get(&v).unwrap(),
-            g16.get(&v).expect("every weight gets a gradient"),
-        );
-        assert_eq!(b.dtype(), DType::F32);
-        let (a, b): (Vec<f32>, Vec<f32>) = (
-            a.flatten_all().unwrap().to_vec1().unwrap(),
-            b.flatten_all().unwrap().to_vec1().unwrap(),
-        );
-        for (a, b) in a.iter().zip(&b) {
-            dot += (*a as f64) * (*b as f64);
-            n32 += (*a as f64).powi(2);
-            n16 += (*b as f64).powi(2);
-        }
-    }
-    let cos = dot / (n32.sqrt() * n16.sqrt());
+    let cos = gradient_cosine(&varmap, &g32, &g16);
     assert!(cos > 0.999, "gradient direction cosine {cos}");
     let e = unet.with_autocast(Some(DType::U8)).unwrap_err().to_string();
     assert!(e.contains("bf16 or f16"), "{e}");
@@ -334,24 +344,7 @@ fn bf16_reference_path_on_the_cpu_matches_f32_within_bf16_precision() {
     let rel = ddpm_core::testing::max_rel_diff(&ob, &o32);
     assert!(rel < 3e-2, "bf16 output differs from f32 by {rel}");
     assert!(rel > 1e-5, "no rounding happened ({rel})");
-    let (mut dot, mut n32, mut nb) = (0f64, 0f64, 0f64);
-    for v in varmap.all_vars() {
-        let (a, b) = (
-            g32.get(&v).unwrap(),
-            gb.get(&v).expect("every weight gets a gradient"),
-        );
-        assert_eq!(b.dtype(), DType::F32);
-        let (a, b): (Vec<f32>, Vec<f32>) = (
-            a.flatten_all().unwrap().to_vec1().unwrap(),
-            b.flatten_all().unwrap().to_vec1().unwrap(),
-        );
-        for (a, b) in a.iter().zip(&b) {
-            dot += (*a as f64) * (*b as f64);
-            n32 += (*a as f64).powi(2);
-            nb += (*b as f64).powi(2);
-        }
-    }
-    let cos = dot / (n32.sqrt() * nb.sqrt());
+    let cos = gradient_cosine(&varmap, &g32, &gb);
     assert!(cos > 0.999, "gradient direction cosine {cos}");
 }
 
