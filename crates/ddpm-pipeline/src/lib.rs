@@ -467,9 +467,9 @@ impl ModelOptions {
 
 /// `net` (a network built from `card`) as an ε-predicting denoiser for the samplers:
 /// v-prediction is converted with `schedule`'s ᾱ.
-pub fn denoiser<D: Denoiser>(
+pub fn denoiser<D: Denoiser, M>(
     net: D,
-    card: &ModelCard,
+    card: &ModelCard<M>,
     schedule: &dyn NoiseSchedule,
 ) -> Parameterized<D> {
     Parameterized::new(net, card.prediction, schedule)

@@ -1,14 +1,16 @@
 //! A training loop written by hand over the library crates, without the `Trainer`: the
-//! schedule's forward process, the U-Net, the ε-prediction MSE with class dropout, and this
-//! crate's AdamW. 60 steps of a tiny U-Net on 1,024 MNIST digits (about a minute on 2 cores).
+//! library's public training objective ([`ddpm_train::Objective`]: timesteps, noise, class
+//! dropout, the ε-prediction MSE), the U-Net and this crate's AdamW. 60 steps of a tiny U-Net
+//! on 1,024 MNIST digits (about a minute on 2 cores).
 //!
 //! `cargo run --release -p ddpm-train --example train_loop`
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use ddpm_core::{NoiseSchedule, NoiseSource, SeededNoise};
+use ddpm_core::{Prediction, SeededNoise};
 use ddpm_data::{load_dataset, Batcher, Dataset, DatasetKind, Split, TensorBatcher};
 use ddpm_schedule::ScheduleConfig;
 use ddpm_train::optim::{AdamW, AdamWConfig};
+use ddpm_train::{LossWeighting, Objective};
 use ddpm_unet::{UNet, UNetConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,11 +32,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = AdamW::new(vars, AdamWConfig::default())?;
-    let (mut rng, b, t_total) = (
-        SeededNoise::new(0),
-        32,
-        schedule.num_train_timesteps() as u32,
-    );
+    // ε-prediction, every timestep weighted the same, class dropout p = 0.1: one network
+    // learns ε(x, t, c) and ε(x, t, ∅) (label 10 is the null class).
+    let objective = Objective {
+        prediction: Prediction::Epsilon,
+        weighting: LossWeighting::Uniform,
+        p_uncond: 0.1,
+    };
+    let null = Some(config.num_classes as u32);
+    let (mut rng, b) = (SeededNoise::new(0), 32);
     for step in 0..60 {
         let idx: Vec<usize> = rng
             .uniform_u32(b, ds.len() as u32)
@@ -42,28 +48,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|i| i as usize)
             .collect();
         let batch = batcher.batch(&idx)?;
-        let t = rng.uniform_u32(b, t_total);
-        let eps = rng.randn(batch.images.shape(), DType::F32, &dev)?;
-        // x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, one t per sample.
-        let x_t = schedule.add_noise_from_host(&batch.images, &eps, &t)?;
-        // Class dropout p = 0.1: one network learns ε(x, t, c) and ε(x, t, ∅).
-        let drop = rng.uniform_f32(b);
-        let labels: Vec<u32> = batch
-            .labels
-            .to_vec1::<u32>()?
-            .into_iter()
-            .zip(drop)
-            .map(|(l, u)| {
-                if u < 0.1 {
-                    config.num_classes as u32
-                } else {
-                    l
-                }
-            })
-            .collect();
-        let y = Tensor::from_vec(labels, b, &dev)?;
-        let pred = unet.forward_t(&x_t, &Tensor::from_vec(t, b, &dev)?, Some(&y), true)?;
-        let loss = (pred - &eps)?.sqr()?.mean_all()?;
+        // One t and one ε per sample; x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε; labels dropped to ∅.
+        let drawn = objective.draw(
+            &schedule,
+            &batch.images,
+            Some(&batch.labels),
+            null,
+            &mut rng,
+        )?;
+        let pred = unet.forward_t(&drawn.x_t, &drawn.t, drawn.labels.as_ref(), true)?;
+        let loss = objective.loss(&schedule, &batch.images, &drawn, &pred)?;
         opt.step(&loss.backward()?, 2e-3, 1.0)?;
         if step % 10 == 0 || step == 59 {
             println!("step {step:>2}: loss {:.4}", loss.to_scalar::<f32>()?);

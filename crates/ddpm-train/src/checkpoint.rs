@@ -17,7 +17,7 @@ pub use ddpm_unet::file::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
-use crate::TrainConfig;
+use crate::{TrainConfig, Trainable};
 
 /// The metadata key of the training state.
 pub const TRAIN_STATE_KEY: &str = "ddpm.train";
@@ -61,22 +61,22 @@ pub struct PeriodState {
 /// A training checkpoint read from disk: the model file and, when it has one, its training
 /// state. Derefs to the [`ModelFile`] (card, tensors, [`ModelFile::unet`]).
 #[derive(Debug)]
-pub struct Checkpoint {
+pub struct Checkpoint<M = ddpm_unet::UNetConfig> {
     /// The model file.
-    pub file: ModelFile,
+    pub file: ModelFile<M>,
     /// The training state, for training checkpoints (`None` for sampling-only exports).
     pub train: Option<TrainState>,
 }
 
-impl std::ops::Deref for Checkpoint {
-    type Target = ModelFile;
-    fn deref(&self) -> &ModelFile {
+impl<M> std::ops::Deref for Checkpoint<M> {
+    type Target = ModelFile<M>;
+    fn deref(&self) -> &ModelFile<M> {
         &self.file
     }
 }
 
-impl std::ops::DerefMut for Checkpoint {
-    fn deref_mut(&mut self) -> &mut ModelFile {
+impl<M> std::ops::DerefMut for Checkpoint<M> {
+    fn deref_mut(&mut self) -> &mut ModelFile<M> {
         &mut self.file
     }
 }
@@ -99,9 +99,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Serialises tensors, the card and the training state into a checkpoint at `path`
 /// (atomically).
-pub fn save(
+pub fn save<M: Serialize>(
     path: &Path,
-    card: &ModelCard,
+    card: &ModelCard<M>,
     train: Option<&TrainState>,
     tensors: Vec<(String, Tensor)>,
 ) -> Result<()> {
@@ -115,9 +115,15 @@ pub fn save(
     Ok(ddpm_unet::file::save(path, card, &extra, tensors)?)
 }
 
-/// Reads a checkpoint, checking its format, its card and its training state.
+/// Reads a U-Net's checkpoint, checking its format, its card and its training state.
 pub fn read(path: &Path, device: &Device) -> Result<Checkpoint> {
-    let file = ddpm_unet::file::read(path, device)?;
+    read_as::<ddpm_unet::UNet>(path, device)
+}
+
+/// Reads a checkpoint of the network `N`, checking its format, its card
+/// ([`Trainable::check_card`]) and its training state.
+pub fn read_as<N: Trainable>(path: &Path, device: &Device) -> Result<Checkpoint<N::Config>> {
+    let file = ddpm_unet::file::read_as(path, device, N::check_card)?;
     let train = file
         .metadata
         .get(TRAIN_STATE_KEY)
@@ -130,6 +136,6 @@ pub fn read(path: &Path, device: &Device) -> Result<Checkpoint> {
 
 /// Writes a sampling-only checkpoint: the EMA weights (as `dtype`, e.g. F16 to halve the
 /// size) and the model card ([`ModelFile::export_ema`]).
-pub fn export_ema(src: &Checkpoint, dst: &Path, dtype: DType) -> Result<()> {
+pub fn export_ema<M: Serialize>(src: &Checkpoint<M>, dst: &Path, dtype: DType) -> Result<()> {
     Ok(src.file.export_ema(dst, dtype)?)
 }

@@ -13,7 +13,7 @@ use crate::budget::{self, BudgetPlan, Clock, RunShape, StepCosts, WallClock};
 use crate::checkpoint::PeriodState;
 use crate::error::{Result, TrainError};
 use crate::viz;
-use crate::Trainer;
+use crate::{Trainable, Trainer};
 
 /// The data [`fit`] trains on.
 #[derive(Debug)]
@@ -24,6 +24,22 @@ pub struct FitData {
     pub train_len: usize,
     /// Held-out images `[N,C,H,W]` and labels `[N]` for the held-out loss.
     pub held_out: Option<(Tensor, Tensor)>,
+}
+
+impl FitData {
+    /// The training examples of `train` (moved to `device`) and, when given, the held-out
+    /// images and labels of `held_out`.
+    pub fn new<D: ddpm_data::Dataset + ?Sized>(
+        train: &D,
+        held_out: Option<&ddpm_data::ImageDataset>,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            train: TensorBatcher::new(train, device)?,
+            train_len: train.len(),
+            held_out: held_out.map(|h| h.to_tensors(device)).transpose()?,
+        })
+    }
 }
 
 /// Reported after every optimizer step.
@@ -114,8 +130,8 @@ pub fn checkpoint_path(out_dir: &Path) -> PathBuf {
 ///
 /// A run with a [`crate::TrainConfig::budget`] and no plan yet is planned first
 /// ([`fit_timed`] with the wall clock and nothing spent before).
-pub fn fit(
-    trainer: &mut Trainer,
+pub fn fit<N: Trainable>(
+    trainer: &mut Trainer<N>,
     data: &FitData,
     out_dir: &Path,
     observer: &mut dyn TrainObserver,
@@ -134,8 +150,8 @@ pub fn fit(
 
 /// [`fit`], with the clock a budget is measured with and the seconds of the budget already
 /// spent before this call (process start, data loading).
-pub fn fit_timed(
-    trainer: &mut Trainer,
+pub fn fit_timed<N: Trainable>(
+    trainer: &mut Trainer<N>,
     data: &FitData,
     out_dir: &Path,
     observer: &mut dyn TrainObserver,
@@ -380,17 +396,14 @@ impl Deadline {
 /// What a step, a grid, a held-out evaluation and a checkpoint cost on this machine, timed on
 /// a scratch copy of the model (so the run itself starts from its own first step, and a run
 /// with the same `--max-steps` elsewhere is the same run).
-fn measure_costs(
-    trainer: &Trainer,
+fn measure_costs<N: Trainable>(
+    trainer: &Trainer<N>,
     data: &FitData,
     loader: &Loader,
     out_dir: &Path,
     clock: &dyn Clock,
 ) -> Result<StepCosts> {
-    let mut cfg = trainer.config().clone();
-    cfg.budget = None;
-    let mut scratch = Trainer::new(trainer.card().clone(), cfg, trainer.device())?;
-    scratch.set_kernels(trainer.model().kernels());
+    let mut scratch = trainer.scratch()?;
     let batches: Vec<Vec<usize>> = loader.epoch(0).take(4).collect();
     let mut next = 0usize;
     // Untimed steps first: the first steps of a process pay for page faults and the
@@ -410,7 +423,7 @@ fn measure_costs(
     // unconditional halves when guided); time one such pass.
     let card = trainer.card();
     let c = trainer.config();
-    let classes = card.model.num_classes;
+    let classes = N::num_classes(&card.model);
     let grid_n = if classes > 0 { 8 * classes } else { 64 };
     let guided = classes > 0 && c.sample_guidance != 0.0;
     let fwd_n = if guided { 2 * grid_n } else { grid_n };
@@ -426,7 +439,7 @@ fn measure_costs(
         .then(|| Tensor::full(0u32, fwd_n, dev))
         .transpose()?;
     let forward_s = budget::time_median(clock, 1, 1, || {
-        model.forward_t(&x, &t, y.as_ref(), false)?;
+        model.predict_noise(&x, &t, y.as_ref())?;
         Ok(())
     })?;
     let grid_s = if c.sample_every > 0 {
@@ -448,8 +461,8 @@ fn measure_costs(
     })
 }
 
-fn save(
-    trainer: &mut Trainer,
+fn save<N: Trainable>(
+    trainer: &mut Trainer<N>,
     period: PeriodState,
     path: &Path,
     observer: &mut dyn TrainObserver,
@@ -462,8 +475,8 @@ fn save(
     Ok(())
 }
 
-fn end_period(
-    trainer: &Trainer,
+fn end_period<N: Trainable>(
+    trainer: &Trainer<N>,
     epoch: u64,
     data: &FitData,
     out_dir: &Path,
@@ -502,8 +515,8 @@ fn end_period(
 
 /// Draws the grid at `path` (if any) with the stop flag and progress of [`write_grid`]; false
 /// when a stop interrupted it.
-fn draw_grid(
-    trainer: &Trainer,
+fn draw_grid<N: Trainable>(
+    trainer: &Trainer<N>,
     path: Option<&Path>,
     observer: &mut dyn TrainObserver,
     stop: &AtomicBool,
@@ -516,8 +529,8 @@ fn draw_grid(
 
 /// Draws the grid the last metrics line names for the checkpoint's step when it is missing
 /// (the run that wrote the line stopped while drawing it); false when a stop interrupted it.
-fn draw_pending_grid(
-    trainer: &Trainer,
+fn draw_pending_grid<N: Trainable>(
+    trainer: &Trainer<N>,
     out_dir: &Path,
     observer: &mut dyn TrainObserver,
     stop: &AtomicBool,
@@ -654,14 +667,14 @@ const GRID_BATCH: usize = 128;
 /// Samples one row per class (8 per row, at most [`MAX_GRID_CLASSES`] rows; 64 samples for
 /// unconditional models) with the EMA weights, DDIM and the configured guidance, from a fixed
 /// seed, and saves the grid.
-pub fn write_sample_grid(trainer: &Trainer, path: &Path) -> Result<()> {
+pub fn write_sample_grid<N: Trainable>(trainer: &Trainer<N>, path: &Path) -> Result<()> {
     write_grid(trainer, path, &mut (), None).map(|_| ())
 }
 
 /// [`write_sample_grid`], reporting progress to `observer` and ending early, with `Ok(false)`
 /// and nothing written, once `stop` is raised.
-fn write_grid(
-    trainer: &Trainer,
+fn write_grid<N: Trainable>(
+    trainer: &Trainer<N>,
     path: &Path,
     observer: &mut dyn TrainObserver,
     stop: Option<&AtomicBool>,
@@ -669,7 +682,7 @@ fn write_grid(
     let cfg = trainer.config();
     let card = trainer.card();
     let model = trainer.ema_model()?;
-    let (per_row, classes) = (8usize, card.model.num_classes);
+    let (per_row, classes) = (8usize, N::num_classes(&card.model));
     let (labels, w) = if classes > 0 {
         let rows = classes.min(MAX_GRID_CLASSES);
         (Labels::rows(rows, per_row), cfg.sample_guidance)

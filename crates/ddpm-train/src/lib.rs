@@ -30,6 +30,7 @@ mod fit;
 pub mod launch;
 mod lock;
 pub mod loss;
+pub mod network;
 pub mod optim;
 pub mod progress;
 pub mod recipe;
@@ -38,7 +39,7 @@ pub use ddpm_viz as viz;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use ddpm_core::{NoiseSchedule, NoiseSource, Prediction, SeededNoise};
+use ddpm_core::{NoiseSchedule, NoiseSource, SeededNoise};
 use ddpm_data::Batch;
 use ddpm_schedule::Schedule;
 use ddpm_unet::UNet;
@@ -53,7 +54,8 @@ pub use fit::{
     read_metrics, write_sample_grid, EpochReport, FitData, FitOutcome, StepReport, TrainObserver,
 };
 pub use lock::{RunLock, LOCK_FILE};
-pub use loss::LossWeighting;
+pub use loss::{LossWeighting, Objective};
+pub use network::Trainable;
 use optim::{AdamW, AdamWConfig, Ema};
 
 /// The largest learning rate [`TrainConfig::validate`] accepts: AdamW's step is about `lr` per
@@ -237,34 +239,6 @@ impl TrainConfig {
     }
 }
 
-/// Initialises every variable from a seeded host RNG (candle's CPU RNG cannot be seeded):
-/// conv/linear weights U(±1/√fan_in) (PyTorch's default), embeddings N(0, 1),
-/// GroupNorm scale 1, biases 0.
-fn seeded_init(vars: &[(String, Var)], seed: u64) -> Result<()> {
-    let mut rng = SeededNoise::new(seed ^ 0x5EED_1417);
-    for (name, var) in vars {
-        let shape = var.shape().clone();
-        let n = shape.elem_count();
-        let dims = shape.dims();
-        let data: Vec<f32> = if name.starts_with("class_embed") {
-            rng.randn_vec(n)
-        } else if name.contains("norm") && name.ends_with("weight") {
-            vec![1.0; n]
-        } else if name.ends_with("bias") {
-            vec![0.0; n]
-        } else {
-            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-            let bound = 1.0 / (fan_in as f32).sqrt();
-            rng.uniform_f32(n)
-                .into_iter()
-                .map(|u| (2.0 * u - 1.0) * bound)
-                .collect()
-        };
-        var.set(&Tensor::from_vec(data, shape, var.device())?)?;
-    }
-    Ok(())
-}
-
 /// What a resumed run may change ([`Trainer::resume_with`]); every other option comes from
 /// the checkpoint, so the run continues exactly as it was started.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -277,12 +251,13 @@ pub struct ResumeOverrides {
     pub lr: Option<f64>,
 }
 
-/// A model under training with its optimizer, EMA and random state.
-pub struct Trainer {
-    card: ModelCard,
+/// A model under training with its optimizer, EMA and random state. `N` is the network: the
+/// U-Net by default, or any [`Trainable`].
+pub struct Trainer<N: Trainable = UNet> {
+    card: ModelCard<N::Config>,
     config: TrainConfig,
     device: Device,
-    model: UNet,
+    model: N,
     schedule: Schedule,
     opt: AdamW,
     ema: Ema,
@@ -294,7 +269,7 @@ pub struct Trainer {
     steps_per_epoch: u64,
 }
 
-impl std::fmt::Debug for Trainer {
+impl<N: Trainable> std::fmt::Debug for Trainer<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
             .field("card", &self.card)
@@ -303,14 +278,18 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
-impl Trainer {
-    /// A fresh model with seeded initial weights.
-    pub fn new(card: ModelCard, config: TrainConfig, device: &Device) -> Result<Self> {
+impl<N: Trainable> Trainer<N> {
+    /// A fresh network `N` with seeded initial weights ([`Trainable::initialise`]), e.g.
+    /// `Trainer::<MyNet>::for_network(card, config, &device)` ([`Trainer::new`] for the U-Net).
+    pub fn for_network(
+        card: ModelCard<N::Config>,
+        config: TrainConfig,
+        device: &Device,
+    ) -> Result<Self> {
         config.validate()?;
         // The card a checkpoint will carry is checked as a reader checks it (sizes, class
         // names that are safe in file names), so the trainer never writes one it cannot read.
-        card.validate()
-            .map_err(|e| TrainError::Config(format!("the model card: {e}")))?;
+        N::check_card(&card).map_err(|e| TrainError::Config(format!("the model card: {e}")))?;
         let schedule = card
             .schedule
             .build()
@@ -320,8 +299,8 @@ impl Trainer {
             a.check_device(device).map_err(TrainError::Config)?;
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let model = UNet::new(&card.model, vb)
-            .and_then(|m| m.with_autocast(config.autocast.map(|a| a.dtype())))
+        let model = N::build(&card.model, vb)
+            .and_then(|m| m.with_autocast(config.autocast))
             .map_err(|e| TrainError::Config(e.to_string()))?;
         let mut vars: Vec<(String, Var)> = varmap
             .data()
@@ -331,7 +310,7 @@ impl Trainer {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        seeded_init(&vars, config.seed)?;
+        N::initialise(&vars, config.seed)?;
         let ema = Ema::new(&vars, config.ema_decay)?;
         let opt = AdamW::new(vars, config.adamw)?;
         let rng = SeededNoise::new(config.seed);
@@ -356,13 +335,13 @@ impl Trainer {
     /// from the checkpoint except those `overrides` sets (more epochs or steps, and a new peak
     /// learning rate, e.g. after the run diverged). Returns the trainer and, when the learning
     /// rate changed, the old and the new one.
-    pub fn resume_with(
+    pub fn resume_network_with(
         path: &std::path::Path,
         device: &Device,
         overrides: &ResumeOverrides,
     ) -> Result<(Self, Option<(f64, f64)>)> {
         let mut changed = None;
-        let t = Self::resume(path, device, |c| {
+        let t = Self::resume_network(path, device, |c| {
             if let Some(e) = overrides.epochs {
                 c.epochs = e;
             }
@@ -381,19 +360,19 @@ impl Trainer {
 
     /// Continues a run from a training checkpoint. `update` may change options that do
     /// not alter the run so far (e.g. epochs, max_steps); the rest comes from the checkpoint.
-    pub fn resume(
+    pub fn resume_network(
         path: &std::path::Path,
         device: &Device,
         update: impl FnOnce(&mut TrainConfig),
     ) -> Result<Self> {
-        let ckpt = checkpoint::read(path, device)?;
+        let ckpt = checkpoint::read_as::<N>(path, device)?;
         let state = ckpt.train.clone().ok_or_else(|| TrainError::Checkpoint {
             path: path.to_path_buf(),
             reason: "is a sampling-only export without training state; resume needs a training checkpoint".into(),
         })?;
         let mut config = state.config.clone();
         update(&mut config);
-        let mut t = Self::new(ckpt.card.clone(), config, device)?;
+        let mut t = Self::for_network(ckpt.card.clone(), config, device)?;
         let (model, ema, m, v) = (
             ckpt.group("model."),
             ckpt.group("ema."),
@@ -492,19 +471,15 @@ impl Trainer {
         self.epoch
     }
     /// The model card.
-    pub fn card(&self) -> &ModelCard {
+    pub fn card(&self) -> &ModelCard<N::Config> {
         &self.card
     }
     /// The training options.
     pub fn config(&self) -> &TrainConfig {
         &self.config
     }
-    /// Selects the U-Net's kernel implementation ([`ddpm_unet::Kernels::Fast`] by default).
-    pub fn set_kernels(&mut self, kernels: ddpm_unet::Kernels) {
-        self.model = self.model.clone().with_kernels(kernels);
-    }
     /// The model with its current (raw) weights.
-    pub fn model(&self) -> &UNet {
+    pub fn model(&self) -> &N {
         &self.model
     }
     /// The optimizer (its moments and step count).
@@ -524,9 +499,9 @@ impl Trainer {
         &self.device
     }
 
-    /// A U-Net holding the EMA weights (what sampling uses), with the training model's kernels
-    /// and autocast.
-    pub fn ema_model(&self) -> Result<UNet> {
+    /// The network holding the EMA weights (what sampling uses), run as the training model
+    /// runs ([`Trainable::with_run_options_of`]: the U-Net's kernels and autocast).
+    pub fn ema_model(&self) -> Result<N> {
         let map = self
             .opt
             .vars()
@@ -535,103 +510,58 @@ impl Trainer {
             // A snapshot: the average is updated in place by later steps.
             .map(|((n, _), w)| Ok((n.clone(), w.copy()?)))
             .collect::<candle_core::Result<_>>()?;
-        Ok(UNet::new(
-            &self.card.model,
-            VarBuilder::from_tensors(map, DType::F32, &self.device),
-        )?
-        .with_kernels(self.model.kernels())
-        .with_autocast(self.model.autocast())?)
+        let vb = VarBuilder::from_tensors(map, DType::F32, &self.device);
+        Ok(N::build(&self.card.model, vb)?.with_run_options_of(&self.model)?)
     }
 
-    fn labels_with_dropout(&mut self, labels: &Tensor) -> Result<Option<Tensor>> {
-        if self.card.model.num_classes == 0 {
-            return Ok(None);
-        }
-        let b = labels.dim(0)?;
-        let null = self.card.model.num_classes as u32;
-        let u = self.rng.uniform_f32(b);
-        let mut l: Vec<u32> = labels.to_dtype(DType::U32)?.to_vec1()?;
-        for (li, ui) in l.iter_mut().zip(u) {
-            if (ui as f64) < self.config.p_uncond {
-                *li = null;
-            }
-        }
-        Ok(Some(Tensor::from_vec(l, b, &self.device)?))
+    /// A scratch trainer for the budget's probe: this run's card and options without the
+    /// budget, its network run as this one's.
+    pub(crate) fn scratch(&self) -> Result<Self> {
+        let mut cfg = self.config.clone();
+        cfg.budget = None;
+        let mut scratch = Self::for_network(self.card.clone(), cfg, &self.device)?;
+        scratch.model = scratch.model.with_run_options_of(&self.model)?;
+        Ok(scratch)
     }
 
-    /// The unweighted ε-MSE of the raw model on a batch with the given t, noise and labels
-    /// (a v-predicting model's output is converted to ε first), comparable across
-    /// parameterisations and loss weightings: what the held-out loss reports.
+    /// The unweighted ε-MSE of the raw model (its inference forward) on a batch with the
+    /// host-side timesteps `ts`, noise and labels ([`loss::epsilon_mse`]): what the held-out
+    /// loss reports.
     pub fn loss(
         &self,
         x0: &Tensor,
-        t: &Tensor,
-        noise: &Tensor,
-        labels: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let x_t = self.schedule.add_noise(x0, noise, t)?;
-        let out = self.model.forward_t(&x_t, t, labels, train)?;
-        let eps = match self.card.prediction {
-            Prediction::Epsilon => out,
-            Prediction::V => {
-                let ts: Vec<u32> = t.to_dtype(DType::U32)?.to_vec1()?;
-                let (a, s) = self.coefficients(&ts)?;
-                // ε = √ᾱ·v + √(1−ᾱ)·x_t
-                (out.broadcast_mul(&a)? + x_t.broadcast_mul(&s)?)?
-            }
-        };
-        Ok(candle_nn::loss::mse(&eps, noise)?)
-    }
-
-    /// `[B,1,1,1]` tensors of √ᾱ_t and √(1−ᾱ_t) for host-side timesteps.
-    fn coefficients(&self, ts: &[u32]) -> Result<(Tensor, Tensor)> {
-        let (sa, s1) = (
-            self.schedule.sqrt_alphas_cumprod(),
-            self.schedule.sqrt_one_minus_alphas_cumprod(),
-        );
-        let b = ts.len();
-        let pick = |table: &[f64]| -> Result<Tensor> {
-            let v: Vec<f32> = ts.iter().map(|&t| table[t as usize] as f32).collect();
-            Ok(Tensor::from_vec(v, (b, 1, 1, 1), &self.device)?)
-        };
-        Ok((pick(sa)?, pick(s1)?))
-    }
-
-    /// The training objective from `x_t` already noised with the host-side timesteps `ts`:
-    /// the regression target of the card's [`Prediction`], weighted per sample by the
-    /// config's [`LossWeighting`].
-    fn training_loss(
-        &self,
-        x0: &Tensor,
-        x_t: &Tensor,
-        t: &Tensor,
         ts: &[u32],
         noise: &Tensor,
         labels: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let out = self.model.forward_t(x_t, t, labels, true)?;
-        let prediction = self.card.prediction;
-        let target = match prediction {
-            Prediction::Epsilon => noise.clone(),
-            Prediction::V => {
-                let (a, s) = self.coefficients(ts)?;
-                (noise.broadcast_mul(&a)? - x0.broadcast_mul(&s)?)?
-            }
-        };
-        match self.config.loss_weighting {
-            LossWeighting::Uniform => Ok(candle_nn::loss::mse(&out, &target)?),
-            weighting => {
-                let ac = self.schedule.alphas_cumprod();
-                let b = ts.len();
-                let w: Vec<f32> = ts
-                    .iter()
-                    .map(|&t| weighting.weight(prediction, ac[t as usize]) as f32)
-                    .collect();
-                let w = Tensor::from_vec(w, b, &self.device)?;
-                let per_sample = (out - target)?.sqr()?.flatten_from(1)?.mean(1)?;
-                Ok((per_sample * w)?.mean_all()?)
-            }
+        let x_t = self.schedule.add_noise_from_host(x0, noise, ts)?;
+        let t = Tensor::new(ts, &self.device)?;
+        let out = self.model.predict_noise(&x_t, &t, labels)?;
+        Ok(loss::epsilon_mse(
+            &self.schedule,
+            self.card.prediction,
+            &x_t,
+            ts,
+            noise,
+            out,
+        )?)
+    }
+
+    /// The training objective of this run: the card's prediction, the config's loss
+    /// weighting and class dropout.
+    pub fn objective(&self) -> Objective {
+        Objective {
+            prediction: self.card.prediction,
+            weighting: self.config.loss_weighting,
+            p_uncond: self.config.p_uncond,
+        }
+    }
+
+    /// The null class of the network (`None`: unconditional).
+    pub fn null_class(&self) -> Option<u32> {
+        match N::num_classes(&self.card.model) {
+            0 => None,
+            n => u32::try_from(n).ok(),
         }
     }
 
@@ -640,15 +570,19 @@ impl Trainer {
     /// A NaN or infinite loss is an error and leaves the weights untouched.
     pub fn train_step(&mut self, batch: &Batch) -> Result<f32> {
         let x0 = batch.images.to_device(&self.device)?;
-        let b = x0.dim(0)?;
-        let t_total = self.schedule.num_train_timesteps() as u32;
-        let ts = self.rng.uniform_u32(b, t_total);
-        let t = Tensor::new(ts.as_slice(), &self.device)?;
-        let noise = self.rng.randn(x0.shape(), DType::F32, &self.device)?;
-        let labels = self.labels_with_dropout(&batch.labels)?;
-        // Timesteps checked on the host: no device read-back before the forward pass.
-        let x_t = self.schedule.add_noise_from_host(&x0, &noise, &ts)?;
-        let loss = self.training_loss(&x0, &x_t, &t, &ts, &noise, labels.as_ref())?;
+        let objective = self.objective();
+        let null = self.null_class();
+        let drawn = objective.draw(
+            &self.schedule,
+            &x0,
+            Some(&batch.labels),
+            null,
+            &mut self.rng,
+        )?;
+        let out = self
+            .model
+            .forward_train(&drawn.x_t, &drawn.t, drawn.labels.as_ref())?;
+        let loss = objective.loss(&self.schedule, &x0, &drawn, &out)?;
         let grads = loss.backward()?;
         // The loss and the squared gradient norm come back in one read (one GPU sync a step);
         // nothing has touched the weights yet, so a non-finite value still leaves them as they
@@ -753,11 +687,11 @@ impl Trainer {
         for start in (0..n).step_by(bs) {
             let len = bs.min(n - start);
             let xb = x0.narrow(0, start, len)?;
-            let t = Tensor::from_vec(rng.uniform_u32(len, t_total), len, &self.device)?;
+            let ts = rng.uniform_u32(len, t_total);
             let noise = rng.randn(xb.shape(), DType::F32, &self.device)?;
             let yb = labels.narrow(0, start, len)?;
-            let y = (self.card.model.num_classes > 0).then_some(&yb);
-            let l = self.loss(&xb, &t, &noise, y, false)?.to_scalar::<f32>()?;
+            let y = self.null_class().is_some().then_some(&yb);
+            let l = self.loss(&xb, &ts, &noise, y)?.to_scalar::<f32>()?;
             sum += l as f64 * len as f64;
             count += len;
         }
@@ -787,10 +721,42 @@ impl Trainer {
     }
 }
 
+impl Trainer<UNet> {
+    /// A fresh U-Net with seeded initial weights ([`Trainer::for_network`] for any other
+    /// network).
+    pub fn new(card: ModelCard, config: TrainConfig, device: &Device) -> Result<Self> {
+        Self::for_network(card, config, device)
+    }
+
+    /// [`Trainer::resume_network_with`] for a U-Net's checkpoint.
+    pub fn resume_with(
+        path: &std::path::Path,
+        device: &Device,
+        overrides: &ResumeOverrides,
+    ) -> Result<(Self, Option<(f64, f64)>)> {
+        Self::resume_network_with(path, device, overrides)
+    }
+
+    /// [`Trainer::resume_network`] for a U-Net's checkpoint.
+    pub fn resume(
+        path: &std::path::Path,
+        device: &Device,
+        update: impl FnOnce(&mut TrainConfig),
+    ) -> Result<Self> {
+        Self::resume_network(path, device, update)
+    }
+
+    /// Selects the U-Net's kernel implementation ([`ddpm_unet::Kernels::Fast`] by default).
+    pub fn set_kernels(&mut self, kernels: ddpm_unet::Kernels) {
+        self.model = self.model.clone().with_kernels(kernels);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use ddpm_core::Prediction;
 
     fn tiny_card(prediction: Prediction) -> ModelCard {
         ModelCard {
@@ -826,20 +792,22 @@ mod tests {
                 let t = Tensor::new(&ts, &Device::Cpu).unwrap();
                 let y = Tensor::new(&[1u32, 2, 10], &Device::Cpu).unwrap();
                 let x_t = tr.schedule.add_noise_from_host(&x0, &noise, &ts).unwrap();
+                let drawn = loss::Drawn {
+                    ts: ts.to_vec(),
+                    t: t.clone(),
+                    noise: noise.clone(),
+                    x_t: x_t.clone(),
+                    labels: Some(y.clone()),
+                };
+                let output = tr.model.forward_train(&x_t, &t, Some(&y)).unwrap();
                 let got = tr
-                    .training_loss(&x0, &x_t, &t, &ts, &noise, Some(&y))
+                    .objective()
+                    .loss(&tr.schedule, &x0, &drawn, &output)
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap() as f64;
                 // The network's output, then everything else by hand.
-                let out: Vec<f32> = tr
-                    .model
-                    .forward_t(&x_t, &t, Some(&y), true)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let out: Vec<f32> = output.flatten_all().unwrap().to_vec1().unwrap();
                 let ac = tr.schedule.alphas_cumprod();
                 let mut want = 0.0;
                 for (i, &ti) in ts.iter().enumerate() {
@@ -891,7 +859,7 @@ mod tests {
         let ts = [10u32, 700];
         let t = Tensor::new(&ts, &Device::Cpu).unwrap();
         let got = tr
-            .loss(&x0, &t, &noise, None, false)
+            .loss(&x0, &ts, &noise, None)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();

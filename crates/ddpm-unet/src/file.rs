@@ -98,10 +98,14 @@ impl DataInfo {
 }
 
 /// Everything needed to rebuild and sample a model: architecture, schedule and data shape.
+///
+/// `M` is the network's configuration: the U-Net's ([`UNetConfig`]) by default; a network of
+/// one's own, trained with `ddpm-train`'s generic trainer, puts its own here, and its files
+/// are read with [`read_as`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelCard {
-    /// The U-Net.
-    pub model: UNetConfig,
+pub struct ModelCard<M = UNetConfig> {
+    /// The network's configuration.
+    pub model: M,
     /// The noise schedule.
     pub schedule: ScheduleConfig,
     /// The data.
@@ -126,16 +130,15 @@ pub const MAX_TIMESTEPS: usize = ddpm_schedule::MAX_TIMESTEPS;
 /// The most channels a model card's U-Net may have at any level.
 pub const MAX_MODEL_CHANNELS: usize = 8192;
 
-impl ModelCard {
-    /// Checks the card on its own, before anything is allocated from it: sizes within sane
-    /// bounds ([`MAX_IMAGE_SIDE`], [`MAX_CHANNELS`], [`MAX_TIMESTEPS`],
-    /// [`MAX_MODEL_CHANNELS`], [`MAX_CLASSES`]), the data's channels and classes equal to the
-    /// network's, class names that are safe in a file name and on a terminal
-    /// ([`ddpm_core::files::check_name`]; a card is untrusted input) and unique, and the image
-    /// size one the U-Net can take. The reason names the field at fault.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+impl<M> ModelCard<M> {
+    /// Checks the parts of the card every network shares, before anything is allocated from
+    /// it: the image size and channels within bounds ([`MAX_IMAGE_SIDE`], [`MAX_CHANNELS`]),
+    /// at most [`MAX_CLASSES`] class names, each safe in a file name and on a terminal
+    /// ([`ddpm_core::files::check_name`]; a card is untrusted input) and unique, a printable
+    /// dataset name, and a schedule of at most [`MAX_TIMESTEPS`] steps. The reason names the
+    /// field at fault.
+    pub fn validate_data(&self) -> std::result::Result<(), String> {
         let d = &self.data;
-        let m = &self.model;
         if d.height == 0 || d.width == 0 || d.height > MAX_IMAGE_SIDE || d.width > MAX_IMAGE_SIDE {
             return Err(format!(
                 "the card's image size {}×{} is outside 1..={MAX_IMAGE_SIDE}",
@@ -146,12 +149,6 @@ impl ModelCard {
             return Err(format!(
                 "the card's {} image channels are outside 1..={MAX_CHANNELS}",
                 d.channels
-            ));
-        }
-        if m.in_channels != d.channels {
-            return Err(format!(
-                "the card's network takes {} channels but its data has {}",
-                m.in_channels, d.channels
             ));
         }
         if d.class_names.len() > MAX_CLASSES {
@@ -180,6 +177,33 @@ impl ModelCard {
                 d.dataset.escape_debug()
             ));
         }
+        let t = self.schedule.num_timesteps;
+        if t == 0 || t > MAX_TIMESTEPS {
+            return Err(format!(
+                "the card's schedule has {t} steps, outside 1..={MAX_TIMESTEPS}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ModelCard {
+    /// Checks the card on its own, before anything is allocated from it: sizes within sane
+    /// bounds ([`MAX_IMAGE_SIDE`], [`MAX_CHANNELS`], [`MAX_TIMESTEPS`],
+    /// [`MAX_MODEL_CHANNELS`], [`MAX_CLASSES`]), the data's channels and classes equal to the
+    /// network's, class names that are safe in a file name and on a terminal
+    /// ([`ddpm_core::files::check_name`]; a card is untrusted input) and unique, and the image
+    /// size one the U-Net can take. The reason names the field at fault.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.validate_data()?;
+        let d = &self.data;
+        let m = &self.model;
+        if m.in_channels != d.channels {
+            return Err(format!(
+                "the card's network takes {} channels but its data has {}",
+                m.in_channels, d.channels
+            ));
+        }
         if m.num_classes != 0 && m.num_classes != d.class_names.len() {
             return Err(format!(
                 "the card's network has {} classes but its data names {}",
@@ -204,12 +228,6 @@ impl ModelCard {
             .map_err(|e| format!("the card's network: {e}"))?;
         m.check_image_size(d.height, d.width)
             .map_err(|e| format!("the card's image size: {e}"))?;
-        let t = self.schedule.num_timesteps;
-        if t == 0 || t > MAX_TIMESTEPS {
-            return Err(format!(
-                "the card's schedule has {t} steps, outside 1..={MAX_TIMESTEPS}"
-            ));
-        }
         Ok(())
     }
 }
@@ -234,13 +252,14 @@ impl Weights {
     }
 }
 
-/// A model file read from disk: its card, its metadata and all its tensors.
+/// A model file read from disk: its card, its metadata and all its tensors. `M` is the
+/// network's configuration ([`ModelCard`]).
 #[derive(Debug)]
-pub struct ModelFile {
+pub struct ModelFile<M = UNetConfig> {
     /// The file it was read from.
     pub path: PathBuf,
     /// Its model card.
-    pub card: ModelCard,
+    pub card: ModelCard<M>,
     /// Every metadata entry (`ddpm.format`, `ddpm.card`, and what else the writer added).
     pub metadata: HashMap<String, String>,
     /// All tensors by name, as stored (f32 or f16).
@@ -249,9 +268,9 @@ pub struct ModelFile {
 
 /// Serialises `tensors`, the card and `extra` metadata into a model file at `path`, written
 /// atomically ([`ddpm_core::write_atomic`]): `path` is either the old file or the new one.
-pub fn save(
+pub fn save<M: Serialize>(
     path: &Path,
-    card: &ModelCard,
+    card: &ModelCard<M>,
     extra: &[(&str, String)],
     tensors: Vec<(String, Tensor)>,
 ) -> Result<(), ModelFileError> {
@@ -304,9 +323,20 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>, ModelFileError> {
     ddpm_core::files::read_regular(path, MAX_FILE_BYTES).map_err(io)
 }
 
-/// Reads a model file, checking its format tag and validating its card
+/// Reads a U-Net's model file, checking its format tag and validating its card
 /// ([`ModelCard::validate`]) before any tensor is built from it.
 pub fn read(path: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
+    read_as(path, device, ModelCard::validate)
+}
+
+/// Reads a model file of any network whose configuration is `M`: checks its format tag, parses
+/// its card and runs `check` on it (say [`ModelCard::validate_data`] plus the network's own
+/// checks) before any tensor is built from it.
+pub fn read_as<M: serde::de::DeserializeOwned>(
+    path: &Path,
+    device: &Device,
+    check: impl FnOnce(&ModelCard<M>) -> std::result::Result<(), String>,
+) -> Result<ModelFile<M>, ModelFileError> {
     let bytes = read_bytes(path)?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
         invalid(
@@ -330,14 +360,13 @@ pub fn read(path: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
             ))
         }
     }
-    let card: ModelCard = metadata
+    let card: ModelCard<M> = metadata
         .get("ddpm.card")
         .ok_or_else(|| invalid(path, "has no model card (ddpm.card metadata)"))
         .and_then(|s| {
             serde_json::from_str(s).map_err(|e| invalid(path, format!("bad model card: {e}")))
         })?;
-    card.validate()
-        .map_err(|reason| invalid(path, format!("has an invalid model card: {reason}")))?;
+    check(&card).map_err(|reason| invalid(path, format!("has an invalid model card: {reason}")))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
         invalid(
             path,
@@ -362,7 +391,7 @@ pub fn read(path: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
     })
 }
 
-impl ModelFile {
+impl<M: Serialize> ModelFile<M> {
     /// The tensors under `prefix`, with the prefix stripped.
     pub fn group(&self, prefix: &str) -> HashMap<String, Tensor> {
         self.tensors
@@ -371,8 +400,9 @@ impl ModelFile {
             .collect()
     }
 
-    /// Builds the U-Net with the chosen weights, converted to f32 (exports may be f16).
-    pub fn unet(&self, which: Weights, device: &Device) -> Result<UNet, ModelFileError> {
+    /// The weights of `which`, converted to f32 (exports may be f16), by name; an error when
+    /// the file holds none.
+    pub fn weights(&self, which: Weights) -> Result<HashMap<String, Tensor>, ModelFileError> {
         let weights = self.group(which.prefix());
         if weights.is_empty() {
             return Err(invalid(
@@ -380,17 +410,10 @@ impl ModelFile {
                 format!("holds no `{}*` weights", which.prefix()),
             ));
         }
-        let weights = weights
+        weights
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-            .collect::<Result<HashMap<_, _>, ModelFileError>>()?;
-        let vb = VarBuilder::from_tensors(weights, DType::F32, device);
-        UNet::new(&self.card.model, vb).map_err(|e| {
-            invalid(
-                &self.path,
-                format!("weights do not match its model config: {e}"),
-            )
-        })
+            .collect()
     }
 
     /// Writes a sampling-only export of this file to `dst`: the EMA weights as `dtype` (F16
@@ -426,6 +449,19 @@ impl ModelFile {
             return Err(invalid(&self.path, "holds no EMA weights to export"));
         }
         save(dst, &self.card, &[], tensors)
+    }
+}
+
+impl ModelFile {
+    /// Builds the U-Net with the chosen weights, converted to f32 (exports may be f16).
+    pub fn unet(&self, which: Weights, device: &Device) -> Result<UNet, ModelFileError> {
+        let vb = VarBuilder::from_tensors(self.weights(which)?, DType::F32, device);
+        UNet::new(&self.card.model, vb).map_err(|e| {
+            invalid(
+                &self.path,
+                format!("weights do not match its model config: {e}"),
+            )
+        })
     }
 }
 

@@ -559,6 +559,35 @@ impl UNet {
         &self.config
     }
 
+    /// Sets the U-Net's variables (`vars`, sorted by name, as a trainer holds them) to their
+    /// initial values from a seeded host generator (candle's CPU generator cannot be seeded):
+    /// convolution and linear weights U(±1/√fan_in) (PyTorch's default), class embeddings
+    /// N(0, 1), GroupNorm scales 1, biases 0. The names are this crate's own (`UNet::new`
+    /// gives them), which is why the U-Net, not the trainer, owns this choice.
+    pub fn initialise(vars: &[(String, candle_core::Var)], seed: u64) -> Result<()> {
+        let mut rng = ddpm_core::SeededNoise::new(seed ^ 0x5EED_1417);
+        for (name, var) in vars {
+            let shape = var.shape().clone();
+            let n = shape.elem_count();
+            let data: Vec<f32> = if name.starts_with("class_embed") {
+                rng.randn_vec(n)
+            } else if name.contains("norm") && name.ends_with("weight") {
+                vec![1.0; n]
+            } else if name.ends_with("bias") {
+                vec![0.0; n]
+            } else {
+                let fan_in: usize = shape.dims().iter().skip(1).product::<usize>().max(1);
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                rng.uniform_f32(n)
+                    .into_iter()
+                    .map(|u| (2.0 * u - 1.0) * bound)
+                    .collect()
+            };
+            var.set(&Tensor::from_vec(data, shape, var.device())?)?;
+        }
+        Ok(())
+    }
+
     /// The forward pass. `labels` is `[B]` u32 (the null class allowed); `None` means
     /// unconditional. `train` enables dropout.
     pub fn forward_t(
