@@ -10,11 +10,14 @@
 //! * `gallery [OPTIONS]`: the README's pictures from one checkpoint, with the commands that
 //!   made them (`docs/img/gallery/README.md`);
 //! * `build-cuda [OPTIONS]`: the CUDA build of the CLI, with a CUDA toolkit or from PyPI wheels,
-//!   optionally packed for a GPU machine without a Rust toolchain (docs/cuda.md).
+//!   optionally packed for a GPU machine without a Rust toolchain (docs/cuda.md);
+//! * `vendor-check`: `vendor/candle-core` is the pristine crates.io release plus
+//!   `vendor/candle-core.patch`, nothing else (vendor/README.md).
 
 mod bench;
 mod cuda;
 mod gallery;
+mod vendor;
 
 use std::process::Command;
 
@@ -58,7 +61,8 @@ fn ci() -> Result<()> {
     run(doc)?;
     let mut hub = cargo();
     hub.args(["check", "-p", "ddpm-data", "--features", "hub"]);
-    run(hub)
+    run(hub)?;
+    vendor::vendor_check(&[])
 }
 
 /// Whether `args` ask for `--device cuda`.
@@ -93,6 +97,7 @@ fn main() -> Result<()> {
         "bench" => bench::bench(&rest),
         "gallery" => gallery::gallery(&rest),
         "build-cuda" => cuda::build_cuda(&rest),
+        "vendor-check" => vendor::vendor_check(&rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -101,7 +106,8 @@ fn main() -> Result<()> {
                  train [ARGS]  release `ddpm train` with the default recipe (ARGS pass through)\n  \
                  bench [OPTS]  speed/memory table: ours, candle stock, PyTorch (--help)\n  \
                  gallery [OPTS] README pictures from a checkpoint, with their commands (--help)\n  \
-                 build-cuda [OPTS] CUDA build of the CLI, packable for a GPU machine (--help)"
+                 build-cuda [OPTS] CUDA build of the CLI, packable for a GPU machine (--help)\n  \
+                 vendor-check  vendor/candle-core = candle-core from crates.io + its .patch"
             );
             if task.is_empty() || task == "help" || task == "--help" {
                 Ok(())
