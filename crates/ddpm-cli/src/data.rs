@@ -19,7 +19,8 @@ pub enum DataCommand {
 #[derive(Debug, Args)]
 pub struct PreviewArgs {
     /// Dataset: mnist, fashion-mnist or an image folder (`folder:PATH`, one sub-folder per
-    /// class).
+    /// class; colour kept when the images have it, `folder-gray:PATH`/`folder-rgb:PATH` force
+    /// one or three channels).
     #[arg(long, default_value = "mnist")]
     dataset: DatasetKind,
     /// Folder with the IDX files (else $DDPM_DATA_DIR, then the copy in assets/mnist).

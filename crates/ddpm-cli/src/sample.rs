@@ -146,7 +146,7 @@ pub struct NoiseArgs {
     /// Diffusion steps T.
     #[arg(long, default_value_t = 1000)]
     timesteps: usize,
-    /// Dataset: mnist, fashion-mnist or folder:PATH.
+    /// Dataset: mnist, fashion-mnist or folder:PATH (folder-gray:PATH, folder-rgb:PATH).
     #[arg(long, default_value = "mnist")]
     dataset: DatasetKind,
     /// Folder with the IDX files.

@@ -372,6 +372,82 @@ fn trains_and_samples_on_an_image_folder_of_another_size() {
     assert_eq!(image::open(&png).unwrap().width(), 3 * 33 + 1);
 }
 
+/// Colour images train and sample in colour: the card, the grid, `--each`, `.npz` and
+/// `data preview` keep three channels, and the MNIST evaluator says it does not apply.
+#[test]
+fn trains_and_samples_on_an_rgb_image_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sprites");
+    for (class, rgb) in [("red", [220u8, 30, 30]), ("blue", [20, 40, 230])] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..4u32 {
+            let img = image::RgbImage::from_fn(16, 16, |x, y| {
+                let k = ((x + y + i) % 3) as u8 * 10;
+                image::Rgb([rgb[0] - k, rgb[1] + k, rgb[2] - k])
+            });
+            img.save(root.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let out = dir.path().join("run");
+    let dataset = format!("folder:{}", root.display());
+    let o = ddpm_with(
+        "train --image-size 16 --model tiny -b 4 --max-steps 2 --timesteps 50 --held-out 2 \
+         --sample-steps 2",
+        &[("--dataset", &dataset), ("--out", out.to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ckpt = out.join("checkpoint.safetensors");
+    let ck = checkpoint_card(&ckpt);
+    assert_eq!((ck.data.channels, ck.model.in_channels), (3, 3));
+    assert!(image::open(out.join("samples/step_000002.png")).is_ok());
+    let (png, each, npz) = (
+        dir.path().join("s.png"),
+        dir.path().join("each"),
+        dir.path().join("s.npz"),
+    );
+    let o = ddpm_with(
+        "sample --class blue --n 2 --steps 2 --scale 1",
+        &[
+            ("--checkpoint", ckpt.to_str().unwrap()),
+            ("--out", png.to_str().unwrap()),
+            ("--each", each.to_str().unwrap()),
+            ("--npz", npz.to_str().unwrap()),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(image::open(&png).unwrap().width(), 2 * 17 + 1);
+    let files: Vec<_> = std::fs::read_dir(&each).unwrap().collect();
+    assert_eq!(files.len(), 2);
+    let one = image::open(files[0].as_ref().unwrap().path()).unwrap();
+    assert!(one.color().has_color(), "{:?}", one.color());
+    // The .npz holds uint8 [N, H, W, C]: 2·16·16·3 bytes of pixels.
+    let npz_len = std::fs::metadata(&npz).unwrap().len();
+    assert!(npz_len > 2 * 16 * 16 * 3, "{npz_len}");
+    let preview = dir.path().join("p.png");
+    let o = ddpm_with(
+        "data preview --image-size 16 --per-class 2 --scale 1",
+        &[
+            ("--dataset", &dataset),
+            ("--out", preview.to_str().unwrap()),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(image::open(&preview)
+        .unwrap()
+        .to_rgb8()
+        .pixels()
+        .any(|p| p[0] != p[2]));
+    let o = ddpm_with(
+        "eval --n 4 --steps 2",
+        &[
+            ("--checkpoint", ckpt.to_str().unwrap()),
+            ("--out", dir.path().join("eval").to_str().unwrap()),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("MNIST-shaped"), "{}", stderr(&o));
+}
+
 fn checkpoint_card(path: &Path) -> ModelCard {
     ddpm_train::checkpoint::read(path, &Device::Cpu)
         .unwrap()
@@ -618,7 +694,7 @@ fn train_with_a_budget_plans_saves_and_prints_its_plan() {
         .train
         .unwrap();
     // A minute holds far more than 6 tiny steps: the plan is saved, --max-steps stops the run.
-    let planned = state.config.budget_steps.expect("the plan is saved");
+    let planned = state.plan.expect("the plan is saved").total_steps;
     assert!(planned > 6, "{planned}");
     assert_eq!(state.step, 6);
     let o = ddpm_with(

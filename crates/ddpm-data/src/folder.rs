@@ -65,12 +65,48 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// Loads `root/<class>/*.png|jpg|jpeg` as grayscale images resized to `height × width`.
+/// How many channels an image folder is loaded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Channels {
+    /// Three (RGB) when any pixel of any image has colour (R, G, B not all equal), else one.
+    #[default]
+    Auto,
+    /// One (grayscale, ITU-R BT.709 luma), whatever the images are.
+    Gray,
+    /// Three (RGB), whatever the images are (grayscale images repeat their one channel).
+    Rgb,
+}
+
+impl Channels {
+    /// The `folder:` prefix of [`crate::DatasetKind`]'s spelling: `folder` (auto),
+    /// `folder-gray`, `folder-rgb`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::Auto => "folder",
+            Self::Gray => "folder-gray",
+            Self::Rgb => "folder-rgb",
+        }
+    }
+}
+
+/// Loads `root/<class>/*.png|jpg|jpeg` resized to `height × width`, with three channels when
+/// any image has colour and one otherwise ([`Channels::Auto`]; [`load_image_folder_as`]
+/// chooses).
 ///
 /// Classes are the sub-folder names in sorted order (label 0 is the first); files in
 /// a class are read in sorted order. An empty class folder, a root with no class
 /// folders and an image that cannot be decoded are errors naming the path.
 pub fn load_image_folder(root: &Path, height: u32, width: u32) -> Result<ImageDataset> {
+    load_image_folder_as(root, height, width, Channels::Auto)
+}
+
+/// [`load_image_folder`] with the channels chosen: one, three, or as the images have them.
+pub fn load_image_folder_as(
+    root: &Path,
+    height: u32,
+    width: u32,
+    channels: Channels,
+) -> Result<ImageDataset> {
     let class_dirs: Vec<PathBuf> = list_dir(root)?.into_iter().filter(|p| p.is_dir()).collect();
     if class_dirs.is_empty() {
         return Err(DataError::NoClasses {
@@ -78,21 +114,27 @@ pub fn load_image_folder(root: &Path, height: u32, width: u32) -> Result<ImageDa
         });
     }
     let mut class_names = Vec::new();
-    let mut pixels = Vec::new();
+    let mut images = Vec::new();
     let mut labels = Vec::new();
+    let mut any_color = false;
     for (label, dir) in class_dirs.iter().enumerate() {
         let files: Vec<PathBuf> = list_dir(dir)?.into_iter().filter(|p| is_image(p)).collect();
         if files.is_empty() {
             return Err(DataError::EmptyClassFolder { path: dir.clone() });
         }
         for file in files {
-            let img = read_image(&file)?.to_luma8();
-            let img = if img.dimensions() == (width, height) {
+            let img = read_image(&file)?;
+            // Colour is in the pixels, not the file format: an RGB file of gray pixels (a
+            // scan saved as RGB) stays one channel.
+            any_color |= img.color().has_color()
+                && img.to_rgb8().pixels().any(|p| p[0] != p[1] || p[1] != p[2]);
+            // Resized as decoded (8-bit RGB or luma), converted once the channels are known.
+            let img = if (img.width(), img.height()) == (width, height) {
                 img
             } else {
-                image::imageops::resize(&img, width, height, FilterType::Triangle)
+                img.resize_exact(width, height, FilterType::Triangle)
             };
-            pixels.extend_from_slice(img.as_raw());
+            images.push(img);
             labels.push(label as u32);
         }
         class_names.push(
@@ -101,11 +143,30 @@ pub fn load_image_folder(root: &Path, height: u32, width: u32) -> Result<ImageDa
                 .unwrap_or_default(),
         );
     }
-    tracing::info!(root = %root.display(), classes = class_names.len(), images = labels.len(), "loaded image folder");
+    let rgb = match channels {
+        Channels::Auto => any_color,
+        Channels::Gray => false,
+        Channels::Rgb => true,
+    };
+    let plane = height as usize * width as usize;
+    let c = if rgb { 3 } else { 1 };
+    let mut pixels = Vec::with_capacity(images.len() * c * plane);
+    for img in images {
+        if rgb {
+            // HWC (interleaved) → CHW (planes), the layout of every tensor here.
+            let raw = img.to_rgb8().into_raw();
+            for ch in 0..3 {
+                pixels.extend(raw.iter().skip(ch).step_by(3));
+            }
+        } else {
+            pixels.extend_from_slice(img.to_luma8().as_raw());
+        }
+    }
+    tracing::info!(root = %root.display(), classes = class_names.len(), images = labels.len(), channels = c, "loaded image folder");
     ImageDataset::new(
         pixels,
         labels,
-        (1, height as usize, width as usize),
+        (c, height as usize, width as usize),
         class_names,
     )
 }

@@ -35,7 +35,7 @@ mod source;
 use candle_core::{DType, Device, Tensor};
 
 pub use error::{DataError, Result};
-pub use folder::{load_image_folder, IMAGE_EXTENSIONS};
+pub use folder::{load_image_folder, load_image_folder_as, Channels, IMAGE_EXTENSIONS};
 pub use idx::{
     load_idx_dir, load_idx_dir_limited, read_idx_images, read_idx_images_limited, read_idx_labels,
     read_idx_labels_limited, Split,

@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::error::{DataError, Result};
-use crate::{idx, load_image_folder, ImageDataset, Split};
+use crate::{idx, load_image_folder_as, Channels, ImageDataset, Split};
 
 /// Environment variable naming a directory with the IDX files (after `--data-dir`).
 pub const DATA_DIR_ENV: &str = "DDPM_DATA_DIR";
@@ -14,24 +14,35 @@ pub enum DatasetKind {
     Mnist,
     /// Zalando's Fashion-MNIST (same format; not shipped).
     FashionMnist,
-    /// `ROOT/<class>/*.png|jpg`.
-    Folder(PathBuf),
+    /// `ROOT/<class>/*.png|jpg`, with the channels chosen (`folder:PATH` keeps colour when
+    /// the images have it, `folder-gray:PATH` and `folder-rgb:PATH` force one or three).
+    Folder(PathBuf, Channels),
 }
 
 impl FromStr for DatasetKind {
     type Err = String;
-    /// Parses `mnist`, `fashion-mnist` or `folder:PATH`.
+    /// Parses `mnist`, `fashion-mnist`, `folder:PATH`, `folder-gray:PATH` or
+    /// `folder-rgb:PATH`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
-            "mnist" => Ok(Self::Mnist),
-            "fashion-mnist" | "fashion_mnist" => Ok(Self::FashionMnist),
-            _ => match s.strip_prefix("folder:") {
-                Some(p) if !p.is_empty() => Ok(Self::Folder(PathBuf::from(p))),
-                _ => Err(format!(
-                    "unknown dataset `{s}`: expected mnist, fashion-mnist or folder:PATH"
-                )),
-            },
+            "mnist" => return Ok(Self::Mnist),
+            "fashion-mnist" | "fashion_mnist" => return Ok(Self::FashionMnist),
+            _ => {}
         }
+        for channels in [Channels::Auto, Channels::Gray, Channels::Rgb] {
+            if let Some(p) = s
+                .strip_prefix(channels.prefix())
+                .and_then(|r| r.strip_prefix(':'))
+            {
+                if !p.is_empty() {
+                    return Ok(Self::Folder(PathBuf::from(p), channels));
+                }
+            }
+        }
+        Err(format!(
+            "unknown dataset `{s}`: expected mnist, fashion-mnist, folder:PATH (colour kept \
+             when the images have it), folder-gray:PATH or folder-rgb:PATH"
+        ))
     }
 }
 
@@ -40,7 +51,7 @@ impl std::fmt::Display for DatasetKind {
         match self {
             Self::Mnist => write!(f, "mnist"),
             Self::FashionMnist => write!(f, "fashion-mnist"),
-            Self::Folder(p) => write!(f, "folder:{}", p.display()),
+            Self::Folder(p, c) => write!(f, "{}:{}", c.prefix(), p.display()),
         }
     }
 }
@@ -67,7 +78,7 @@ impl DatasetKind {
                 .map(|s| s.to_string())
                 .collect(),
             ),
-            Self::Folder(_) => None,
+            Self::Folder(..) => None,
         }
     }
 }
@@ -121,8 +132,8 @@ pub fn load_dataset_limited(
     size: (u32, u32),
     limit: Option<usize>,
 ) -> Result<ImageDataset> {
-    if let DatasetKind::Folder(root) = kind {
-        let all = load_image_folder(root, size.0, size.1)?;
+    if let DatasetKind::Folder(root, channels) = kind {
+        let all = load_image_folder_as(root, size.0, size.1, *channels)?;
         let split = split_folder(&all, split);
         return Ok(match limit {
             Some(n) => split.take(n),

@@ -274,7 +274,7 @@ fn image_folder_sorted_grayscale_resized() {
     assert!(px.iter().all(|&p| p == 200));
     // Held-out split of folders: every tenth image per class.
     let train = load_dataset(
-        &DatasetKind::Folder(dir.path().into()),
+        &DatasetKind::Folder(dir.path().into(), ddpm_data::Channels::Auto),
         None,
         Split::Train,
         (8, 8),
@@ -282,6 +282,57 @@ fn image_folder_sorted_grayscale_resized() {
     .unwrap();
     assert_eq!(train.len(), 4);
     assert_eq!(train.image_shape(), (1, 8, 8));
+}
+
+/// Colour is kept when the images have it, laid out as planes (CHW); the channels can be
+/// forced either way; the dataset's spelling names the choice.
+#[test]
+fn image_folders_keep_colour_or_take_the_channels_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("red")).unwrap();
+    std::fs::create_dir_all(dir.path().join("gray")).unwrap();
+    image::RgbImage::from_pixel(4, 4, image::Rgb([200, 10, 30]))
+        .save(dir.path().join("red/a.png"))
+        .unwrap();
+    image::GrayImage::from_pixel(4, 4, image::Luma([90]))
+        .save(dir.path().join("gray/a.png"))
+        .unwrap();
+    let ds = load_image_folder(dir.path(), 4, 4).unwrap();
+    assert_eq!(ds.image_shape(), (3, 4, 4));
+    let (red, _) = ds.get(1).unwrap();
+    assert!(red[..16].iter().all(|&p| p == 200), "the R plane first");
+    assert!(red[16..32].iter().all(|&p| p == 10));
+    assert!(red[32..].iter().all(|&p| p == 30));
+    let (gray, _) = ds.get(0).unwrap();
+    assert!(
+        gray.iter().all(|&p| p == 90),
+        "a gray image repeats its channel"
+    );
+    let forced =
+        ddpm_data::load_image_folder_as(dir.path(), 4, 4, ddpm_data::Channels::Gray).unwrap();
+    assert_eq!(forced.image_shape(), (1, 4, 4));
+    // BT.709 luma of (200, 10, 30): 0.2126·200 + 0.7152·10 + 0.0722·30 ≈ 52.
+    let (l, _) = forced.get(1).unwrap();
+    assert!((l[0] as i32 - 52).abs() <= 1, "{}", l[0]);
+    // A folder of gray pixels (whatever the file format) stays one channel unless forced.
+    std::fs::remove_dir_all(dir.path().join("red")).unwrap();
+    write_png(&dir.path().join("gray/b.png"), 4, 4, 7);
+    assert_eq!(
+        load_image_folder(dir.path(), 4, 4).unwrap().image_shape(),
+        (1, 4, 4)
+    );
+    let rgb = ddpm_data::load_image_folder_as(dir.path(), 4, 4, ddpm_data::Channels::Rgb).unwrap();
+    assert_eq!(rgb.image_shape(), (3, 4, 4));
+    for (s, want) in [
+        ("folder:/d", ddpm_data::Channels::Auto),
+        ("folder-gray:/d", ddpm_data::Channels::Gray),
+        ("folder-rgb:/d", ddpm_data::Channels::Rgb),
+    ] {
+        let kind: DatasetKind = s.parse().unwrap();
+        assert_eq!(kind, DatasetKind::Folder("/d".into(), want));
+        assert_eq!(kind.to_string(), s);
+    }
+    assert!("folder-rgb:".parse::<DatasetKind>().is_err());
 }
 
 #[test]
@@ -392,7 +443,7 @@ fn dataset_kind_parses() {
     );
     assert_eq!(
         "folder:/x/y".parse::<DatasetKind>().unwrap(),
-        DatasetKind::Folder("/x/y".into())
+        DatasetKind::Folder("/x/y".into(), ddpm_data::Channels::Auto)
     );
     assert!("cifar".parse::<DatasetKind>().is_err());
     assert!("folder:".parse::<DatasetKind>().is_err());

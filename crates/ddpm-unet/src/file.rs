@@ -67,7 +67,7 @@ pub const FORMAT: &str = "ddpm-rs/1";
 /// What the data looked like: enough to sample without the dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataInfo {
-    /// `mnist`, `fashion-mnist` or `folder:PATH`.
+    /// `mnist`, `fashion-mnist` or `folder:PATH` (`folder-gray:`, `folder-rgb:`).
     pub dataset: String,
     /// Image channels.
     pub channels: usize,
