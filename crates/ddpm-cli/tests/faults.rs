@@ -135,6 +135,22 @@ fn metrics(dir: &Path) -> Vec<(u64, u64, f64, Option<f64>, f64)> {
         .collect()
 }
 
+/// Waits until `path` has been replaced `writes` times (its modification time changed), or
+/// until `child` has exited.
+fn wait_for_writes(path: &Path, writes: u32, child: &mut std::process::Child) {
+    let stamp = || std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut last = stamp();
+    let mut seen = 0;
+    while seen < writes && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_micros(500));
+        let now = stamp();
+        if now.is_some() && now != last {
+            seen += 1;
+            last = now;
+        }
+    }
+}
+
 fn temp_files(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
     for d in [dir.to_path_buf(), dir.join("samples")] {
@@ -186,20 +202,15 @@ fn kill_9_during_training_then_resume_equals_the_uninterrupted_run() {
         } else {
             run_flags(&b, STEPS)
         };
-        let done = if ckpt.exists() {
-            checkpoint::read(&ckpt, &Device::Cpu)
-                .unwrap()
-                .train
-                .unwrap()
-                .step
-        } else {
-            0
-        };
         let mut child = spawn(&args);
         if attempt < 6 {
-            // Somewhere in the first 70 % of what is left of the run.
-            let left = full.as_millis() as u64 * (36 - done) / 36;
-            let ms = left * (5 + rng.below(65) as u64) / 100;
+            // Kill after 1 to 4 more checkpoint writes (seen by their modification times, so
+            // a loaded machine does not let the run finish first), then a random part of one
+            // step's time later, so that many kills land in a write.
+            let writes = 1 + rng.below(4) as u32;
+            let step_ms = (full.as_millis() as u64 / 36).max(1);
+            let ms = step_ms * rng.below(100) as u64 / 100;
+            wait_for_writes(&ckpt, writes, &mut child);
             std::thread::sleep(Duration::from_millis(ms));
             if child.try_wait().unwrap().is_none() {
                 child.kill().unwrap(); // SIGKILL
