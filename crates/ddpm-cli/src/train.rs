@@ -44,10 +44,10 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
         flag.store(true, Ordering::SeqCst);
     })
     .context("cannot install the signal handler (Ctrl-C, SIGTERM, SIGHUP)")?;
-    // The budget counts from the process start on a first run; a resumed run has already spent
-    // the checkpoint's training time (its plan is fixed, so this only feeds the display).
+    // The budget counts from the process start on a first run; a resumed run continues it
+    // with what its checkpoint says was used (the display only: the budget re-plans itself).
     let resumed_s = if run.resumed {
-        run.trainer.elapsed_s()
+        run.trainer.budget_state().map_or(0.0, |b| b.used_s)
     } else {
         0.0
     };
@@ -63,6 +63,7 @@ pub fn run(a: TrainArgs, explicit: &[String]) -> Result<()> {
         &WallClock::new(),
         spent,
     )
+    .map_err(ddpm_train::launch::with_flag_names)
     .with_context(|| format!("training into {}", out.display()))?;
     bar.finish();
     let elapsed = started.elapsed().as_secs_f64();

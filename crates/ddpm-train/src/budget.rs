@@ -1,15 +1,23 @@
-//! Time budgets: turn "train for 30 minutes" into a fixed step count.
+//! Time budgets: turn "train for 30 minutes" into a step count, and keep it true.
 //!
 //! A budgeted run measures what its parts cost on this machine (a training step, a sample
-//! grid, a held-out evaluation, a checkpoint) on a scratch copy of the model, then fixes the
+//! grid, a held-out evaluation, a checkpoint) on a scratch copy of the model, and plans the
 //! number of optimizer steps so that the whole run, grids and checkpoints included, ends
-//! within the budget. The step count is saved in the checkpoint ([`TrainConfig::budget_steps`]),
-//! so `--resume` continues the same run, and a run started with `--max-steps N` (plus the
-//! warm-up and EMA decay the plan printed) reproduces it on any machine.
+//! within the budget ([`plan_steps`]). A probe of a few seconds is not the run, though: a VM's
+//! speed drifts, and the run's metrics lines and grids cost more than the probe saw. So the
+//! [`Budget`] re-plans as the run goes: every 1 % of the plan it measures the step time so far
+//! (a moving average over about 5 % of the plan) and fits the step count to the time left
+//! ([`replan_steps`]). The learning rate's cosine and the EMA decay follow the new count, so a
+//! run ends at its planned step, annealed (learning rate near 0), within its budget, on a
+//! machine slower or faster than its probe. A deadline stays as the last guard.
 //!
-//! The arithmetic is [`plan_steps`], a pure function of the measured [`StepCosts`], tested
-//! with made-up costs; the measurement goes through the [`Clock`] trait, so tests can drive
-//! it with a fake clock.
+//! The plan is part of the run's state ([`Plan`], [`BudgetState`], saved in every checkpoint),
+//! not of its configuration: `--resume` continues it against the time left, and the final
+//! `--max-steps N` (with the warm-up and EMA decay the summary prints) reruns the schedule the
+//! budget ended with on any machine.
+//!
+//! The arithmetic is pure functions of the measured [`StepCosts`], tested with made-up costs;
+//! the measurement goes through the [`Clock`] trait, so tests drive it with a fake clock.
 //!
 //! ```
 //! use ddpm_train::budget::{plan_steps, RunShape, StepCosts};
@@ -31,6 +39,235 @@ use crate::error::{Result, TrainError};
 /// Share of the budget kept in reserve against a machine that slows down mid-run
 /// (shared VMs drift by 10 % within minutes).
 pub const RESERVE: f64 = 0.05;
+
+/// The share of the budget at which the deadline ends a run that is still short of its plan
+/// (a sudden slow-down after the last re-plan); the end's own costs are estimates too.
+pub const DEADLINE: f64 = 0.98;
+
+/// A run's plan: its step count and what is fitted to it. Part of the run's state (saved in
+/// every checkpoint), not of its configuration; a budget re-plans it, an unbudgeted run's comes
+/// from its options.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Optimizer steps of the whole run: where the learning rate's cosine reaches 0.
+    pub total_steps: u64,
+    /// Linear warm-up steps (fixed once the run has started).
+    pub warmup_steps: u64,
+    /// EMA decay.
+    pub ema_decay: f64,
+}
+
+/// Where a budgeted run stands against its budget: saved in every checkpoint, so a resumed
+/// run continues against the time left, with the same re-planning.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BudgetState {
+    /// Seconds of the budget used when the state was saved (loading, probe, steps, grids,
+    /// checkpoints: everything since the first start, over all the runs that continued it).
+    pub used_s: f64,
+    /// The probe's costs (the costs of grids, held-out passes and checkpoints are scaled by
+    /// the measured step time over the probe's).
+    pub costs: StepCosts,
+    /// The moving average of the measured step time, in seconds.
+    pub step_s: f64,
+    /// Re-plan every this many steps (1 % of the first plan).
+    pub replan_every: u64,
+    /// Re-plans made so far.
+    pub replans: u64,
+}
+
+/// What ending a run costs at the probe's speed (0 for what the run does not do: no grid
+/// without `sample_every`, no held-out pass without held-out data).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EndCosts {
+    /// The final sample grid.
+    pub grid_s: f64,
+    /// The final metrics line's held-out loss.
+    pub held_out_s: f64,
+    /// The final checkpoint.
+    pub checkpoint_s: f64,
+}
+
+/// A budgeted run's clock and plan while it trains: made by [`Budget::new`] from the first
+/// plan or from the saved [`BudgetState`] of a resumed run; [`Budget::after_step`] re-plans,
+/// [`Budget::would_pass`] is the deadline.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    config: BudgetConfig,
+    shape: RunShape,
+    state: BudgetState,
+    /// The clock's reading when this process's part of the run began, and the budget's
+    /// seconds used before it.
+    origin_s: f64,
+    used_before_s: f64,
+    /// What ending costs, at the probe's speed.
+    end: EndCosts,
+    /// The moving average's weight of a new step: 1 / (5 % of the first plan), at least 1/20.
+    alpha: f64,
+    /// Steps averaged so far in this process (the average starts from the saved one).
+    seen: u64,
+}
+
+impl Budget {
+    /// The budget of a run whose clock reads `now_s`, `state.used_s` seconds into its budget;
+    /// `end`: what an end costs at the probe's speed; `planned_steps`: the run's first plan.
+    pub fn new(
+        config: BudgetConfig,
+        shape: RunShape,
+        state: BudgetState,
+        now_s: f64,
+        end: EndCosts,
+        planned_steps: u64,
+    ) -> Self {
+        let horizon = (planned_steps as f64 * 0.05).max(20.0);
+        Self {
+            config,
+            shape,
+            origin_s: now_s,
+            used_before_s: state.used_s,
+            state,
+            end,
+            alpha: 1.0 / horizon,
+            seen: 0,
+        }
+    }
+
+    /// The state to save at clock reading `now_s`.
+    pub fn state(&self, now_s: f64) -> BudgetState {
+        BudgetState {
+            used_s: self.used_s(now_s),
+            ..self.state
+        }
+    }
+
+    /// Seconds of the budget used at clock reading `now_s`.
+    pub fn used_s(&self, now_s: f64) -> f64 {
+        self.used_before_s + (now_s - self.origin_s).max(0.0)
+    }
+
+    /// The measured step time (the moving average).
+    pub fn step_s(&self) -> f64 {
+        self.state.step_s
+    }
+
+    /// Re-plans made so far.
+    pub fn replans(&self) -> u64 {
+        self.state.replans
+    }
+
+    /// Takes in the step just taken (`step` steps done, it took `secs`), and every
+    /// `replan_every` steps returns the plan re-fitted to the time left at `now_s`
+    /// ([`replan_steps`]; the EMA decay re-fitted too, the warm-up kept), capped at `cap`.
+    /// `None` between re-plans, and when the count is unchanged.
+    pub fn after_step(
+        &mut self,
+        step: u64,
+        secs: f64,
+        now_s: f64,
+        plan: &Plan,
+        cap: Option<u64>,
+    ) -> Option<Plan> {
+        // The first step of a process pays for page faults and the allocator's growth: not
+        // averaged.
+        self.seen += 1;
+        if self.seen > 1 && secs.is_finite() && secs > 0.0 {
+            self.state.step_s += self.alpha * (secs - self.state.step_s);
+        }
+        if !step.is_multiple_of(self.state.replan_every.max(1)) || step >= plan.total_steps {
+            return None;
+        }
+        let left_s = self.config.seconds * (1.0 - RESERVE) - self.used_s(now_s);
+        let costs = self.scaled_costs();
+        let total = replan_steps(step, left_s, &costs, &self.shape, cap);
+        self.state.replans += 1;
+        if total == plan.total_steps {
+            return None;
+        }
+        let ema_decay = self.config.ema_decay_for(total).unwrap_or(plan.ema_decay);
+        Some(Plan {
+            total_steps: total,
+            ema_decay,
+            ..*plan
+        })
+    }
+
+    /// Whether one more step (as long as the slower of `last_step_s` and the average, plus
+    /// `extra_s`, what comes with it) and the end would pass the deadline ([`DEADLINE`]).
+    pub fn would_pass(&self, now_s: f64, last_step_s: f64, extra_s: f64) -> bool {
+        self.used_s(now_s) + last_step_s.max(self.state.step_s) + extra_s + self.end_s()
+            > self.config.seconds * DEADLINE
+    }
+
+    /// What comes with the next step besides itself, at the measured speed: an epoch end
+    /// (grid, metrics line, checkpoint) when it closes one, a metrics line when one is due.
+    pub fn extra_for(&self, closes_epoch: bool, logs: bool) -> f64 {
+        if closes_epoch {
+            self.end_s()
+        } else if logs {
+            self.end.held_out_s * self.slowness()
+        } else {
+            0.0
+        }
+    }
+
+    /// What an end costs (its grid, metrics line and checkpoint), at the measured speed when it
+    /// is slower than the probe's.
+    fn end_s(&self) -> f64 {
+        (self.end.grid_s + self.end.held_out_s + self.end.checkpoint_s) * self.slowness()
+    }
+
+    /// Measured step time over the probe's, at least 1.
+    fn slowness(&self) -> f64 {
+        (self.state.step_s / self.state.costs.train_step_s.max(1e-12)).max(1.0)
+    }
+
+    /// The probe's costs at the measured speed: the step time measured, the rest scaled by
+    /// measured over probe.
+    fn scaled_costs(&self) -> StepCosts {
+        let c = self.state.costs;
+        let k = self.state.step_s / c.train_step_s.max(1e-12);
+        StepCosts {
+            train_step_s: self.state.step_s,
+            grid_s: c.grid_s * k,
+            held_out_s: c.held_out_s * k,
+            checkpoint_s: c.checkpoint_s * k,
+        }
+    }
+}
+
+/// The step count that fits a run at `step` steps done with `left_s` seconds of its budget
+/// left (the reserve already taken off), called right after step `step` and before what it
+/// closes ([`pending_seconds`]): `step` plus the most steps whose predicted cost from there
+/// ([`predict_seconds_from`], the end included) fits in what is left, capped at `cap`; `step`
+/// itself when not one more fits.
+pub fn replan_steps(
+    step: u64,
+    left_s: f64,
+    costs: &StepCosts,
+    shape: &RunShape,
+    cap: Option<u64>,
+) -> u64 {
+    let left_s = left_s - pending_seconds(step, costs, shape);
+    let fits = |n: u64| predict_seconds_from(step, n, costs, shape) <= left_s;
+    if !fits(1) {
+        return step;
+    }
+    let room = cap.map(|c| c.saturating_sub(step));
+    let mut hi = 2u64;
+    while fits(hi) && room.is_none_or(|r| hi < r) && hi < (1 << 40) {
+        hi *= 2;
+    }
+    let mut lo = 1u64;
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let n = room.map_or(lo, |r| lo.min(r));
+    step.saturating_add(n)
+}
 
 /// A source of time in seconds; [`WallClock`] in real runs, a fake one in tests.
 pub trait Clock {
@@ -89,7 +326,7 @@ impl BudgetConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         if !(self.seconds.is_finite() && self.seconds > 0.0) {
             return Err(format!(
-                "--budget must be a positive duration, got {} s",
+                "must be a positive duration, got {} s",
                 self.seconds
             ));
         }
@@ -162,19 +399,55 @@ pub struct BudgetPlan {
     pub costs: StepCosts,
 }
 
+/// The cost of the periodic jobs step `step` closes (its epoch end's grid, metrics line and
+/// checkpoint; a metrics line or checkpoint due at it), still to come right after the step.
+pub fn pending_seconds(step: u64, costs: &StepCosts, shape: &RunShape) -> f64 {
+    if step == 0 {
+        return 0.0;
+    }
+    let due = |n: u64| n > 0 && step.is_multiple_of(n);
+    let per_epoch = shape.steps_per_epoch.max(1);
+    let epoch_end = due(per_epoch);
+    let grid = epoch_end && due(per_epoch.saturating_mul(shape.sample_every));
+    let metrics = epoch_end || due(shape.log_every);
+    let checkpoint = epoch_end || due(shape.checkpoint_every);
+    [
+        (grid, costs.grid_s),
+        (metrics, costs.held_out_s),
+        (checkpoint, costs.checkpoint_s),
+    ]
+    .iter()
+    .filter(|(d, _)| *d)
+    .map(|(_, c)| c)
+    .sum()
+}
+
 /// Predicted seconds of a run of `steps` steps, not counting what was spent before it.
 pub fn predict_seconds(steps: u64, costs: &StepCosts, shape: &RunShape) -> f64 {
+    predict_seconds_from(0, steps, costs, shape)
+}
+
+/// Predicted seconds of `steps` more steps after `done` steps, the end (final grid, metrics
+/// line, checkpoint) included: the periodic jobs counted where they fall in that stretch.
+pub fn predict_seconds_from(done: u64, steps: u64, costs: &StepCosts, shape: &RunShape) -> f64 {
+    let end = done.saturating_add(steps);
+    // Multiples of `n` in (done, end].
+    let between = |n: u64| match (end.checked_div(n), done.checked_div(n)) {
+        (Some(a), Some(b)) => a - b,
+        _ => 0,
+    };
     let per_epoch = shape.steps_per_epoch.max(1);
-    let epoch_ends = steps / per_epoch;
+    let epoch_ends = between(per_epoch);
     // A grid every sample_every epochs, and one of the final model at the end.
-    let grids = epoch_ends
-        .checked_div(shape.sample_every)
-        .map_or(0, |g| g + 1);
-    let every = |n: u64| steps.checked_div(n).unwrap_or(0);
+    let grids = if shape.sample_every == 0 {
+        0
+    } else {
+        between(per_epoch.saturating_mul(shape.sample_every)) + 1
+    };
     // A metrics line (held-out loss) at each epoch end, every log_every steps and at the end;
     // a checkpoint at each epoch end, every checkpoint_every steps and at the end.
-    let metrics = epoch_ends + every(shape.log_every) + 1;
-    let checkpoints = epoch_ends + every(shape.checkpoint_every) + 1;
+    let metrics = epoch_ends + between(shape.log_every) + 1;
+    let checkpoints = epoch_ends + between(shape.checkpoint_every) + 1;
     steps as f64 * costs.train_step_s
         + grids as f64 * costs.grid_s
         + metrics as f64 * costs.held_out_s
@@ -193,21 +466,25 @@ pub fn plan_steps(
     cap: Option<u64>,
 ) -> Result<BudgetPlan> {
     if !(budget_s.is_finite() && budget_s > 0.0) {
-        return Err(TrainError::Config(format!(
-            "--budget must be a positive duration, got {budget_s} s"
-        )));
+        return Err(TrainError::Option {
+            field: "budget",
+            reason: format!("must be a positive duration, got {budget_s} s"),
+        });
     }
     let usable = budget_s * (1.0 - RESERVE) - spent_s;
     let fits = |n: u64| predict_seconds(n, costs, shape) <= usable;
     if !fits(1) {
-        return Err(TrainError::Config(format!(
-            "--budget {}: not even one step fits (a step costs {:.2} s, a checkpoint {:.2} s, \
-             {:.1} s were spent loading); give a longer budget or a smaller --batch-size/--model",
-            format_duration(budget_s),
-            costs.train_step_s,
-            costs.checkpoint_s,
-            spent_s
-        )));
+        return Err(TrainError::Option {
+            field: "budget",
+            reason: format!(
+                "{}: not even one step fits (a step costs {:.2} s, a checkpoint {:.2} s, {:.1} s \
+                 were spent loading); give a longer budget or a smaller batch size or model",
+                format_duration(budget_s),
+                costs.train_step_s,
+                costs.checkpoint_s,
+                spent_s
+            ),
+        });
     }
     // predict_seconds grows with n: find the largest n that fits by doubling, then bisection.
     let mut hi = 2u64;
@@ -410,6 +687,37 @@ mod tests {
         let e = plan_steps(1.0, 0.99, &c, &shape(), None).unwrap_err();
         assert!(e.to_string().contains("not even one step"), "{e}");
         assert!(plan_steps(f64::NAN, 0.0, &c, &shape(), None).is_err());
+    }
+
+    /// A re-plan from where a plan stands, with the time the plan predicted for the rest,
+    /// gives the plan back; the jobs the current step still closes are counted; less time
+    /// gives fewer steps, and no time ends the run where it is.
+    #[test]
+    fn replans_by_hand() {
+        let c = StepCosts {
+            train_step_s: 1.0,
+            grid_s: 10.0,
+            held_out_s: 3.0,
+            checkpoint_s: 0.5,
+        };
+        let sh = shape();
+        // Step 100 closes an epoch: its grid, metrics line and checkpoint are still to come.
+        assert_eq!(pending_seconds(100, &c, &sh), 13.5);
+        // Step 150: a checkpoint (every 50).
+        assert_eq!(pending_seconds(150, &c, &sh), 0.5);
+        assert_eq!(pending_seconds(0, &c, &sh), 0.0);
+        // The plan of 303 steps (see above), at step 100: what its rest costs, with the jobs
+        // of step 100 itself, is left. The stretches add up to the whole (less the end the
+        // first one counts at step 100, which is the epoch end there instead).
+        let left = predict_seconds_from(100, 203, &c, &sh) + pending_seconds(100, &c, &sh);
+        assert_eq!(
+            predict_seconds_from(0, 100, &c, &sh) + predict_seconds_from(100, 203, &c, &sh),
+            predict_seconds(303, &c, &sh) + 13.5
+        );
+        assert_eq!(replan_steps(100, left, &c, &sh, None), 303);
+        assert_eq!(replan_steps(100, left - 1.0, &c, &sh, None), 302);
+        assert_eq!(replan_steps(100, left, &c, &sh, Some(250)), 250);
+        assert_eq!(replan_steps(100, 5.0, &c, &sh, None), 100);
     }
 
     #[test]

@@ -41,6 +41,13 @@ pub struct TrainState {
     /// same `metrics.jsonl` as an uninterrupted one (absent in older checkpoints).
     #[serde(default)]
     pub period: PeriodState,
+    /// A budgeted run's plan (absent for unbudgeted runs and in older checkpoints, whose plan
+    /// is [`TrainConfig::budget_steps`]).
+    #[serde(default)]
+    pub plan: Option<crate::budget::Plan>,
+    /// A budgeted run's standing against its budget (absent for unbudgeted runs).
+    #[serde(default)]
+    pub budget: Option<crate::budget::BudgetState>,
 }
 
 /// Sums since the last line of `metrics.jsonl`: what the next line averages.
@@ -56,6 +63,17 @@ pub struct PeriodState {
     pub seconds: f64,
     /// Learning rate of the last step.
     pub lr: f64,
+}
+
+impl PeriodState {
+    /// Adds a step: its loss, its images, its seconds and its learning rate.
+    pub fn add(&mut self, loss: f32, images: u64, seconds: f64, lr: f64) {
+        self.loss_sum += loss as f64;
+        self.steps += 1;
+        self.images += images;
+        self.seconds += seconds;
+        self.lr = lr;
+    }
 }
 
 /// A training checkpoint read from disk: the model file and, when it has one, its training

@@ -49,9 +49,25 @@ pub enum TrainError {
     /// An output path cannot be used as given (a folder, or the wrong extension).
     #[error("{0}")]
     BadPath(String),
-    /// A training option is invalid.
-    #[error("invalid training option: {0}")]
+    /// A training option is invalid: named by its field of [`crate::TrainConfig`] (the CLI
+    /// names its flag instead, [`crate::launch::with_flag_names`]).
+    #[error("training option `{field}`: {reason}")]
+    Option {
+        /// The field of [`crate::TrainConfig`] (`batch_size`, `lr`, `budget`, …).
+        field: &'static str,
+        /// What is wrong with its value and what would do.
+        reason: String,
+    },
+    /// The model card cannot be trained: the network or its schedule cannot be built from it.
+    #[error("invalid model card: {0}")]
+    Card(String),
+    /// A run's options or state do not fit together (a resume or a plan asked of the wrong
+    /// run, a run folder that is not one, a metrics line that cannot be written).
+    #[error("{0}")]
     Config(String),
+    /// A picture cannot be drawn as asked (its size, its channels).
+    #[error("cannot draw the picture: {0}")]
+    Picture(String),
     /// The dataset could not be loaded.
     #[error(transparent)]
     Data(#[from] ddpm_data::DataError),
@@ -112,12 +128,12 @@ impl From<ddpm_pipeline::PipelineError> for TrainError {
 impl From<ddpm_viz::VizError> for TrainError {
     fn from(e: ddpm_viz::VizError) -> Self {
         match e {
-            ddpm_viz::VizError::Invalid(m) => TrainError::Config(m),
+            ddpm_viz::VizError::Invalid(m) => TrainError::Picture(m),
             ddpm_viz::VizError::BadPath(m) => TrainError::BadPath(m),
             ddpm_viz::VizError::Image { path, source } => TrainError::Image { path, source },
             ddpm_viz::VizError::Io { path, source } => TrainError::Io { path, source },
             ddpm_viz::VizError::Tensor(e) => TrainError::Tensor(e),
-            other => TrainError::Config(other.to_string()),
+            other => TrainError::Picture(other.to_string()),
         }
     }
 }

@@ -2,14 +2,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use ddpm_data::{Batcher, Loader, LoaderConfig, TensorBatcher};
 use ddpm_pipeline::{Labels, Request, SamplerKind, SamplerSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::budget::{self, BudgetPlan, Clock, RunShape, StepCosts, WallClock};
+use crate::budget::{
+    self, Budget, BudgetPlan, BudgetState, Clock, EndCosts, Plan, RunShape, StepCosts, WallClock,
+};
 use crate::checkpoint::PeriodState;
 use crate::error::{Result, TrainError};
 use crate::viz;
@@ -84,6 +85,9 @@ pub trait TrainObserver {
     fn on_start(&mut self, _start_step: u64, _total_steps: u64) {}
     /// A budgeted run's plan, once it is fixed (before `on_start`; only on the run's first start).
     fn on_plan(&mut self, _plan: &BudgetPlan) {}
+    /// A budgeted run re-planned (its step count changed) with the measured step time in
+    /// seconds.
+    fn on_replan(&mut self, _plan: &Plan, _step_s: f64) {}
     /// After each step.
     fn on_step(&mut self, _report: &StepReport) {}
     /// After each metrics line.
@@ -148,8 +152,12 @@ pub fn fit<N: Trainable>(
     )
 }
 
-/// [`fit`], with the clock a budget is measured with and the seconds of the budget already
-/// spent before this call (process start, data loading).
+/// [`fit`], with the clock the run is timed with (its steps and its budget) and the seconds of
+/// the budget already spent before this call (process start, data loading).
+///
+/// The loop: take the next batch (an epoch end first when one is due), train a step, report
+/// it, let the budget re-plan, then do what the step closes: the end of the run (step limit,
+/// deadline or stop), a metrics line, a checkpoint.
 pub fn fit_timed<N: Trainable>(
     trainer: &mut Trainer<N>,
     data: &FitData,
@@ -159,99 +167,45 @@ pub fn fit_timed<N: Trainable>(
     clock: &dyn Clock,
     spent_s: f64,
 ) -> Result<FitOutcome> {
-    let planned_before = trainer.config().budget_steps.is_some();
-    let (batch_size, seed) = (trainer.config().batch_size, trainer.config().seed);
+    let cfg = trainer.config().clone();
     let loader = Loader::new(
         data.train_len,
         LoaderConfig {
-            batch_size,
+            batch_size: cfg.batch_size,
             shuffle: true,
-            drop_last: data.train_len >= batch_size,
-            seed,
+            drop_last: data.train_len >= cfg.batch_size,
+            seed: cfg.seed,
         },
     )?;
     let per_epoch = loader.batches_per_epoch() as u64;
     trainer.set_steps_per_epoch(per_epoch);
-    let ckpt = checkpoint_path(out_dir);
     std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io {
         path: out_dir.to_path_buf(),
         source,
     })?;
-    let mut deadline = None;
-    if let (Some(b), false) = (trainer.config().budget, planned_before) {
-        let started = clock.now_s();
-        let costs = measure_costs(trainer, data, &loader, out_dir, clock)?;
-        let spent = spent_s + (clock.now_s() - started);
-        let c = trainer.config();
-        let by_epochs = c.epochs.saturating_mul(per_epoch);
-        // Capped by the epochs only: `max_steps` stays a separate limit (the lower one stops
-        // the run), so a resumed run may raise it up to the budget's own plan.
-        let cap = Some(by_epochs);
-        let shape = RunShape {
-            steps_per_epoch: per_epoch,
-            sample_every: c.sample_every,
-            checkpoint_every: c.checkpoint_every,
-            log_every: c.log_every,
-        };
-        let plan = budget::plan_steps(b.seconds, spent, &costs, &shape, cap)?;
-        trainer.apply_budget_plan(&plan)?;
-        let c = trainer.config();
-        tracing::info!(
-            budget = %budget::format_duration(b.seconds),
-            steps = plan.steps,
-            step_s = costs.train_step_s,
-            grid_s = costs.grid_s,
-            predicted = %budget::format_duration(plan.predicted_s),
-            warmup = c.warmup_steps,
-            ema_decay = c.ema_decay,
-            "budget planned"
-        );
-        observer.on_plan(&plan);
-        // The run that planned also keeps to the budget's clock: a VM's speed drifts, and a
-        // run slower than its probe ends early (final grid and checkpoint included) rather
-        // than late.
-        let c = trainer.config();
-        let metrics_s = if data.held_out.is_some() {
-            costs.held_out_s
-        } else {
-            0.0
-        };
-        let grid_s = if c.sample_every > 0 {
-            costs.grid_s
-        } else {
-            0.0
-        };
-        // Ending costs the final grid, a metrics line and a checkpoint; so does an epoch end.
-        let end_s = grid_s + metrics_s + costs.checkpoint_s;
-        deadline = Some(Deadline {
-            // 2 % kept back: the end's costs are estimates too.
-            at_s: started - spent_s + b.seconds * 0.98,
-            step_s: costs.train_step_s,
-            end_s,
-            metrics_s,
-            epoch_end_s: end_s,
-        });
-    }
-    let cfg = trainer.config().clone();
-    let total = trainer.total_steps_hint();
-    observer.on_start(trainer.step(), total);
+    let mut budget = start_budget(trainer, data, &loader, out_dir, observer, clock, spent_s)?;
+    let mut out = Outputs {
+        dir: out_dir,
+        data,
+        clock,
+        // The metrics line in progress continues from the checkpoint.
+        period: trainer.period(),
+    };
+    observer.on_start(trainer.step(), trainer.plan().total_steps);
     tracing::info!(
         start_step = trainer.step(),
-        total_steps = total,
+        total_steps = trainer.plan().total_steps,
         per_epoch,
         "training"
     );
-    // The metrics line in progress continues from the checkpoint, and lines written after the
-    // checkpoint (by a run killed before its next one) are dropped: they are written again.
-    let mut period = trainer.period;
-    truncate_metrics(out_dir, trainer.step(), period.steps > 0)?;
+    // Lines written after the checkpoint (by a run killed before its next one) are dropped:
+    // they are written again.
+    truncate_metrics(out_dir, trainer.step(), out.period.steps > 0)?;
     // A grid is drawn after its checkpoint: one the last run did not finish is drawn now.
     if trainer.step() > 0 && !draw_pending_grid(trainer, out_dir, observer, stop)? {
         return Ok(FitOutcome::Stopped);
     }
-    let complete =
-        trainer.epoch >= cfg.epochs || trainer.step_cap().is_some_and(|m| trainer.step() >= m);
-    if complete {
+    if trainer.epoch() >= cfg.epochs || trainer.at_step_limit() {
         tracing::info!(
             step = trainer.step(),
             "the run is already complete: nothing to train (raise the step limit or the epochs \
@@ -259,138 +213,248 @@ pub fn fit_timed<N: Trainable>(
         );
         return Ok(FitOutcome::Complete);
     }
-    while trainer.epoch < cfg.epochs {
-        let epoch = trainer.epoch;
-        let skip = trainer.batch_in_epoch as usize;
-        for indices in loader.epoch(epoch).skip(skip) {
-            let started = Instant::now();
-            let batch = data.train.batch(&indices)?;
-            let lr = cfg.lr_at(trainer.step(), total);
-            let loss = trainer.train_step(&batch)?;
-            let secs = started.elapsed().as_secs_f64();
-            trainer.batch_in_epoch += 1;
-            trainer.elapsed_s += secs;
-            period.loss_sum += loss as f64;
-            period.steps += 1;
-            period.images += indices.len() as u64;
-            period.seconds += secs;
-            period.lr = lr;
-            let report = StepReport {
-                step: trainer.step(),
-                epoch,
-                loss,
-                lr,
-                images_per_sec: indices.len() as f64 / secs.max(1e-9),
-            };
-            observer.on_step(&report);
-            let at_max = trainer.step_cap().is_some_and(|m| trainer.step() >= m);
-            let stopping = stop.load(Ordering::SeqCst);
-            // What the next step brings besides itself: an epoch end (grid, metrics line,
-            // checkpoint) or a metrics line.
-            let next = trainer.step() + 1;
-            let next_extra = deadline.map_or(0.0, |d| {
-                if trainer.batch_in_epoch + 1 >= per_epoch {
-                    d.epoch_end_s
-                } else if cfg.log_every > 0 && next.is_multiple_of(cfg.log_every) {
-                    d.metrics_s
-                } else {
-                    0.0
-                }
-            });
-            let late =
-                !at_max && deadline.is_some_and(|d| d.would_pass(clock.now_s(), secs, next_extra));
-            if at_max || late {
-                if late {
-                    tracing::warn!(
-                        step = trainer.step(),
-                        planned = trainer.step_cap().unwrap_or(0),
-                        "the budget's deadline came before the planned steps (this machine ran \
-                         slower than its probe measured): ending here"
-                    );
-                }
-                // A run that reaches its step limit or its deadline ends with a grid of the
-                // final model.
-                let final_grid =
-                    (cfg.sample_every > 0).then(|| final_grid_path(out_dir, trainer.step()));
-                end_period(
-                    trainer,
-                    epoch,
-                    data,
-                    out_dir,
-                    &mut period,
-                    observer,
-                    final_grid.clone(),
-                )?;
-                save(trainer, period, &ckpt, observer)?;
-                if !draw_grid(trainer, final_grid.as_deref(), observer, stop)? {
-                    return Ok(FitOutcome::Stopped);
-                }
-                return Ok(if late {
-                    FitOutcome::Deadline
-                } else {
-                    FitOutcome::MaxSteps
-                });
-            }
-            if stopping {
-                // The metrics line of this step, if one is due (the resumed run starts at the
-                // next step); else the running averages go into the checkpoint, and the
-                // resumed run writes the line this one would have written.
-                if cfg.log_every > 0 && trainer.step().is_multiple_of(cfg.log_every) {
-                    end_period(trainer, epoch, data, out_dir, &mut period, observer, None)?;
-                }
-                save(trainer, period, &ckpt, observer)?;
+    // The batches of the epoch in progress, from where the run stands in it.
+    let mut batches = None;
+    loop {
+        let (e, batch_in_epoch) = trainer.position();
+        if batch_in_epoch >= per_epoch {
+            // The epoch's end: its metrics line, checkpoint and grid.
+            trainer.close_epoch();
+            let grid = (cfg.sample_every > 0 && trainer.epoch().is_multiple_of(cfg.sample_every))
+                .then(|| grid_path(out_dir, trainer.epoch()));
+            out.metrics_line(trainer, e, observer, grid.clone())?;
+            out.checkpoint(trainer, budget.as_ref(), observer)?;
+            // The grid comes after the checkpoint: a stop while it is drawn loses nothing.
+            if !draw_grid(trainer, grid.as_deref(), observer, stop)? {
                 return Ok(FitOutcome::Stopped);
             }
-            if cfg.log_every > 0 && trainer.step().is_multiple_of(cfg.log_every) {
-                end_period(trainer, epoch, data, out_dir, &mut period, observer, None)?;
+            if trainer.epoch() >= cfg.epochs {
+                return Ok(FitOutcome::Finished);
             }
-            if cfg.checkpoint_every > 0 && trainer.step().is_multiple_of(cfg.checkpoint_every) {
-                save(trainer, period, &ckpt, observer)?;
-            }
+            continue;
         }
-        trainer.epoch += 1;
-        trainer.batch_in_epoch = 0;
-        let grid = cfg.sample_every > 0 && trainer.epoch.is_multiple_of(cfg.sample_every);
-        let grid = grid.then(|| grid_path(out_dir, trainer.epoch));
+        let epoch = e;
+        if batches.as_ref().is_none_or(|(be, _)| *be != epoch) {
+            batches = Some((epoch, loader.epoch(epoch).skip(batch_in_epoch as usize)));
+        }
+        let Some(indices) = batches.as_mut().and_then(|(_, it)| it.next()) else {
+            // The loader's epoch is shorter than it said: treat it as ended.
+            trainer.advance_to_epoch_end(per_epoch);
+            continue;
+        };
+
+        // The step.
+        let started = clock.now_s();
+        let lr = trainer.lr_at(trainer.step());
+        let loss = trainer.train_step(&data.train.batch(&indices)?)?;
+        let secs = (clock.now_s() - started).max(0.0);
+        trainer.count_batch(secs);
+        out.period.add(loss, indices.len() as u64, secs, lr);
+        observer.on_step(&StepReport {
+            step: trainer.step(),
+            epoch,
+            loss,
+            lr,
+            images_per_sec: indices.len() as f64 / secs.max(1e-9),
+        });
+        let step = trainer.step();
+
+        // The budget: re-plan to the time left, and the deadline as the last guard.
+        let mut late = false;
+        if let Some(b) = budget.as_mut() {
+            // The whole iteration (the batch, the step, its report) is what the next one costs.
+            let now = clock.now_s();
+            let took = now - started;
+            let cap = cfg.epochs.checked_mul(per_epoch);
+            if let Some(plan) = b.after_step(step, took, now, &trainer.plan(), cap) {
+                tracing::debug!(
+                    step,
+                    total = plan.total_steps,
+                    step_s = b.step_s(),
+                    "budget re-planned"
+                );
+                trainer.set_plan(plan)?;
+                observer.on_replan(&plan, b.step_s());
+            }
+            let next_closes_epoch = trainer.position().1 + 1 >= per_epoch;
+            let next_logs = cfg.log_every > 0 && (step + 1).is_multiple_of(cfg.log_every);
+            let extra = b.extra_for(next_closes_epoch, next_logs);
+            late = !trainer.at_step_limit() && b.would_pass(now, took, extra);
+        }
+
+        // What the step closes.
+        let log_due = cfg.log_every > 0 && step.is_multiple_of(cfg.log_every);
+        if trainer.at_step_limit() || late {
+            if late {
+                tracing::warn!(
+                    step,
+                    planned = trainer.plan().total_steps,
+                    "the budget's deadline came before the planned steps (this machine slowed \
+                     down after the last re-plan): ending here"
+                );
+            }
+            // A run that reaches its step limit or its deadline ends with a grid of the final
+            // model.
+            let grid = (cfg.sample_every > 0).then(|| final_grid_path(out_dir, step));
+            out.metrics_line(trainer, epoch, observer, grid.clone())?;
+            out.checkpoint(trainer, budget.as_ref(), observer)?;
+            if !draw_grid(trainer, grid.as_deref(), observer, stop)? {
+                return Ok(FitOutcome::Stopped);
+            }
+            return Ok(if late {
+                FitOutcome::Deadline
+            } else {
+                FitOutcome::MaxSteps
+            });
+        }
+        if stop.load(Ordering::SeqCst) {
+            // The metrics line of this step, if one is due (the resumed run starts at the next
+            // step); else the running averages go into the checkpoint, and the resumed run
+            // writes the line this one would have written.
+            if log_due {
+                out.metrics_line(trainer, epoch, observer, None)?;
+            }
+            out.checkpoint(trainer, budget.as_ref(), observer)?;
+            return Ok(FitOutcome::Stopped);
+        }
+        if log_due {
+            out.metrics_line(trainer, epoch, observer, None)?;
+        }
+        if cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every) {
+            out.checkpoint(trainer, budget.as_ref(), observer)?;
+        }
+    }
+}
+
+/// Where [`fit_timed`]'s outputs go, and the metrics line in progress.
+struct Outputs<'a> {
+    dir: &'a Path,
+    data: &'a FitData,
+    clock: &'a dyn Clock,
+    period: PeriodState,
+}
+
+impl Outputs<'_> {
+    /// Closes the metrics line in progress (nothing when no step was trained since the last).
+    fn metrics_line<N: Trainable>(
+        &mut self,
+        trainer: &Trainer<N>,
+        epoch: u64,
+        observer: &mut dyn TrainObserver,
+        grid: Option<PathBuf>,
+    ) -> Result<()> {
         end_period(
             trainer,
             epoch,
-            data,
-            out_dir,
-            &mut period,
+            self.data,
+            self.dir,
+            &mut self.period,
             observer,
-            grid.clone(),
-        )?;
-        save(trainer, period, &ckpt, observer)?;
-        // The grid comes after the checkpoint: a stop while it is drawn loses nothing.
-        if !draw_grid(trainer, grid.as_deref(), observer, stop)? {
-            return Ok(FitOutcome::Stopped);
+            grid,
+        )
+    }
+
+    /// Checks the state and writes the checkpoint, with the metrics line in progress and the
+    /// budget's standing.
+    fn checkpoint<N: Trainable>(
+        &self,
+        trainer: &mut Trainer<N>,
+        budget: Option<&Budget>,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<()> {
+        if let Some(b) = budget {
+            trainer.set_budget_state(b.state(self.clock.now_s()));
         }
+        save(trainer, self.period, &checkpoint_path(self.dir), observer)
     }
-    Ok(FitOutcome::Finished)
 }
 
-/// When a planned run must end, on the clock it was planned with.
-#[derive(Debug, Clone, Copy)]
-struct Deadline {
-    /// The budget's end.
-    at_s: f64,
-    /// The probe's step time.
-    step_s: f64,
-    /// What ending costs: the final grid, metrics line and checkpoint.
-    end_s: f64,
-    /// A metrics line (the held-out loss).
-    metrics_s: f64,
-    /// An epoch end: its grid, metrics line and checkpoint.
-    epoch_end_s: f64,
-}
-
-impl Deadline {
-    /// Whether one more step (as long as the slower of the last one and the probe's, plus
-    /// `extra_s`, what comes with it) and the end would pass the deadline.
-    fn would_pass(&self, now_s: f64, last_step_s: f64, extra_s: f64) -> bool {
-        now_s + last_step_s.max(self.step_s) + extra_s + self.end_s > self.at_s
-    }
+/// A budgeted run's [`Budget`]: on its first start, the probe ([`measure_costs`]) and the first
+/// plan ([`budget::plan_steps`]); on a resumed run, the saved standing, continued against the
+/// time left. `None` for a run without a budget (or resumed from a checkpoint older than the
+/// budget's state: its saved plan is kept as it is).
+fn start_budget<N: Trainable>(
+    trainer: &mut Trainer<N>,
+    data: &FitData,
+    loader: &Loader,
+    out_dir: &Path,
+    observer: &mut dyn TrainObserver,
+    clock: &dyn Clock,
+    spent_s: f64,
+) -> Result<Option<Budget>> {
+    let Some(b) = trainer.config().budget else {
+        return Ok(None);
+    };
+    let c = trainer.config();
+    let per_epoch = loader.batches_per_epoch() as u64;
+    let shape = RunShape {
+        steps_per_epoch: per_epoch,
+        sample_every: c.sample_every,
+        checkpoint_every: c.checkpoint_every,
+        log_every: c.log_every,
+    };
+    let by_epochs = c.epochs.saturating_mul(per_epoch);
+    let state = match (trainer.is_planned(), trainer.budget_state()) {
+        (true, Some(state)) => BudgetState {
+            used_s: state.used_s + spent_s,
+            ..*state
+        },
+        (true, None) => return Ok(None),
+        (false, _) => {
+            let started = clock.now_s();
+            let costs = measure_costs(trainer, data, loader, out_dir, clock)?;
+            let spent = spent_s + (clock.now_s() - started);
+            // Capped by the epochs only: `max_steps` stays a separate limit (the lower one
+            // stops the run), so a resumed run may raise it up to the budget's own plan.
+            let plan = budget::plan_steps(b.seconds, spent, &costs, &shape, Some(by_epochs))?;
+            trainer.apply_budget_plan(&plan)?;
+            let p = trainer.plan();
+            tracing::info!(
+                budget = %budget::format_duration(b.seconds),
+                steps = plan.steps,
+                step_s = costs.train_step_s,
+                grid_s = costs.grid_s,
+                predicted = %budget::format_duration(plan.predicted_s),
+                warmup = p.warmup_steps,
+                ema_decay = p.ema_decay,
+                "budget planned"
+            );
+            observer.on_plan(&plan);
+            BudgetState {
+                used_s: spent,
+                costs,
+                step_s: costs.train_step_s,
+                replan_every: (plan.steps / 100).max(1),
+                replans: 0,
+            }
+        }
+    };
+    let c = trainer.config();
+    let held_out_s = if data.held_out.is_some() {
+        state.costs.held_out_s
+    } else {
+        0.0
+    };
+    let grid_s = if c.sample_every > 0 {
+        state.costs.grid_s
+    } else {
+        0.0
+    };
+    let now = clock.now_s();
+    let budget = Budget::new(
+        b,
+        shape,
+        state,
+        now,
+        EndCosts {
+            grid_s,
+            held_out_s,
+            checkpoint_s: state.costs.checkpoint_s,
+        },
+        trainer.plan().total_steps,
+    );
+    trainer.set_budget_state(budget.state(now));
+    Ok(Some(budget))
 }
 
 /// What a step, a grid, a held-out evaluation and a checkpoint cost on this machine, timed on
@@ -468,7 +532,7 @@ fn save<N: Trainable>(
     observer: &mut dyn TrainObserver,
 ) -> Result<()> {
     trainer.check_state()?;
-    trainer.period = period;
+    trainer.set_period(period);
     trainer.save(path)?;
     tracing::debug!(path = %path.display(), step = trainer.step(), "checkpoint written");
     observer.on_checkpoint(path);

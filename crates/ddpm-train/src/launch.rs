@@ -111,7 +111,8 @@ pub struct RunOptions {
     /// budget and no --ema-decay, fitted so that the EMA spans the last 25 % of the steps.
     #[cfg_attr(feature = "clap", arg(long))]
     pub ema_decay: Option<f64>,
-    /// Dataset: mnist, fashion-mnist or folder:PATH (PATH/CLASS/*.png).
+    /// Dataset: mnist, fashion-mnist or folder:PATH (PATH/CLASS/*.png; colour kept when the
+    /// images have it, folder-gray:PATH or folder-rgb:PATH force one or three channels).
     #[cfg_attr(feature = "clap", arg(long, default_value = "mnist"))]
     pub dataset: DatasetKind,
     /// Folder with the IDX files (else $DDPM_DATA_DIR, then the copy in assets/mnist).
@@ -341,8 +342,18 @@ pub struct Launch {
 /// Sets up the run `opts` describe on `device`. `explicit` names the options given on the
 /// command line (a resumed run warns about those its checkpoint fixes); `data_dir` gives the
 /// folder to load a dataset from when `opts.data_dir` is not set (`None`: ddpm-data looks for
-/// itself, see [`ddpm_data::resolve_idx_dir`]).
+/// itself, see [`ddpm_data::resolve_idx_dir`]). An invalid option is named by its flag
+/// ([`with_flag_names`]): these options are the command line's.
 pub fn launch(
+    opts: &RunOptions,
+    device: &Device,
+    explicit: &[String],
+    data_dir: impl Fn(&DatasetKind) -> Option<PathBuf>,
+) -> Result<Launch> {
+    launch_options(opts, device, explicit, data_dir).map_err(with_flag_names)
+}
+
+fn launch_options(
     opts: &RunOptions,
     device: &Device,
     explicit: &[String],
@@ -375,7 +386,8 @@ pub fn launch(
             );
         }
         let c = t.config();
-        let plan = match (c.max_steps, c.budget_steps) {
+        let budget_steps = t.is_planned().then(|| t.plan().total_steps);
+        let plan = match (c.max_steps, budget_steps) {
             (Some(m), Some(b)) if m < b => format!(" of {m} (the step limit)"),
             (_, Some(b)) => format!(" of the budget's {b}"),
             (Some(m), None) => format!(" of {m} (the step limit)"),
@@ -573,15 +585,41 @@ fn fit_data(
     })
 }
 
+/// The `ddpm train` flag of a [`crate::TrainConfig`] field.
+pub fn flag_for(field: &str) -> String {
+    match field {
+        "train_limit" => "--limit".into(),
+        "held_out_examples" => "--held-out".into(),
+        "warmup_steps" => "--warmup".into(),
+        "batch_size" | "epochs" | "max_steps" | "lr" | "p_uncond" | "ema_decay"
+        | "loss_weighting" | "budget" | "autocast" | "seed" | "log_every" | "sample_every"
+        | "sample_steps" | "checkpoint_every" => format!("--{}", field.replace('_', "-")),
+        // Set by the recipe, with no flag of its own.
+        other => format!("the recipe's `{other}`"),
+    }
+}
+
+/// `e` with the flag named instead of the field ([`TrainError::Option`] → `--flag …`), for
+/// messages to a user of the command line; other errors as they are.
+pub fn with_flag_names(e: TrainError) -> TrainError {
+    match e {
+        TrainError::Option { field, reason } => {
+            let flag = flag_for(field);
+            // "0 trains nothing" reads as `--epochs 0 trains nothing`; "must …" after the flag.
+            TrainError::Config(format!("{flag} {reason}"))
+        }
+        other => other,
+    }
+}
+
 /// What to tell the user when a run has ended: how, where its checkpoint is, and (for a
 /// budgeted run) the flags that rerun its plan on any machine.
 pub fn summary(outcome: FitOutcome, trainer: &Trainer, out: &Path, elapsed_s: f64) -> String {
-    let c = trainer.config();
+    let plan = trainer.plan();
+    let budgeted = trainer.is_planned();
     let what = match outcome {
         FitOutcome::Finished => "finished",
-        FitOutcome::MaxSteps if c.budget_steps.is_some() => {
-            "reached its step limit (budget or --max-steps)"
-        }
+        FitOutcome::MaxSteps if budgeted => "reached its step limit (budget or --max-steps)",
         FitOutcome::MaxSteps => "reached --max-steps",
         FitOutcome::Stopped => "stopped by a signal (Ctrl-C, SIGTERM or SIGHUP)",
         FitOutcome::Complete => {
@@ -593,8 +631,8 @@ pub fn summary(outcome: FitOutcome, trainer: &Trainer, out: &Path, elapsed_s: f6
             )
         }
         FitOutcome::Deadline => {
-            "reached the budget's deadline before its planned steps (this machine ran slower \
-             than its probe measured)"
+            "reached the budget's deadline before its planned steps (this machine slowed down \
+             after the budget's last re-plan)"
         }
     };
     let mut s = format!(
@@ -603,19 +641,22 @@ pub fn summary(outcome: FitOutcome, trainer: &Trainer, out: &Path, elapsed_s: f6
         budget::format_duration(elapsed_s),
         checkpoint_path(out).display()
     );
-    match (outcome, c.budget_steps) {
-        (FitOutcome::Deadline, Some(n)) => s.push_str(&format!(
+    let n = plan.total_steps;
+    let replans = trainer.budget_state().map_or(0, |b| b.replans);
+    match (outcome, budgeted) {
+        (FitOutcome::Deadline, true) => s.push_str(&format!(
             "\nthe plan was {n} steps and its learning-rate schedule ran to {n}; it ended at step \
              {} to stay within the budget. `--max-steps {n} --warmup {} --ema-decay {} --budget \
              off` reruns the whole plan (on a machine fast enough, or without a deadline)",
             trainer.step(),
-            c.warmup_steps,
-            c.ema_decay
+            plan.warmup_steps,
+            plan.ema_decay
         )),
-        (_, Some(n)) => s.push_str(&format!(
-            "\nthe budget's plan, to rerun it on any machine: --max-steps {n} --warmup {} \
-             --ema-decay {} --budget off (with the other flags of this run)",
-            c.warmup_steps, c.ema_decay
+        (_, true) => s.push_str(&format!(
+            "\nthe budget's plan ({replans} re-plans to the measured speed), to rerun its final \
+             schedule on any machine: --max-steps {n} --warmup {} --ema-decay {} --budget off \
+             (with the other flags of this run)",
+            plan.warmup_steps, plan.ema_decay
         )),
         _ => {}
     }

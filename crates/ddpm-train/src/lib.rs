@@ -120,9 +120,10 @@ pub struct TrainConfig {
     /// budget) wins.
     #[serde(default)]
     pub budget: Option<BudgetConfig>,
-    /// The step count the budget resolved to, fixed on the run's first start and saved, so
-    /// a resumed run continues the same plan. Acts like `max_steps`.
-    #[serde(default)]
+    /// Legacy: the step count of a budget's plan, as checkpoints written before the plan moved
+    /// into the run's state ([`budget::Plan`], [`TrainState::plan`]) saved it. Read on resume
+    /// only (it becomes the run's plan); never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_steps: Option<u64>,
     /// Train on the first N examples of the training split only (`--limit`); saved, so that a
     /// resumed run trains on the same data.
@@ -162,81 +163,108 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Checks the options.
+    /// Checks the options; the error names the field at fault ([`TrainError::Option`]).
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(TrainError::Config(m));
+        let bad = |field: &'static str, reason: String| Err(TrainError::Option { field, reason });
         if self.autocast == Some(ddpm_unet::Autocast::F16) {
             return bad(
-                "f16 autocast training needs loss scaling, which ddpm-train does not do: use bf16"
-                    .into(),
+                "autocast",
+                "f16 training needs loss scaling, which ddpm-train does not do: use bf16".into(),
             );
         }
         if self.batch_size == 0 {
-            return bad("--batch-size must be at least 1".into());
+            return bad("batch_size", "must be at least 1".into());
         }
         if self.epochs == 0 {
-            return bad("--epochs 0 trains nothing: give at least 1".into());
+            return bad("epochs", "0 trains nothing: give at least 1".into());
         }
         if self.max_steps == Some(0) {
-            return bad("--max-steps 0 trains nothing: give at least 1".into());
+            return bad("max_steps", "0 trains nothing: give at least 1".into());
         }
         if self.train_limit == Some(0) {
-            return bad("--limit 0 leaves no training examples: give at least 1".into());
+            return bad(
+                "train_limit",
+                "0 leaves no training examples: give at least 1".into(),
+            );
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(format!("--lr must be a positive number, got {}", self.lr));
+            return bad("lr", format!("must be a positive number, got {}", self.lr));
         }
         if self.lr > MAX_LR {
-            return bad(format!(
-                "--lr {} is far above anything AdamW trains with (at most {MAX_LR}; 1e-3 is \
-                 usual here): the weights would diverge in a few steps",
-                self.lr
-            ));
+            return bad(
+                "lr",
+                format!(
+                    "{} is far above anything AdamW trains with (at most {MAX_LR}; 1e-3 is \
+                     usual here): the weights would diverge in a few steps",
+                    self.lr
+                ),
+            );
         }
         if !(0.0..=1.0).contains(&self.p_uncond) {
-            return bad(format!(
-                "--p-uncond must lie in [0, 1], got {}",
-                self.p_uncond
-            ));
+            return bad(
+                "p_uncond",
+                format!("must lie in [0, 1], got {}", self.p_uncond),
+            );
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
-            return bad(format!(
-                "--ema-decay must lie in [0, 1), got {}",
-                self.ema_decay
-            ));
+            return bad(
+                "ema_decay",
+                format!("must lie in [0, 1), got {}", self.ema_decay),
+            );
         }
         if self.grad_clip.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
-            return bad("gradient clipping must be a positive number".into());
+            return bad("grad_clip", "must be a positive number".into());
         }
         if !self.sample_guidance.is_finite() {
-            return bad("the sample-grid guidance must be finite".into());
+            return bad("sample_guidance", "must be finite".into());
         }
-        self.loss_weighting
-            .validate()
-            .map_err(|m| TrainError::Config(format!("--loss-weighting: {m}")))?;
+        if let Err(m) = self.loss_weighting.validate() {
+            return bad("loss_weighting", m);
+        }
         if let Some(b) = &self.budget {
-            b.validate().map_err(TrainError::Config)?;
+            if let Err(m) = b.validate() {
+                return bad("budget", m);
+            }
         }
         Ok(())
     }
 
-    /// The learning rate at `step` of a run of `total_steps`.
+    /// The learning rate at `step` of a run of `total_steps` with this config's warm-up
+    /// ([`learning_rate`]).
     pub fn lr_at(&self, step: u64, total_steps: u64) -> f64 {
-        let warm = if self.warmup_steps > 0 {
-            ((step + 1) as f64 / self.warmup_steps as f64).min(1.0)
-        } else {
-            1.0
-        };
-        let decay = if self.cosine_decay && total_steps > self.warmup_steps {
-            let p = (step.saturating_sub(self.warmup_steps) as f64
-                / (total_steps - self.warmup_steps) as f64)
-                .min(1.0);
-            0.5 * (1.0 + (std::f64::consts::PI * p).cos())
-        } else {
-            1.0
-        };
-        self.lr * warm * decay
+        learning_rate(
+            self.lr,
+            self.warmup_steps,
+            self.cosine_decay,
+            step,
+            total_steps,
+        )
     }
+}
+
+/// The learning rate at `step` (0-based) of a run of `total_steps`: `peak` after a linear
+/// warm-up of `warmup_steps`, then (with `cosine`) a cosine decay that reaches 0 at
+/// `total_steps`.
+pub fn learning_rate(
+    peak: f64,
+    warmup_steps: u64,
+    cosine: bool,
+    step: u64,
+    total_steps: u64,
+) -> f64 {
+    let warm = if warmup_steps > 0 {
+        ((step + 1) as f64 / warmup_steps as f64).min(1.0)
+    } else {
+        1.0
+    };
+    let decay = if cosine && total_steps > warmup_steps {
+        let p = (step.saturating_sub(warmup_steps) as f64 / (total_steps - warmup_steps) as f64)
+            .min(1.0);
+        0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+    } else {
+        1.0
+    };
+    peak * warm * decay
 }
 
 /// What a resumed run may change ([`Trainer::resume_with`]); every other option comes from
@@ -262,11 +290,15 @@ pub struct Trainer<N: Trainable = UNet> {
     opt: AdamW,
     ema: Ema,
     rng: SeededNoise,
-    pub(crate) epoch: u64,
-    pub(crate) batch_in_epoch: u64,
-    pub(crate) elapsed_s: f64,
-    pub(crate) period: checkpoint::PeriodState,
+    epoch: u64,
+    batch_in_epoch: u64,
+    elapsed_s: f64,
+    period: checkpoint::PeriodState,
     steps_per_epoch: u64,
+    /// A budgeted run's plan (`None`: the plan comes from the options, [`Trainer::plan`]).
+    budget_plan: Option<budget::Plan>,
+    /// A budgeted run's standing against its budget, as last saved.
+    budget_state: Option<budget::BudgetState>,
 }
 
 impl<N: Trainable> std::fmt::Debug for Trainer<N> {
@@ -289,11 +321,11 @@ impl<N: Trainable> Trainer<N> {
         config.validate()?;
         // The card a checkpoint will carry is checked as a reader checks it (sizes, class
         // names that are safe in file names), so the trainer never writes one it cannot read.
-        N::check_card(&card).map_err(|e| TrainError::Config(format!("the model card: {e}")))?;
+        N::check_card(&card).map_err(TrainError::Card)?;
         let schedule = card
             .schedule
             .build()
-            .map_err(|e| TrainError::Config(e.to_string()))?;
+            .map_err(|e| TrainError::Card(format!("its schedule: {e}")))?;
         let varmap = VarMap::new();
         if let Some(a) = config.autocast {
             a.check_device(device).map_err(TrainError::Config)?;
@@ -301,11 +333,11 @@ impl<N: Trainable> Trainer<N> {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = N::build(&card.model, vb)
             .and_then(|m| m.with_autocast(config.autocast))
-            .map_err(|e| TrainError::Config(e.to_string()))?;
+            .map_err(|e| TrainError::Card(format!("its network cannot be built: {e}")))?;
         let mut vars: Vec<(String, Var)> = varmap
             .data()
             .lock()
-            .map_err(|_| TrainError::Config("variable map poisoned".into()))?
+            .map_err(|_| candle_core::Error::Msg("variable map poisoned".into()))?
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -328,6 +360,8 @@ impl<N: Trainable> Trainer<N> {
             elapsed_s: 0.0,
             period: checkpoint::PeriodState::default(),
             steps_per_epoch: 0,
+            budget_plan: None,
+            budget_state: None,
         })
     }
 
@@ -411,6 +445,17 @@ impl<N: Trainable> Trainer<N> {
         t.batch_in_epoch = state.batch_in_epoch;
         t.elapsed_s = state.elapsed_s;
         t.period = state.period;
+        // The plan: saved in the state, or (checkpoints written before it moved there) the
+        // budget's step count in the options, with the warm-up and EMA decay fitted there.
+        let legacy = state.config.budget_steps.map(|total_steps| budget::Plan {
+            total_steps,
+            warmup_steps: state.config.warmup_steps,
+            ema_decay: state.config.ema_decay,
+        });
+        if let Some(plan) = state.plan.or(legacy) {
+            t.set_plan(plan)?;
+        }
+        t.budget_state = state.budget;
         Ok(t)
     }
 
@@ -616,10 +661,46 @@ impl<N: Trainable> Trainer<N> {
             }
             _ => 1.0,
         };
-        let lr = self.config.lr_at(self.step(), self.total_steps_hint());
+        let lr = self.lr_at(self.step());
         self.opt.step(&grads, lr, scale)?;
         self.ema.update(self.opt.vars(), self.step())?;
         Ok(value)
+    }
+
+    /// Where the run stands in its data: the epoch (0-based) and the batches of it done.
+    pub fn position(&self) -> (u64, u64) {
+        (self.epoch, self.batch_in_epoch)
+    }
+
+    /// Counts a batch trained in `secs` seconds.
+    pub(crate) fn count_batch(&mut self, secs: f64) {
+        self.batch_in_epoch += 1;
+        self.elapsed_s += secs;
+    }
+
+    /// Marks the epoch's batches as all done (its end then comes next).
+    pub(crate) fn advance_to_epoch_end(&mut self, per_epoch: u64) {
+        self.batch_in_epoch = self.batch_in_epoch.max(per_epoch);
+    }
+
+    /// Closes the epoch: the next batch is the first of the next one.
+    pub(crate) fn close_epoch(&mut self) {
+        self.epoch += 1;
+        self.batch_in_epoch = 0;
+    }
+
+    /// The metrics line in progress, as last saved.
+    pub fn period(&self) -> checkpoint::PeriodState {
+        self.period
+    }
+
+    pub(crate) fn set_period(&mut self, period: checkpoint::PeriodState) {
+        self.period = period;
+    }
+
+    /// Whether the run has reached its step limit (`max_steps` or the budget's plan).
+    pub fn at_step_limit(&self) -> bool {
+        self.step_cap().is_some_and(|m| self.step() >= m)
     }
 
     /// Tells the trainer how many batches an epoch has (for the cosine decay's length).
@@ -627,29 +708,76 @@ impl<N: Trainable> Trainer<N> {
         self.steps_per_epoch = n;
     }
 
-    /// Total steps of the run for the cosine decay: the least of `max_steps`, the budget's
-    /// step count and epochs × batches (set by [`fit`] through `set_steps_per_epoch`).
-    fn total_steps_hint(&self) -> u64 {
+    /// The run's plan: a budgeted run's (saved in its state), else the options' (warm-up,
+    /// EMA decay); its step count the least of `max_steps`, the budget's plan and epochs ×
+    /// batches (set by [`fit`] through `set_steps_per_epoch`).
+    pub fn plan(&self) -> budget::Plan {
         let by_epochs = self.config.epochs.saturating_mul(self.steps_per_epoch);
-        let cap = self.step_cap();
-        match cap {
+        let total = match self.step_cap() {
             Some(m) if by_epochs > 0 => m.min(by_epochs),
             Some(m) => m,
             None => by_epochs,
+        };
+        match self.budget_plan {
+            Some(p) => budget::Plan {
+                total_steps: total,
+                ..p
+            },
+            None => budget::Plan {
+                total_steps: total,
+                warmup_steps: self.config.warmup_steps,
+                ema_decay: self.config.ema_decay,
+            },
         }
+    }
+
+    /// The learning rate of the step after `step` steps, under the run's [`Trainer::plan`].
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let plan = self.plan();
+        learning_rate(
+            self.config.lr,
+            plan.warmup_steps,
+            self.config.cosine_decay,
+            step,
+            plan.total_steps,
+        )
     }
 
     /// The lower of `max_steps` and the budget's step count.
     pub(crate) fn step_cap(&self) -> Option<u64> {
-        match (self.config.max_steps, self.config.budget_steps) {
+        let planned = self.budget_plan.map(|p| p.total_steps);
+        match (self.config.max_steps, planned) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
-    /// Fixes a budgeted run's plan: its step count and, where the budget asks for it, the
-    /// warm-up and EMA decay fitted to that count. Called by [`fit`] before the first step;
-    /// the values are saved with the next checkpoint.
+    /// Whether the run is budgeted and planned.
+    pub fn is_planned(&self) -> bool {
+        self.budget_plan.is_some()
+    }
+
+    /// Sets a budgeted run's plan (its first, or a re-plan): the step count, the warm-up and
+    /// the EMA decay, saved with the next checkpoint.
+    pub(crate) fn set_plan(&mut self, plan: budget::Plan) -> Result<()> {
+        self.ema.set_decay(plan.ema_decay)?;
+        self.budget_plan = Some(plan);
+        Ok(())
+    }
+
+    /// A budgeted run's standing, as last saved (`None`: unbudgeted, or not saved yet).
+    pub fn budget_state(&self) -> Option<&budget::BudgetState> {
+        self.budget_state.as_ref()
+    }
+
+    pub(crate) fn set_budget_state(&mut self, state: budget::BudgetState) {
+        self.budget_state = Some(state);
+    }
+
+    /// Fixes a budgeted run's first plan: its step count and, where the budget asks for it,
+    /// the warm-up and EMA decay fitted to that count (else the options'). Called by [`fit`]
+    /// before the first step; the plan is part of the run's state, saved with every
+    /// checkpoint.
     pub fn apply_budget_plan(&mut self, plan: &BudgetPlan) -> Result<()> {
         let budget = self.config.budget.ok_or_else(|| {
             TrainError::Config("apply_budget_plan: this run has no budget".into())
@@ -660,20 +788,16 @@ impl<N: Trainable> Trainer<N> {
                     .into(),
             ));
         }
-        self.config.budget_steps = Some(plan.steps);
         // Fitted to the steps the run will take: the plan, or a lower --max-steps.
         let steps = self
             .config
             .max_steps
             .map_or(plan.steps, |m| m.min(plan.steps));
-        if let Some(w) = budget.warmup_for(steps) {
-            self.config.warmup_steps = w;
-        }
-        if let Some(d) = budget.ema_decay_for(steps) {
-            self.config.ema_decay = d;
-            self.ema.set_decay(d)?;
-        }
-        Ok(())
+        self.set_plan(budget::Plan {
+            total_steps: plan.steps,
+            warmup_steps: budget.warmup_for(steps).unwrap_or(self.config.warmup_steps),
+            ema_decay: budget.ema_decay_for(steps).unwrap_or(self.config.ema_decay),
+        })
     }
 
     /// Mean ε-MSE of the raw model on `x0`/`labels` with t and noise from a fixed seed
@@ -716,6 +840,8 @@ impl<N: Trainable> Trainer<N> {
             elapsed_s: self.elapsed_s,
             config: self.config.clone(),
             period: self.period,
+            plan: self.budget_plan,
+            budget: self.budget_state,
         };
         checkpoint::save(path, &self.card, Some(&state), tensors)
     }

@@ -98,15 +98,15 @@ impl AdamW {
     /// Restores moments and step count (from a checkpoint).
     pub fn set_state(&mut self, m: Vec<Tensor>, v: Vec<Tensor>, step: u64) -> Result<()> {
         if m.len() != self.vars.len() || v.len() != self.vars.len() {
-            return Err(TrainError::Config(
+            return Err(TrainError::Tensor(candle_core::Error::Msg(
                 "optimizer state does not match the model".into(),
-            ));
+            )));
         }
         for ((name, var), (m, v)) in self.vars.iter().zip(m.iter().zip(&v)) {
             if m.shape() != var.shape() || v.shape() != var.shape() {
-                return Err(TrainError::Config(format!(
+                return Err(TrainError::Tensor(candle_core::Error::Msg(format!(
                     "optimizer state of {name} has the wrong shape"
-                )));
+                ))));
             }
         }
         // Stacking copies: the buffers own their storage, as in-place updates need.

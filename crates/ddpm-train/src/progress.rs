@@ -79,6 +79,13 @@ mod bar {
                 format_duration(p.predicted_s)
             ));
         }
+        fn on_replan(&mut self, p: &crate::budget::Plan, _step_s: f64) {
+            // The bar and the plain lines follow the re-planned step count.
+            self.bar.set_length(p.total_steps);
+            if let Some(l) = &mut self.plain {
+                l.retarget(p.total_steps);
+            }
+        }
         fn on_start(&mut self, start: u64, total: u64) {
             self.bar.set_length(total);
             self.bar.set_position(start);
@@ -150,6 +157,11 @@ impl PlainLines {
     pub fn start(&mut self, total: u64, now_s: f64) {
         self.total = total;
         self.last_s = now_s;
+    }
+
+    /// The run's step count changed (a budget re-planned it).
+    pub fn retarget(&mut self, total: u64) {
+        self.total = total;
     }
 
     /// Whether a line is due at `now_s` seconds (and, if so, counts it as printed): for

@@ -6,50 +6,13 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
 use ddpm_core::Denoiser;
-use ddpm_data::{Dataset, TensorBatcher};
 use ddpm_train::{
-    checkpoint, fit, read_metrics, DataInfo, FitData, FitOutcome, ModelCard, StepReport,
-    TrainConfig, TrainError, TrainObserver, Trainer, Weights,
+    checkpoint, fit, read_metrics, FitOutcome, StepReport, TrainConfig, TrainError, TrainObserver,
+    Trainer, Weights,
 };
 
-fn card() -> ModelCard {
-    ModelCard {
-        model: ddpm_unet::UNetConfig::tiny(),
-        schedule: ddpm_schedule::ScheduleConfig::new(ddpm_schedule::BetaSchedule::cosine(), 100),
-        data: DataInfo::mnist(),
-        prediction: Default::default(),
-    }
-}
-
-fn config() -> TrainConfig {
-    TrainConfig {
-        epochs: 3,
-        batch_size: 8,
-        lr: 1e-3,
-        warmup_steps: 2,
-        sample_every: 0,
-        sample_steps: 2,
-        checkpoint_every: 0,
-        held_out_examples: 16,
-        seed: 7,
-        ..TrainConfig::default()
-    }
-}
-
-fn data() -> FitData {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/mnist");
-    let names = (0..10).map(|d| d.to_string()).collect();
-    let test = ddpm_data::load_idx_dir(&dir, ddpm_data::Split::Test, names).unwrap();
-    let train = test.take(32);
-    assert_eq!(train.len(), 32);
-    let held = ddpm_data::ImageDataset::take(&test, 48);
-    let (hx, hy) = held.to_tensors(&Device::Cpu).unwrap();
-    FitData {
-        train: TensorBatcher::new(&train, &Device::Cpu).unwrap(),
-        train_len: train.len(),
-        held_out: Some((hx.narrow(0, 32, 16).unwrap(), hy.narrow(0, 32, 16).unwrap())),
-    }
-}
+mod common;
+use common::{card, config, data};
 
 #[derive(Default)]
 struct Losses(Vec<(u64, f32)>);
@@ -480,124 +443,6 @@ impl TrainObserver for StopAt<'_> {
     }
 }
 
-fn budgeted() -> TrainConfig {
-    TrainConfig {
-        budget: Some(ddpm_train::BudgetConfig::fitted(29.0)),
-        ..config()
-    }
-}
-
-fn fake_fit(t: &mut Trainer, dir: &Path, obs: &mut StopAt<'_>) -> FitOutcome {
-    let clock = FakeClock(std::cell::Cell::new(0.0));
-    let stop = obs.stop;
-    ddpm_train::fit_timed(t, &data(), dir, obs, stop, &clock, 0.0).unwrap()
-}
-
-/// The budget's arithmetic end to end with a fake clock, resume after a budgeted run, and
-/// the plan rerun with plain `--max-steps`: all three the same run.
-#[test]
-fn budgeted_runs_plan_resume_exactly_and_reproduce_with_max_steps() {
-    // Uninterrupted. With one second per clock read: a step, a forward pass (the grid costs
-    // sample_every = 0, so nothing), a checkpoint each cost 1 s; the held-out pass is 16 of the
-    // 160 images a guided grid forward holds: 0.1 s. The probe reads the clock 16 times
-    // (5 timed steps, 1 forward, 1 checkpoint, and once before and after), so 15 s are spent.
-    // Usable: 29·0.95 − 15 = 12.55 s. 4 steps an epoch; n steps cost
-    // n + 0.1·(n/4 + 1) + 1·(n/4 + 1): 9 → 12.3 fits, 10 → 13.3 does not.
-    let stop = AtomicBool::new(false);
-    let dir_a = tempfile::tempdir().unwrap();
-    let mut a = Trainer::new(card(), budgeted(), &Device::Cpu).unwrap();
-    let mut oa = StopAt {
-        at: u64::MAX,
-        stop: &stop,
-        losses: vec![],
-        plan: None,
-    };
-    assert_eq!(
-        fake_fit(&mut a, dir_a.path(), &mut oa),
-        FitOutcome::MaxSteps
-    );
-    let plan = oa.plan.expect("a budgeted run reports its plan");
-    assert_eq!(
-        plan.costs,
-        ddpm_train::budget::StepCosts {
-            train_step_s: 1.0,
-            grid_s: 0.0,
-            held_out_s: 0.1,
-            checkpoint_s: 1.0
-        }
-    );
-    assert_eq!(plan.steps, 9);
-    assert!((plan.predicted_s - (15.0 + 12.3)).abs() < 1e-9);
-    assert_eq!(a.step(), 9);
-    assert_eq!(a.config().budget_steps, Some(9));
-    // Fitted to 9 steps: warm-up 5 % → 0, EMA horizon 25 % → at least 10 steps → 0.9.
-    assert_eq!(a.config().warmup_steps, 0);
-    assert_eq!(a.config().ema_decay, 0.9);
-    assert_eq!(a.ema().decay(), 0.9);
-
-    // Interrupted after 4 steps, then resumed: the plan comes from the checkpoint.
-    let dir_b = tempfile::tempdir().unwrap();
-    let mut b = Trainer::new(card(), budgeted(), &Device::Cpu).unwrap();
-    let mut ob = StopAt {
-        at: 4,
-        stop: &stop,
-        losses: vec![],
-        plan: None,
-    };
-    assert_eq!(fake_fit(&mut b, dir_b.path(), &mut ob), FitOutcome::Stopped);
-    drop(b);
-    stop.store(false, std::sync::atomic::Ordering::SeqCst);
-    let ckpt = dir_b.path().join("checkpoint.safetensors");
-    let mut b2 = Trainer::resume(&ckpt, &Device::Cpu, |_| {}).unwrap();
-    assert_eq!(b2.config().budget_steps, Some(9));
-    ob.at = u64::MAX;
-    ob.plan = None;
-    assert_eq!(
-        fake_fit(&mut b2, dir_b.path(), &mut ob),
-        FitOutcome::MaxSteps
-    );
-    assert!(ob.plan.is_none(), "a resumed run keeps its plan");
-    assert_eq!(oa.losses, ob.losses, "resumed budgeted run differs");
-
-    // The printed plan, rerun without a budget.
-    let dir_c = tempfile::tempdir().unwrap();
-    let mut c = Trainer::new(
-        card(),
-        TrainConfig {
-            max_steps: Some(9),
-            warmup_steps: 0,
-            ema_decay: 0.9,
-            ..config()
-        },
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut oc = StopAt {
-        at: u64::MAX,
-        stop: &stop,
-        losses: vec![],
-        plan: None,
-    };
-    assert_eq!(
-        fake_fit(&mut c, dir_c.path(), &mut oc),
-        FitOutcome::MaxSteps
-    );
-    assert_eq!(oa.losses, oc.losses, "--max-steps rerun differs");
-    let ea = a.ema_model().unwrap();
-    let ec = c.ema_model().unwrap();
-    let x = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
-    let t = Tensor::new(&[3u32, 50], &Device::Cpu).unwrap();
-    let diff = (ea.predict_noise(&x, &t, None).unwrap() - ec.predict_noise(&x, &t, None).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(diff, 0.0, "EMA weights differ");
-}
-
 #[test]
 fn a_budget_too_small_for_one_step_is_a_clear_error() {
     let stop = AtomicBool::new(false);
@@ -682,28 +527,28 @@ fn absurd_learning_rates_and_empty_runs_are_refused_up_front() {
                 lr: 1e30,
                 ..config()
             },
-            "--lr",
+            "training option `lr`: 1000000000000000000000000000000 is far above",
         ),
         (
             TrainConfig {
                 epochs: 0,
                 ..config()
             },
-            "--epochs 0",
+            "training option `epochs`: 0 trains nothing",
         ),
         (
             TrainConfig {
                 max_steps: Some(0),
                 ..config()
             },
-            "--max-steps 0",
+            "training option `max_steps`: 0 trains nothing",
         ),
         (
             TrainConfig {
                 train_limit: Some(0),
                 ..config()
             },
-            "--limit 0",
+            "training option `train_limit`: 0 leaves no training examples",
         ),
     ] {
         let e = Trainer::new(card(), cfg, &Device::Cpu).unwrap_err();
@@ -770,80 +615,4 @@ fn metrics_of_an_interrupted_run_equal_the_uninterrupted_ones() {
     assert_eq!(t.step(), 5);
     fit(&mut t, &data, b.path(), &mut (), &stop).unwrap();
     assert_eq!(strip(b.path()), want);
-}
-
-/// A clock that advances one second a read until `slow_after` reads, then `slow` seconds a
-/// read: a machine that slows down once the budget is planned.
-struct SlowingClock {
-    reads: std::cell::Cell<u64>,
-    now: std::cell::Cell<f64>,
-    slow_after: u64,
-    slow: f64,
-}
-impl ddpm_train::budget::Clock for SlowingClock {
-    fn now_s(&self) -> f64 {
-        let (r, t) = (self.reads.get(), self.now.get());
-        self.reads.set(r + 1);
-        self.now
-            .set(t + if r >= self.slow_after { self.slow } else { 1.0 });
-        t
-    }
-}
-
-/// A run that turns out slower than its probe ends at the budget's deadline, with its final
-/// grid and checkpoint, instead of running over; the plan stays the saved one.
-#[test]
-fn a_run_slower_than_its_probe_ends_at_the_deadline() {
-    let stop = AtomicBool::new(false);
-    // The plan on a steady clock, then the same run on a clock that runs three times slower
-    // once the plan is made.
-    let cfg = TrainConfig {
-        sample_every: 1,
-        ..budgeted()
-    };
-    let mut planned = Trainer::new(card(), cfg.clone(), &Device::Cpu).unwrap();
-    let d0 = tempfile::tempdir().unwrap();
-    let steady = FakeClock(std::cell::Cell::new(0.0));
-    let out = ddpm_train::fit_timed(
-        &mut planned,
-        &data(),
-        d0.path(),
-        &mut (),
-        &stop,
-        &steady,
-        0.0,
-    )
-    .unwrap();
-    assert_eq!(out, FitOutcome::MaxSteps);
-    let plan = planned.config().budget_steps.unwrap();
-
-    let dir = tempfile::tempdir().unwrap();
-    let mut t = Trainer::new(card(), cfg, &Device::Cpu).unwrap();
-    let clock = SlowingClock {
-        reads: std::cell::Cell::new(0),
-        now: std::cell::Cell::new(0.0),
-        slow_after: 16,
-        slow: 3.0,
-    };
-    let out =
-        ddpm_train::fit_timed(&mut t, &data(), dir.path(), &mut (), &stop, &clock, 0.0).unwrap();
-    assert_eq!(out, FitOutcome::Deadline);
-    assert!(t.step() < plan, "ended at {} of {plan}", t.step());
-    assert!(t.step() >= 1);
-    // It stopped in time: the clock's reading at the end, plus the end's own costs, is
-    // within the 29 s budget.
-    assert!(
-        clock.now.get() <= 29.0 + 3.0,
-        "ended at {} s",
-        clock.now.get()
-    );
-    let ckpt = Trainer::resume(
-        &dir.path().join("checkpoint.safetensors"),
-        &Device::Cpu,
-        |_| {},
-    )
-    .unwrap();
-    assert_eq!(ckpt.step(), t.step());
-    assert_eq!(ckpt.config().budget_steps, t.config().budget_steps);
-    assert!(ddpm_train::final_grid_path(dir.path(), t.step()).exists());
 }
