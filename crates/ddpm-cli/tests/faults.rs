@@ -1273,6 +1273,11 @@ fn special_files_and_odd_tensors_are_refused() {
     );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
+    // A refused new run leaves no folder behind that it created.
+    assert!(
+        !d.join("run").exists(),
+        "the refused run left its --out folder"
+    );
 
     // A weight that is not a float.
     let mut tensors = ema_tensors();

@@ -11,15 +11,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{conv2d, embedding, linear, Conv2d, Conv2dConfig, Embedding, Linear, VarBuilder};
-use ddpm_core::{Denoiser, NoiseSource, SeededNoise};
+use ddpm_core::Denoiser;
 use ddpm_data::Dataset;
-use ddpm_train::{
-    checkpoint_path, fit, DataInfo, FitData, ModelCard, TrainConfig, Trainable, Trainer,
-};
+use ddpm_train::{card_for, checkpoint_path, fit, FitData, TrainConfig, Trainable, Trainer};
 
-// ---- The user's network and the two traits ddpm-train needs from it (`Trainable`: 26 lines). ----
+// ---- The user's network, and what ddpm-train needs of it (`Trainable`: 19 lines). ----
 /// Three 3×3 convolutions; the timestep and the class shift the hidden features.
 #[derive(Clone)]
 pub struct SmallNet {
@@ -79,45 +77,11 @@ impl Trainable for SmallNet {
             classes: c.classes as u32,
         })
     }
-    fn initialise(vars: &[(String, Var)], seed: u64) -> Result<()> {
-        let mut rng = SeededNoise::new(seed);
-        vars.iter()
-            .try_for_each(|(_, v)| v.set(&(rng.randn(v.shape(), DType::F32, v.device())? * 0.05)?))
-    }
-    fn forward_train(&self, x: &Tensor, t: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
-        self.predict_noise(x, t, y)
-    }
     fn num_classes(c: &SmallNetConfig) -> usize {
         c.classes
     }
 }
 // ---- End of the user's network. ----
-
-/// The card of a [`SmallNet`] for `data`: the default linear schedule, ε-prediction.
-pub fn card_for(
-    data: &ddpm_data::ImageDataset,
-    dataset: String,
-    width: usize,
-) -> ModelCard<SmallNetConfig> {
-    let (channels, height, w) = data.image_shape();
-    let classes = data.class_names().to_vec();
-    ModelCard {
-        model: SmallNetConfig {
-            channels,
-            width,
-            classes: classes.len(),
-        },
-        schedule: ddpm_schedule::ScheduleConfig::default(),
-        data: DataInfo {
-            dataset,
-            channels,
-            height,
-            width: w,
-            class_names: classes,
-        },
-        prediction: ddpm_core::Prediction::Epsilon,
-    }
-}
 
 /// Writes `per_class` digits of each class of the shipped MNIST test split to
 /// `dir/<class>/<i>.png`.
@@ -156,7 +120,13 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         println!("continuing {}", ckpt.display());
         Trainer::<SmallNet>::resume_network(&ckpt, &dev, |_| {})?
     } else {
-        let card = card_for(&data, format!("folder:{}", folder.display()), 32);
+        let (channels, _, _) = data.image_shape();
+        let net = SmallNetConfig {
+            channels,
+            width: 32,
+            classes: data.class_names().len(),
+        };
+        let card = card_for(net, &data, format!("folder:{}", folder.display()));
         let config = TrainConfig {
             epochs: 4,
             batch_size: 32,

@@ -25,7 +25,7 @@ pub enum TrainError {
     #[error(
         "the loss became {loss} at step {step}: training stopped, and the last checkpoint \
          written is kept (a diverged state is never checkpointed). Continue from it with a lower \
-         learning rate: `ddpm train --resume --out DIR --lr X`, X below this run's."
+         peak learning rate (`lr`, below this run's)."
     )]
     NonFiniteLoss {
         /// Optimizer step.
@@ -38,7 +38,7 @@ pub enum TrainError {
     #[error(
         "training diverged by step {step}: {cause}. Training stopped, and the last checkpoint \
          written is kept (a diverged state is never checkpointed). Continue from it with a lower \
-         learning rate: `ddpm train --resume --out DIR --lr X`, X below this run's."
+         peak learning rate (`lr`, below this run's)."
     )]
     Diverged {
         /// Optimizer steps taken.
@@ -83,7 +83,7 @@ pub enum TrainError {
     /// Another process holds the run folder (see [`crate::RunLock`]).
     #[error(
         "{dir} is in use by another run ({holder}); wait for it to end, stop it, or give this \
-         run another --out"
+         run another folder"
     )]
     Locked {
         /// The run folder.

@@ -34,8 +34,8 @@ use ddpm_unet::{Autocast, Preset};
 
 use crate::recipe::Recipe;
 use crate::{
-    budget, checkpoint_path, BudgetConfig, DataInfo, FitData, FitOutcome, LossWeighting, ModelCard,
-    Result, ResumeOverrides, RunLock, TrainConfig, TrainError, Trainer,
+    budget, checkpoint_path, BudgetConfig, FitData, FitOutcome, LossWeighting, ModelCard, Result,
+    ResumeOverrides, RunLock, TrainConfig, TrainError, Trainer,
 };
 
 /// A wall-clock budget for a whole run.
@@ -267,7 +267,7 @@ impl RunOptions {
                 self.timesteps, self.schedule
             ))
         })?;
-        let (c, h, w) = data.image_shape();
+        let (c, _, _) = data.image_shape();
         model.in_channels = c;
         model.num_classes = if self.unconditional {
             0
@@ -275,16 +275,9 @@ impl RunOptions {
             data.class_names().len()
         };
         let card = ModelCard {
-            model,
             schedule,
-            data: DataInfo {
-                dataset: self.dataset.to_string(),
-                channels: c,
-                height: h,
-                width: w,
-                class_names: data.class_names().to_vec(),
-            },
             prediction: self.prediction.unwrap_or(v.prediction),
+            ..crate::card_for(model, data, self.dataset.to_string())
         };
         let fitted = BudgetConfig::fitted(0.0);
         let budget = self.budget_s(device).map(|seconds| BudgetConfig {
@@ -370,7 +363,35 @@ fn launch_options(
             ckpt.display()
         )));
     }
+    let created = !opts.out.exists();
     let lock = RunLock::acquire(&opts.out)?;
+    match start(opts, device, explicit, &dir_for, &ckpt) {
+        Ok((trainer, data, announcement)) => Ok(Launch {
+            trainer,
+            data,
+            out: opts.out.clone(),
+            resumed: opts.resume,
+            announcement,
+            _lock: lock,
+        }),
+        Err(e) => {
+            // A refused run leaves behind no folder that it made.
+            if created {
+                lock.abandon();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The trainer, its data and the first line to print, for a run whose folder is locked.
+fn start(
+    opts: &RunOptions,
+    device: &Device,
+    explicit: &[String],
+    dir_for: &dyn Fn(&DatasetKind) -> Option<PathBuf>,
+    ckpt: &Path,
+) -> Result<(Trainer, FitData, String)> {
     let (trainer, preloaded, announcement) = if opts.resume {
         warn_fixed(explicit);
         let overrides = ResumeOverrides {
@@ -378,7 +399,7 @@ fn launch_options(
             max_steps: opts.max_steps,
             lr: opts.lr,
         };
-        let (t, lr_change) = Trainer::resume_with(&ckpt, device, &overrides)?;
+        let (t, lr_change) = Trainer::resume_with(ckpt, device, &overrides)?;
         if let Some((old, new)) = lr_change {
             tracing::warn!(
                 "--lr {new}: the run continues with this peak learning rate instead of its \
@@ -433,20 +454,13 @@ fn launch_options(
         }
         (Trainer::new(card, config, device)?, Some(train), line)
     };
-    let data = fit_data(&trainer, preloaded, device, &dir_for)?;
+    let data = fit_data(&trainer, preloaded, device, dir_for)?;
     tracing::info!(
         dataset = %trainer.card().data.dataset, examples = data.train_len,
         params = ddpm_unet::parameter_count(&trainer.card().model)?,
         out = %opts.out.display(), "starting"
     );
-    Ok(Launch {
-        trainer,
-        data,
-        out: opts.out.clone(),
-        resumed: opts.resume,
-        announcement,
-        _lock: lock,
-    })
+    Ok((trainer, data, announcement))
 }
 
 /// The checks that need no file: options that cannot work, whatever the data.
@@ -599,8 +613,9 @@ pub fn flag_for(field: &str) -> String {
     }
 }
 
-/// `e` with the flag named instead of the field ([`TrainError::Option`] → `--flag …`), for
-/// messages to a user of the command line; other errors as they are.
+/// `e` with the flag named instead of the field ([`TrainError::Option`] → `--flag …`), and
+/// the command that continues a diverged run, for messages to a
+/// user of the command line; other errors as they are.
 pub fn with_flag_names(e: TrainError) -> TrainError {
     match e {
         TrainError::Option { field, reason } => {
@@ -608,6 +623,9 @@ pub fn with_flag_names(e: TrainError) -> TrainError {
             // "0 trains nothing" reads as `--epochs 0 trains nothing`; "must …" after the flag.
             TrainError::Config(format!("{flag} {reason}"))
         }
+        e @ (TrainError::NonFiniteLoss { .. } | TrainError::Diverged { .. }) => TrainError::Config(
+            format!("{e} On the command line: `ddpm train --resume --out DIR --lr X`."),
+        ),
         other => other,
     }
 }

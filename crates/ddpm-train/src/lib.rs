@@ -55,7 +55,7 @@ pub use fit::{
 };
 pub use lock::{RunLock, LOCK_FILE};
 pub use loss::{LossWeighting, Objective};
-pub use network::Trainable;
+pub use network::{card_for, Trainable};
 use optim::{AdamW, AdamWConfig, Ema};
 
 /// The largest learning rate [`TrainConfig::validate`] accepts: AdamW's step is about `lr` per

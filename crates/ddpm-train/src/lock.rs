@@ -121,6 +121,18 @@ impl RunLock {
         })
     }
 
+    /// Gives the folder up after a run that never started: removes the lock file, then the
+    /// folder itself if nothing else is in it (a folder with any other file is kept as it is).
+    /// For a folder that [`RunLock::acquire`] created, so that a refused run leaves nothing
+    /// behind (tested by `crates/ddpm-cli/tests/faults.rs`,
+    /// `special_files_and_odd_tensors_are_refused`).
+    pub fn abandon(self) {
+        let dir = self.dir.clone();
+        drop(self);
+        let _ = std::fs::remove_file(dir.join(LOCK_FILE));
+        let _ = std::fs::remove_dir(&dir);
+    }
+
     /// The folder this lock holds.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -17,7 +17,7 @@ use serde::Serialize;
 /// A network the trainer can train.
 ///
 /// ```
-/// use candle_core::{Module, Result, Tensor, Var};
+/// use candle_core::{Module, Result, Tensor};
 /// use candle_nn::{Conv2d, VarBuilder};
 /// use ddpm_core::Denoiser;
 /// use ddpm_train::Trainable;
@@ -41,21 +41,16 @@ use serde::Serialize;
 ///         let cfg = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
 ///         Ok(Conv(candle_nn::conv2d(*channels, *channels, 3, cfg, vb.pp("conv"))?))
 ///     }
-///     fn initialise(vars: &[(String, Var)], _seed: u64) -> Result<()> {
-///         for (_, v) in vars {
-///             v.set(&v.zeros_like()?)?;
-///         }
-///         Ok(())
-///     }
-///     fn forward_train(&self, x: &Tensor, t: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
-///         self.predict_noise(x, t, y)
-///     }
 ///     fn num_classes(_: &usize) -> usize {
 ///         0
 ///     }
 /// }
 /// # let _ = std::marker::PhantomData::<Conv>;
 /// ```
+///
+/// Only `build` and `num_classes` have no default: the initial weights default to
+/// [`fan_in_normal`], the train-mode forward to the [`Denoiser`]'s `predict_noise` (right for
+/// a network without dropout).
 pub trait Trainable: Denoiser + Clone + Sized {
     /// What builds the network (saved on every checkpoint's card as JSON).
     type Config: Clone + std::fmt::Debug + PartialEq + Serialize + DeserializeOwned;
@@ -65,17 +60,22 @@ pub trait Trainable: Denoiser + Clone + Sized {
     fn build(config: &Self::Config, vb: VarBuilder<'_>) -> candle_core::Result<Self>;
 
     /// Sets the initial values of the network's variables (`vars`, sorted by name) from
-    /// `seed`: the same seed gives the same weights.
-    fn initialise(vars: &[(String, Var)], seed: u64) -> candle_core::Result<()>;
+    /// `seed`: the same seed gives the same weights. The default is [`fan_in_normal`].
+    fn initialise(vars: &[(String, Var)], seed: u64) -> candle_core::Result<()> {
+        fan_in_normal(vars, seed)
+    }
 
     /// The train-mode forward (dropout on, where the network has any): the output the loss
-    /// compares with its target (ε or v, as the card's prediction says).
+    /// compares with its target (ε or v, as the card's prediction says). The default is the
+    /// inference forward, [`Denoiser::predict_noise`].
     fn forward_train(
         &self,
         x_t: &Tensor,
         t: &Tensor,
         labels: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor>;
+    ) -> candle_core::Result<Tensor> {
+        self.predict_noise(x_t, t, labels)
+    }
 
     /// The classes the network is conditioned on (0: unconditional). The trainer replaces a
     /// label by the null class, this number, with the training option `p_uncond`.
@@ -114,6 +114,65 @@ pub trait Trainable: Denoiser + Clone + Sized {
     fn with_run_options_of(self, trained: &Self) -> candle_core::Result<Self> {
         let _ = trained;
         Ok(self)
+    }
+}
+
+/// Seeded fan-in initialisation (LeCun normal), the default of [`Trainable::initialise`]: a
+/// variable of rank 2 or more (a linear or convolution weight, an embedding table) draws from
+/// N(0, 1/fan_in), fan_in being the product of its dimensions after the first; a vector named
+/// `…weight` (a normalisation's scale) is set to ones, any other vector (a bias) to zeros.
+/// Variables are drawn in the order given, so the same `vars` and `seed` give the same weights.
+///
+/// ```
+/// use candle_core::{DType, Device, Var};
+/// let w = Var::zeros((64, 16, 3, 3), DType::F32, &Device::Cpu)?;
+/// let b = Var::ones(64, DType::F32, &Device::Cpu)?;
+/// let vars = [("conv.weight".to_string(), w.clone()), ("conv.bias".to_string(), b.clone())];
+/// ddpm_train::network::fan_in_normal(&vars, 7)?;
+/// let std = w.as_tensor().flatten_all()?.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?;
+/// assert!((std - (1.0 / 144f32).sqrt()).abs() < 0.01, "{std}");
+/// assert_eq!(b.as_tensor().sum_all()?.to_scalar::<f32>()?, 0.0);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn fan_in_normal(vars: &[(String, Var)], seed: u64) -> candle_core::Result<()> {
+    let mut rng = ddpm_core::SeededNoise::new(seed);
+    for (name, var) in vars {
+        let dims = var.dims();
+        let value = if dims.len() >= 2 {
+            let fan_in = dims[1..].iter().product::<usize>().max(1);
+            let x =
+                ddpm_core::NoiseSource::randn(&mut rng, var.shape(), var.dtype(), var.device())?;
+            (x / (fan_in as f64).sqrt())?
+        } else if name.ends_with("weight") {
+            var.ones_like()?
+        } else {
+            var.zeros_like()?
+        };
+        var.set(&value)?;
+    }
+    Ok(())
+}
+
+/// The card of `model` trained on `data` (named `dataset`, e.g. `folder:PATH`): its image
+/// shape and class names, the default noise schedule (linear β, 1,000 steps) and
+/// ε-prediction. Change its `schedule` or `prediction` for others.
+pub fn card_for<M>(
+    model: M,
+    data: &impl ddpm_data::Dataset,
+    dataset: impl Into<String>,
+) -> ModelCard<M> {
+    let (channels, height, width) = data.image_shape();
+    ModelCard {
+        model,
+        schedule: ddpm_schedule::ScheduleConfig::default(),
+        data: ddpm_unet::DataInfo {
+            dataset: dataset.into(),
+            channels,
+            height,
+            width,
+            class_names: data.class_names().to_vec(),
+        },
+        prediction: ddpm_core::Prediction::Epsilon,
     }
 }
 

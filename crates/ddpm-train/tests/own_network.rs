@@ -15,7 +15,7 @@ use ddpm_train::{
 #[allow(dead_code)]
 #[path = "../examples/own_network.rs"]
 mod own_network;
-use own_network::{card_for, write_digit_folder, SmallNet};
+use own_network::{write_digit_folder, SmallNet, SmallNetConfig};
 
 fn config(max_steps: u64) -> TrainConfig {
     TrainConfig {
@@ -64,7 +64,12 @@ fn an_own_network_trains_resumes_exactly_and_samples() {
     write_digit_folder(&folder, 3).unwrap();
     let data = ddpm_data::load_image_folder(&folder, 28, 28).unwrap();
     assert_eq!(ddpm_data::Dataset::len(&data), 30);
-    let card = card_for(&data, "folder:digits".into(), 8);
+    let net = SmallNetConfig {
+        channels: 1,
+        width: 8,
+        classes: 10,
+    };
+    let card = ddpm_train::card_for(net, &data, "folder:digits");
     let fit_data = FitData::new(&data, None, &Device::Cpu).unwrap();
     let stop = AtomicBool::new(false);
 

@@ -162,7 +162,9 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
         e.to_string().contains("last checkpoint written is kept"),
         "{e}"
     );
-    assert!(e.to_string().contains("--resume"), "{e}");
+    assert!(e.to_string().contains("`lr`"), "{e}");
+    let cli = ddpm_train::launch::with_flag_names(e).to_string();
+    assert!(cli.contains("--resume") && cli.contains("--lr"), "{cli}");
     assert_eq!(t.step(), 1, "no update applied");
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
@@ -494,7 +496,14 @@ fn a_diverged_state_is_never_checkpointed() {
         ),
         "{e:?}"
     );
-    assert!(msg.contains("--resume") && msg.contains("--lr"), "{msg}");
+    // The library names the field; the command line's wording adds the command.
+    assert!(msg.contains("`lr`") && !msg.contains("--lr"), "{msg}");
+    let cli = ddpm_train::launch::with_flag_names(TrainError::Diverged {
+        step: 3,
+        cause: "x".into(),
+    })
+    .to_string();
+    assert!(cli.contains("--resume") && cli.contains("--lr X"), "{cli}");
     if let TrainError::Diverged { step, cause } = &e {
         assert_eq!(*step, 3, "stopped at the first checkpoint after the damage");
         assert!(cause.contains(&name) || cause.contains("EMA"), "{cause}");
