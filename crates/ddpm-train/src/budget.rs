@@ -252,19 +252,7 @@ pub fn replan_steps(
         return step;
     }
     let room = cap.map(|c| c.saturating_sub(step));
-    let mut hi = 2u64;
-    while fits(hi) && room.is_none_or(|r| hi < r) && hi < (1 << 40) {
-        hi *= 2;
-    }
-    let mut lo = 1u64;
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if fits(mid) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
+    let lo = largest_fitting(fits, room);
     let n = room.map_or(lo, |r| lo.min(r));
     step.saturating_add(n)
 }
@@ -486,9 +474,22 @@ pub fn plan_steps(
             ),
         });
     }
-    // predict_seconds grows with n: find the largest n that fits by doubling, then bisection.
+    let lo = largest_fitting(fits, cap);
+    let steps = cap.map_or(lo, |c| lo.min(c.max(1)));
+    Ok(BudgetPlan {
+        budget_s,
+        steps,
+        predicted_s: spent_s + predict_seconds(steps, costs, shape),
+        costs: *costs,
+    })
+}
+
+/// The largest n for which `fits(n)` holds, given that `fits(1)` does and that `fits` is
+/// monotone (predicted seconds grow with the step count): doubling until it fails or passes
+/// `limit` (or 2^40), then bisection. The caller caps the result at `limit`.
+fn largest_fitting(fits: impl Fn(u64) -> bool, limit: Option<u64>) -> u64 {
     let mut hi = 2u64;
-    while fits(hi) && cap.is_none_or(|c| hi < c) && hi < (1 << 40) {
+    while fits(hi) && limit.is_none_or(|c| hi < c) && hi < (1 << 40) {
         hi *= 2;
     }
     let mut lo = 1u64;
@@ -500,13 +501,7 @@ pub fn plan_steps(
             hi = mid;
         }
     }
-    let steps = cap.map_or(lo, |c| lo.min(c.max(1)));
-    Ok(BudgetPlan {
-        budget_s,
-        steps,
-        predicted_s: spent_s + predict_seconds(steps, costs, shape),
-        costs: *costs,
-    })
+    lo
 }
 
 /// Runs `f` `warmup` times untimed, then `runs` times (at least once) timed with `clock`;
