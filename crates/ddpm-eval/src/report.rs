@@ -38,8 +38,16 @@ pub struct Report {
     pub n: usize,
     /// Sampling steps.
     pub steps: usize,
-    /// The sampler's name (`ddim`, `ddpm`, `dpm++`; older reports wrote `dpmpp`).
+    /// The sampler's name (`ddim`, `ddpm`, `dpm++`, `dpm++3m`, `unipc`, `unipc3`, `ipndm`;
+    /// older reports wrote `dpmpp`).
     pub sampler: String,
+    /// The timestep spacing (`leading`, `trailing`, `linspace`, `logsnr`, `karras`); reports
+    /// written before it was recorded read as `leading`, the only spacing `ddpm eval` used.
+    #[serde(default = "leading")]
+    pub spacing: String,
+    /// The seed of the sampling noise (0 in reports written before it was recorded).
+    #[serde(default)]
+    pub seed: u64,
     /// The classifier file.
     pub classifier: String,
     /// Its accuracy on the MNIST test set.
@@ -99,6 +107,10 @@ fn report_err(path: &Path, why: impl Into<String>) -> EvalError {
     }
 }
 
+fn leading() -> String {
+    "leading".into()
+}
+
 /// Reads the reports at `paths` and merges their rows (the first report's floor and header):
 /// all must come from one checkpoint, n, steps and sampler, and no w may appear twice.
 pub fn merge_reports(paths: &[PathBuf]) -> Result<Report, EvalError> {
@@ -118,13 +130,15 @@ pub fn merge_reports(paths: &[PathBuf]) -> Result<Report, EvalError> {
                     && m.n == r.n
                     && m.steps == r.steps
                     && same_sampler(&m.sampler, &r.sampler)
+                    && m.spacing == r.spacing
+                    && m.seed == r.seed
                     && m.card == r.card;
                 if !same {
                     return Err(report_err(
                         path,
                         format!(
-                            "made from another checkpoint or with other --n, --steps or \
-                             --sampler than {}; only reports of one evaluation setting can be \
+                            "made from another checkpoint or with other --n, --steps, \
+                             --sampler, --spacing or --seed than {}; only reports of one evaluation setting can be \
                              merged",
                             paths[0].display()
                         ),
@@ -157,10 +171,13 @@ impl Report {
             })
         };
         let mut s = format!(
-            "{} samples per w, {} {} steps; classifier {} (test accuracy {:.2} %)\n\n",
+            "{} samples per w, {} {} steps ({} spacing, seed {}); classifier {} (test accuracy \
+             {:.2} %)\n\n",
             self.n,
             self.sampler,
             self.steps,
+            self.spacing,
+            self.seed,
             self.classifier,
             100.0 * self.classifier_test_accuracy
         );

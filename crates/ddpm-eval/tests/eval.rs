@@ -297,6 +297,8 @@ fn sweep_report_and_merge() {
         n: 300,
         steps: 20,
         sampler: sampler.into(),
+        spacing: "leading".into(),
+        seed: 1,
         classifier: shipped().display().to_string(),
         classifier_test_accuracy: info.test_accuracy,
         real_data_floor: rows[0].metrics.clone(),

@@ -8,7 +8,9 @@ use std::path::Path;
 
 use ddpm_eval::{Classifier, ClassifierInfo, EvalError, Reference, Report, Row, SetMetrics};
 
-use crate::{generate_with, request_err, Labels, Model, Request, Result, SamplerKind, SamplerSpec};
+use crate::{
+    generate_with, request_err, Labels, Model, Request, Result, SamplerKind, SamplerSpec, Spacing,
+};
 
 /// What to evaluate; with the `clap` feature, `ddpm eval`'s flags.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +37,9 @@ pub struct EvalRequest {
     /// Sampler.
     #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = SamplerKind::Ddim))]
     pub sampler: SamplerKind,
+    /// Timestep spacing (see `ddpm sample --help`).
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = Spacing::Leading))]
+    pub spacing: Spacing,
     /// Samples generated per batch.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 500))]
     pub batch: usize,
@@ -107,7 +112,10 @@ pub fn evaluate(
     } else {
         (vec![0.0], Labels::Unconditional(n))
     };
-    let spec = SamplerSpec::new(request.sampler).with_steps(request.steps);
+    let spec = SamplerSpec {
+        spacing: request.spacing,
+        ..SamplerSpec::new(request.sampler).with_steps(request.steps)
+    };
     let mut generate = |w: f64| -> std::result::Result<candle_core::Tensor, EvalError> {
         let req = Request {
             labels: labels.clone(),
@@ -142,6 +150,8 @@ pub fn evaluate(
         n,
         steps: request.steps,
         sampler: request.sampler.to_string(),
+        spacing: request.spacing.name().into(),
+        seed: request.seed,
         classifier: scorer.path.display().to_string(),
         classifier_test_accuracy: scorer.info.test_accuracy,
         real_data_floor: scorer.floor.clone(),

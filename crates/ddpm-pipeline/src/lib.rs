@@ -5,7 +5,7 @@
 //!
 //! - [`Model`]: a model file (checkpoint or export, f32 or f16) loaded with its card and
 //!   schedule, as an ε-predicting denoiser whatever the network was trained to predict;
-//! - [`SamplerKind`] and [`SamplerSpec`]: a sampler by name (`ddim`, `ddpm`, `dpm++`, the
+//! - [`SamplerKind`] and [`SamplerSpec`]: a sampler by name (`ddim`, `ddpm`, `dpm++`, `dpm++3m`, `unipc`, `unipc3`, `ipndm`, the
 //!   names the command line takes) and its options, serialisable, built for any schedule;
 //! - [`Labels`]: the label layouts the tools use (a row per class, one class, cycling);
 //! - [`generate`]: classifier-free-guided sampling in batches from one seed, the one sampling
@@ -46,8 +46,8 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Shape, Tensor};
 use ddpm_core::{Denoiser, NoiseSchedule, NoiseSource, PosteriorVariance, SeededNoise};
 use ddpm_sampler::{
-    sample, ClassifierFreeGuidance, Ddim, Ddpm, DpmSolverPp2M, Parameterized, Sampler,
-    SamplerConfig,
+    sample, ClassifierFreeGuidance, Ddim, Ddpm, DpmSolverPp2M, Multistep, Parameterized, Sampler,
+    SamplerConfig, Solver,
 };
 use ddpm_schedule::Schedule;
 use ddpm_unet::{ModelFileError, UNet};
@@ -110,11 +110,35 @@ pub enum SamplerKind {
     #[serde(rename = "dpm++", alias = "dpmpp")]
     #[cfg_attr(feature = "clap", value(name = "dpm++"))]
     DpmPp,
+    /// DPM-Solver++(3M): the third-order multistep variant.
+    #[serde(rename = "dpm++3m")]
+    #[cfg_attr(feature = "clap", value(name = "dpm++3m"))]
+    DpmPp3M,
+    /// UniPC (Zhao et al. 2023): second-order predictor with the UniC corrector (bh2).
+    #[serde(rename = "unipc")]
+    #[cfg_attr(feature = "clap", value(name = "unipc"))]
+    UniPc,
+    /// UniPC with a third-order predictor.
+    #[serde(rename = "unipc3")]
+    #[cfg_attr(feature = "clap", value(name = "unipc3"))]
+    UniPc3,
+    /// iPNDM (Zhang & Chen 2023): Adams–Bashforth up to fourth order in σ/α, variable steps.
+    #[serde(rename = "ipndm")]
+    #[cfg_attr(feature = "clap", value(name = "ipndm"))]
+    Ipndm,
 }
 
 impl SamplerKind {
     /// Every sampler, in the order the command line lists them.
-    pub const ALL: [SamplerKind; 3] = [SamplerKind::Ddim, SamplerKind::Ddpm, SamplerKind::DpmPp];
+    pub const ALL: [SamplerKind; 7] = [
+        SamplerKind::Ddim,
+        SamplerKind::Ddpm,
+        SamplerKind::DpmPp,
+        SamplerKind::DpmPp3M,
+        SamplerKind::UniPc,
+        SamplerKind::UniPc3,
+        SamplerKind::Ipndm,
+    ];
 
     /// The name the command line and the reports use.
     pub fn name(self) -> &'static str {
@@ -122,6 +146,21 @@ impl SamplerKind {
             SamplerKind::Ddim => "ddim",
             SamplerKind::Ddpm => "ddpm",
             SamplerKind::DpmPp => "dpm++",
+            SamplerKind::DpmPp3M => "dpm++3m",
+            SamplerKind::UniPc => "unipc",
+            SamplerKind::UniPc3 => "unipc3",
+            SamplerKind::Ipndm => "ipndm",
+        }
+    }
+
+    /// The multistep solver behind this name, for the samplers [`Multistep`] runs.
+    pub fn solver(self) -> Option<Solver> {
+        match self {
+            SamplerKind::DpmPp3M => Some(Solver::DpmSolverPp3M),
+            SamplerKind::UniPc => Some(Solver::UniPc { order: 2 }),
+            SamplerKind::UniPc3 => Some(Solver::UniPc { order: 3 }),
+            SamplerKind::Ipndm => Some(Solver::Ipndm),
+            SamplerKind::Ddim | SamplerKind::Ddpm | SamplerKind::DpmPp => None,
         }
     }
 }
@@ -135,13 +174,20 @@ impl fmt::Display for SamplerKind {
 impl FromStr for SamplerKind {
     type Err = PipelineError;
     fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "ddim" => Ok(SamplerKind::Ddim),
-            "ddpm" => Ok(SamplerKind::Ddpm),
-            "dpm++" | "dpmpp" | "dpm-solver++" => Ok(SamplerKind::DpmPp),
-            _ => Err(request_err(format!(
-                "unknown sampler `{s}`: choose ddim, ddpm or dpm++"
-            ))),
+        let lower = s.to_ascii_lowercase();
+        match lower.as_str() {
+            "dpmpp" | "dpm-solver++" => Ok(SamplerKind::DpmPp),
+            "dpmpp3m" | "dpm-solver++3m" => Ok(SamplerKind::DpmPp3M),
+            _ => SamplerKind::ALL
+                .into_iter()
+                .find(|k| k.name() == lower)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = SamplerKind::ALL.iter().map(|k| k.name()).collect();
+                    request_err(format!(
+                        "unknown sampler `{s}`: choose one of {}",
+                        names.join(", ")
+                    ))
+                }),
         }
     }
 }
@@ -151,11 +197,12 @@ impl FromStr for SamplerKind {
 pub struct SamplerSpec {
     /// Which sampler.
     pub kind: SamplerKind,
-    /// Steps of `ddim` and `dpm++` (at most the schedule's T); `ddpm` visits all T.
+    /// Steps (network calls per sample, at most the schedule's T) of every sampler but
+    /// `ddpm`, which visits all T.
     pub steps: usize,
     /// DDIM's stochasticity η (0: deterministic, 1: DDPM-like); ignored by the others.
     pub eta: f64,
-    /// Which timesteps `ddim` and `dpm++` visit.
+    /// Which timesteps the samplers other than `ddpm` visit.
     pub spacing: Spacing,
     /// Clip the predicted x₀ to [−1, 1].
     pub clip_x0: bool,
@@ -198,12 +245,12 @@ impl SamplerSpec {
     }
 
     /// Whether two runs from one seed draw the same samples whatever the batch size (no step
-    /// noise: `dpm++`, and `ddim` with η = 0).
+    /// noise: every sampler but `ddpm` and `ddim` with η > 0).
     pub fn is_deterministic(&self) -> bool {
         match self.kind {
             SamplerKind::Ddim => self.eta == 0.0,
             SamplerKind::Ddpm => false,
-            SamplerKind::DpmPp => true,
+            _ => true,
         }
     }
 
@@ -231,6 +278,16 @@ impl SamplerSpec {
             SamplerKind::DpmPp => {
                 Box::new(DpmSolverPp2M::new(schedule, self.steps, self.spacing, cfg)?)
             }
+            k => match k.solver() {
+                Some(solver) => Box::new(Multistep::new(
+                    schedule,
+                    solver,
+                    self.steps,
+                    self.spacing,
+                    cfg,
+                )?),
+                None => return Err(request_err(format!("sampler {k} has no builder"))),
+            },
         })
     }
 }

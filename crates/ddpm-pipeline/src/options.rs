@@ -33,18 +33,21 @@ pub struct SampleOptions {
     pub n: usize,
     /// Samples denoised together (default: 128 on the CPU, where guidance makes that a
     /// forward batch of 256, the size the forward benchmark runs at; 1024 on CUDA). The
-    /// deterministic samplers (dpm++, ddim with --eta 0) draw the same digits whatever the
+    /// deterministic samplers (all but ddpm and ddim with --eta > 0) draw the same digits whatever the
     /// batch; the stochastic ones draw their step noise batch by batch.
     #[cfg_attr(feature = "clap", arg(long))]
     pub batch: Option<usize>,
-    /// Sampling steps for ddim and dpm++ (at most the model's T).
+    /// Sampling steps: network calls per digit, twice that with guidance (at most the model's
+    /// T; ddpm always takes T).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 20))]
     pub steps: usize,
-    /// Sampler. The default, DPM-Solver++(2M) in 20 steps, draws the same digits as DDIM in 50
-    /// steps from the same seed, in 40 % of the time.
+    /// Sampler: ddim, ddpm, dpm++ (DPM-Solver++(2M)), dpm++3m, unipc (UniPC, bh2, order 2),
+    /// unipc3, ipndm. The default, DPM-Solver++(2M) in 20 steps, draws the same digits as DDIM
+    /// in 50 steps from the same seed, in 40 % of the time. docs/sampling.md compares them.
     #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = SamplerKind::DpmPp))]
     pub sampler: SamplerKind,
-    /// Timestep spacing of ddim and dpm++: leading, trailing or linspace.
+    /// Timestep spacing: leading, trailing, linspace (in t), logsnr (uniform in
+    /// log-SNR) or karras (EDM's rho = 7).
     #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = Spacing::Leading))]
     pub spacing: Spacing,
     /// DDIM stochasticity η (0: deterministic, 1: DDPM-like).

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 use ddpm_core::{NoiseSchedule, NoiseSource, SeededNoise};
-use ddpm_sampler::{sample, ClassifierFreeGuidance, Ddim, Ddpm, DpmSolverPp2M, Sampler};
+use ddpm_sampler::{sample, ClassifierFreeGuidance, Ddim, Ddpm, DpmSolverPp2M, Multistep, Sampler};
 use serde::{Deserialize, Serialize};
 
 use crate::{check_classes, request_err, Model, Result, SamplerKind, SamplerSpec};
@@ -94,7 +94,7 @@ impl SamplerSpec {
             let steps = spec.steps.clamp(1, t_total);
             let mut ts = vec![t_start];
             ts.extend(
-                ddpm_sampler::spaced_timesteps(t_total, steps, spec.spacing)?
+                ddpm_sampler::spaced_timesteps(schedule, steps, spec.spacing)?
                     .into_iter()
                     .filter(|&t| t < t_start),
             );
@@ -113,6 +113,15 @@ impl SamplerSpec {
             SamplerKind::DpmPp => {
                 Box::new(DpmSolverPp2M::with_timesteps(schedule, grid(self)?, cfg)?)
             }
+            k => match k.solver() {
+                Some(solver) => Box::new(Multistep::with_timesteps(
+                    schedule,
+                    solver,
+                    grid(self)?,
+                    cfg,
+                )?),
+                None => return Err(request_err(format!("sampler {k} has no builder"))),
+            },
         })
     }
 }

@@ -72,7 +72,10 @@ fn sampler_names_round_trip_as_the_command_line_writes_them() {
     assert_eq!(SamplerKind::DpmPp.to_string(), "dpm++");
     assert_eq!("dpmpp".parse::<SamplerKind>().unwrap(), SamplerKind::DpmPp);
     let e = "euler".parse::<SamplerKind>().unwrap_err().to_string();
-    assert!(e.contains("ddim, ddpm or dpm++"), "{e}");
+    assert!(
+        e.contains("ddim, ddpm, dpm++, dpm++3m, unipc, unipc3, ipndm"),
+        "{e}"
+    );
     let spec: SamplerSpec = "ddim".parse().unwrap();
     assert_eq!(
         spec.with_steps(50).with_eta(0.5).to_string(),
@@ -97,10 +100,13 @@ fn label_layouts() {
 #[test]
 fn deterministic_samplers_do_not_depend_on_the_batch() {
     let m = tiny(3);
-    for spec in [
-        SamplerSpec::new(SamplerKind::DpmPp).with_steps(6),
-        SamplerSpec::new(SamplerKind::Ddim).with_steps(6),
-    ] {
+    let kinds = SamplerKind::ALL
+        .into_iter()
+        .filter(|&k| k != SamplerKind::Ddpm);
+    for spec in kinds.map(|k| SamplerSpec {
+        spacing: ddpm_pipeline::Spacing::LogSnr,
+        ..SamplerSpec::new(k).with_steps(6)
+    }) {
         assert!(spec.is_deterministic());
         let req = |batch| Request {
             labels: Labels::cycle(3, 7),
@@ -417,6 +423,7 @@ fn eval_requests_and_model_options_are_checked_before_any_work() {
         guidance: vec![0.0, 1.0],
         steps: 5,
         sampler: SamplerKind::Ddim,
+        spacing: ddpm_pipeline::Spacing::Leading,
         batch: 5,
         seed: 1,
     };

@@ -41,6 +41,16 @@ use ddpm_core::{Denoiser, GuidancePair, NoiseSchedule, NoiseSource, Posterior, P
 use ddpm_kernels::{guidance_combine, reverse_step, Eps, StepRule};
 use serde::{Deserialize, Serialize};
 
+mod multistep;
+mod spacing;
+
+pub use multistep::{
+    adams_bashforth_weights, dpmpp_coefficients, unipc_coefficients, Multistep, Solver,
+    UniPcCoefficients, LOWER_ORDER_FINAL_BELOW,
+};
+use spacing::timesteps_from;
+pub use spacing::{check_timesteps, lambda, spaced_timesteps, Spacing, KARRAS_RHO};
+
 /// The result of one reverse step.
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -95,75 +105,6 @@ pub trait Sampler {
     }
     /// Forgets any history kept between steps (multistep solvers); call before a new run.
     fn reset(&mut self) {}
-}
-
-/// Which timesteps a few-step sampler visits (the diffusers names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-pub enum Spacing {
-    /// `i · T/steps` for i in 0..steps (DDIM paper; includes t = 0).
-    #[default]
-    Leading,
-    /// `T − 1 − i · T/steps`: always starts at the noisiest step T − 1.
-    Trailing,
-    /// `round(linspace(0, T − 1, steps))`.
-    Linspace,
-}
-
-impl Spacing {
-    /// Parses `leading`, `trailing` or `linspace`.
-    pub fn from_name(s: &str) -> Option<Self> {
-        match s {
-            "leading" => Some(Self::Leading),
-            "trailing" => Some(Self::Trailing),
-            "linspace" => Some(Self::Linspace),
-            _ => None,
-        }
-    }
-}
-
-/// `steps` descending timesteps in `0..t_total`, without repeats.
-pub fn spaced_timesteps(t_total: usize, steps: usize, spacing: Spacing) -> Result<Vec<usize>> {
-    if steps == 0 || steps > t_total {
-        bail!("the number of sampling steps must lie in 1..={t_total} (the schedule's T), got {steps}");
-    }
-    let ratio = t_total as f64 / steps as f64;
-    let mut ts: Vec<usize> = match spacing {
-        Spacing::Leading => (0..steps)
-            .map(|i| (i as f64 * ratio).floor() as usize)
-            .collect(),
-        Spacing::Trailing => (0..steps)
-            .map(|i| ((t_total as f64 - i as f64 * ratio).round() as usize).saturating_sub(1))
-            .collect(),
-        Spacing::Linspace => (0..steps)
-            .map(|i| {
-                if steps == 1 {
-                    t_total - 1
-                } else {
-                    (i as f64 * (t_total - 1) as f64 / (steps - 1) as f64).round() as usize
-                }
-            })
-            .collect(),
-    };
-    ts.sort_unstable_by(|a, b| b.cmp(a));
-    ts.dedup();
-    Ok(ts)
-}
-
-/// Checks that `ts` is a usable timestep list for a schedule of `t_total` steps: non-empty,
-/// strictly descending, each below `t_total`.
-pub fn check_timesteps(ts: &[usize], t_total: usize) -> Result<()> {
-    if ts.is_empty() {
-        bail!("sampler: an empty list of timesteps");
-    }
-    if let Some(&bad) = ts.iter().find(|&&t| t >= t_total) {
-        bail!("sampler: timestep {bad} is outside 0..{t_total} (the schedule's T)");
-    }
-    if ts.windows(2).any(|w| w[1] >= w[0]) {
-        bail!("sampler: timesteps must strictly descend, got {ts:?}");
-    }
-    Ok(())
 }
 
 /// Host copies of the schedule terms the samplers need.
@@ -351,7 +292,7 @@ impl Ddim {
             bail!("DDIM η must be finite and >= 0, got {eta}");
         }
         let tables = Tables::new(schedule);
-        let timesteps = spaced_timesteps(tables.t_total(), steps, spacing)?;
+        let timesteps = timesteps_from(&tables.alphas_cumprod, steps, spacing)?;
         Ok(Self {
             tables,
             timesteps,
@@ -442,7 +383,7 @@ impl DpmSolverPp2M {
         config: SamplerConfig,
     ) -> Result<Self> {
         let tables = Tables::new(schedule);
-        let timesteps = spaced_timesteps(tables.t_total(), steps, spacing)?;
+        let timesteps = timesteps_from(&tables.alphas_cumprod, steps, spacing)?;
         Ok(Self {
             tables,
             timesteps,
@@ -450,10 +391,6 @@ impl DpmSolverPp2M {
             last: None,
         })
     }
-}
-
-fn lambda(ac: f64) -> f64 {
-    0.5 * (ac / (1.0 - ac)).ln()
 }
 
 impl DpmSolverPp2M {

@@ -228,9 +228,10 @@ fn reverse_step_adds_gaussian_noise() {
 #[test]
 fn timesteps_stay_in_range() {
     for t_total in [50usize, 300, 1000] {
+        let sch = schedule(t_total);
         for steps in [1usize, 7, 50, t_total] {
-            for sp in [Spacing::Leading, Spacing::Trailing, Spacing::Linspace] {
-                let ts = spaced_timesteps(t_total, steps, sp).unwrap();
+            for sp in Spacing::ALL {
+                let ts = spaced_timesteps(&sch, steps, sp).unwrap();
                 assert!(
                     ts.iter().all(|&t| t < t_total),
                     "{sp:?} {steps}/{t_total}: {ts:?}"
@@ -239,8 +240,10 @@ fn timesteps_stay_in_range() {
                 assert!(!ts.is_empty() && ts.len() <= steps);
             }
         }
-        assert!(spaced_timesteps(t_total, t_total + 1, Spacing::Leading).is_err());
-        assert!(spaced_timesteps(t_total, 0, Spacing::Leading).is_err());
+        for sp in Spacing::ALL {
+            assert!(spaced_timesteps(&sch, t_total + 1, sp).is_err());
+            assert!(spaced_timesteps(&sch, 0, sp).is_err());
+        }
     }
     // The denoiser is only ever asked about t in 0..T, and DDPM visits every one.
     let sch = schedule(40);
@@ -259,11 +262,11 @@ fn timesteps_stay_in_range() {
     let seen = d.seen_t.borrow().clone();
     assert_eq!(seen, (0..40u32).rev().collect::<Vec<_>>());
     assert_eq!(
-        spaced_timesteps(1000, 4, Spacing::Trailing).unwrap(),
+        spaced_timesteps(&schedule(1000), 4, Spacing::Trailing).unwrap(),
         vec![999, 749, 499, 249]
     );
     assert_eq!(
-        spaced_timesteps(1000, 4, Spacing::Leading).unwrap(),
+        spaced_timesteps(&schedule(1000), 4, Spacing::Leading).unwrap(),
         vec![750, 500, 250, 0]
     );
 }
