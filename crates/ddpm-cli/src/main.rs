@@ -8,6 +8,7 @@
 
 mod bench;
 mod data;
+mod distill;
 mod eval;
 mod export;
 mod reconstruct;
@@ -50,6 +51,9 @@ enum Command {
     Export(export::ExportArgs),
     /// Measure sample quality across guidance weights: class accuracy, fid_mnist, IS.
     Eval(eval::EvalArgs),
+    /// Distil a guided model into a few-step student: w as an input (one call per step), then
+    /// progressive halvings of its DDIM steps (each stage resumable, in its own folder).
+    Distill(distill::DistillArgs),
     /// Train the MNIST classifier `eval` uses (writes assets/mnist-classifier.safetensors).
     TrainClassifier(eval::TrainClassifierArgs),
     /// Measure training and inference speed and memory (one figure per run, as JSON;
@@ -254,6 +258,7 @@ fn main() -> Result<()> {
         Command::Data(c) => data::run(c),
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Distill(a) => distill::run(a),
         Command::Export(a) => export::run(a),
         Command::TrainClassifier(a) => eval::train_classifier(a),
     };

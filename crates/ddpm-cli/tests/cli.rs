@@ -39,6 +39,7 @@ fn tiny_checkpoint(dir: &Path, classes: usize) -> PathBuf {
         schedule: ddpm_schedule::ScheduleConfig::new(ddpm_schedule::BetaSchedule::linear(), 100),
         data: DataInfo::mnist(),
         prediction: Default::default(),
+        distilled: None,
     };
     let path = dir.join(format!("tiny{classes}.safetensors"));
     Trainer::new(card, TrainConfig::default(), &Device::Cpu)

@@ -59,6 +59,7 @@ fn tiny_card() -> ModelCard {
         schedule: ddpm_schedule::ScheduleConfig::new(ddpm_schedule::BetaSchedule::linear(), 100),
         data: DataInfo::mnist(),
         prediction: Default::default(),
+        distilled: None,
     }
 }
 

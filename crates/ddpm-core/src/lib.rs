@@ -185,6 +185,24 @@ pub trait Denoiser {
         let _ = (x_t, t, labels);
         Ok(None)
     }
+    /// Whether the network takes the guidance weight w as an input (a guidance-distilled
+    /// student): then guidance costs one call per step, [`Denoiser::predict_noise_at`],
+    /// instead of classifier-free guidance's conditional and unconditional pair.
+    fn takes_guidance(&self) -> bool {
+        false
+    }
+    /// The guided prediction ε̂ at weight `w` in one call, for a network that
+    /// [`Denoiser::takes_guidance`]. The default refuses.
+    fn predict_noise_at(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        w: f64,
+    ) -> Result<Tensor> {
+        let _ = (x_t, t, labels);
+        candle_core::bail!("this network does not take the guidance weight (w = {w}) as an input")
+    }
 }
 
 /// The two halves classifier-free guidance combines as ε̂ = (1 + w)·ε_cond − w·ε_uncond
@@ -213,6 +231,18 @@ impl<D: Denoiser + ?Sized> Denoiser for &D {
     ) -> Result<Option<GuidancePair>> {
         (**self).predict_guidance_pair(x_t, t, labels)
     }
+    fn takes_guidance(&self) -> bool {
+        (**self).takes_guidance()
+    }
+    fn predict_noise_at(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        w: f64,
+    ) -> Result<Tensor> {
+        (**self).predict_noise_at(x_t, t, labels, w)
+    }
 }
 
 impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
@@ -229,6 +259,18 @@ impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
         labels: Option<&Tensor>,
     ) -> Result<Option<GuidancePair>> {
         (**self).predict_guidance_pair(x_t, t, labels)
+    }
+    fn takes_guidance(&self) -> bool {
+        (**self).takes_guidance()
+    }
+    fn predict_noise_at(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        w: f64,
+    ) -> Result<Tensor> {
+        (**self).predict_noise_at(x_t, t, labels, w)
     }
 }
 

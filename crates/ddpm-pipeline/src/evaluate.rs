@@ -31,15 +31,16 @@ pub struct EvalRequest {
         )
     )]
     pub guidance: Vec<f64>,
-    /// Sampling steps.
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 50))]
-    pub steps: usize,
-    /// Sampler.
-    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = SamplerKind::Ddim))]
-    pub sampler: SamplerKind,
-    /// Timestep spacing (see `ddpm sample --help`).
-    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = Spacing::Leading))]
-    pub spacing: Spacing,
+    /// Sampling steps (default: a progressive student's own; else 50).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub steps: Option<usize>,
+    /// Sampler (default: ddim).
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub sampler: Option<SamplerKind>,
+    /// Timestep spacing (see `ddpm sample --help`; default: trailing for a progressive
+    /// student, else leading).
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub spacing: Option<Spacing>,
     /// Samples generated per batch.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 500))]
     pub batch: usize,
@@ -49,6 +50,22 @@ pub struct EvalRequest {
 }
 
 impl EvalRequest {
+    /// The sampler this request evaluates `model` with: the flags given, the rest from a
+    /// progressive student's card (ddim, its steps, trailing) or `ddpm eval`'s defaults (ddim,
+    /// 50 steps, leading).
+    pub fn sampler_for(&self, model: &Model) -> SamplerSpec {
+        let base = match model.card().distilled.as_ref().and_then(|d| d.steps) {
+            Some(_) => model.default_sampler(),
+            None => SamplerSpec::new(SamplerKind::Ddim).with_steps(50),
+        };
+        SamplerSpec {
+            kind: self.sampler.unwrap_or(base.kind),
+            steps: self.steps.unwrap_or(base.steps),
+            spacing: self.spacing.unwrap_or(base.spacing),
+            ..base
+        }
+    }
+
     /// Fails on a request that cannot be evaluated (fewer than 2 samples, batch 0, no or
     /// non-finite weights), before anything is loaded or sampled. The messages name the fields
     /// by their flags (`--n`), as this struct is `ddpm eval`'s flag set.
@@ -112,10 +129,7 @@ pub fn evaluate(
     } else {
         (vec![0.0], Labels::Unconditional(n))
     };
-    let spec = SamplerSpec {
-        spacing: request.spacing,
-        ..SamplerSpec::new(request.sampler).with_steps(request.steps)
-    };
+    let spec = request.sampler_for(model);
     let mut generate = |w: f64| -> std::result::Result<candle_core::Tensor, EvalError> {
         let req = Request {
             labels: labels.clone(),
@@ -148,9 +162,9 @@ pub fn evaluate(
         card: serde_json::to_value(card)
             .map_err(|e| request_err(format!("the model card as JSON: {e}")))?,
         n,
-        steps: request.steps,
-        sampler: request.sampler.to_string(),
-        spacing: request.spacing.name().into(),
+        steps: spec.steps,
+        sampler: spec.kind.to_string(),
+        spacing: spec.spacing.name().into(),
         seed: request.seed,
         classifier: scorer.path.display().to_string(),
         classifier_test_accuracy: scorer.info.test_accuracy,

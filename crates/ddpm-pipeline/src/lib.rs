@@ -468,6 +468,24 @@ impl Model {
         denoiser(&self.unet, &self.card, &self.schedule)
     }
 
+    /// The sampler this model samples with when none is asked for: a progressive student's
+    /// own DDIM steps on the trailing grid it learned, else [`SamplerSpec::default`].
+    pub fn default_sampler(&self) -> SamplerSpec {
+        match self.card.distilled.as_ref().and_then(|d| d.steps) {
+            Some(n) => SamplerSpec {
+                spacing: Spacing::Trailing,
+                ..SamplerSpec::new(SamplerKind::Ddim).with_steps(n)
+            },
+            None => SamplerSpec::default(),
+        }
+    }
+
+    /// Whether this model takes the guidance weight as an input (a distilled student: one
+    /// network call per step at any w).
+    pub fn takes_guidance(&self) -> bool {
+        self.card.model.guidance_embedding
+    }
+
     /// Resolves a class given as an index (`7`) or a class name (`seven`, `Sneaker`).
     pub fn class(&self, arg: &str) -> Result<u32> {
         parse_class(arg, &self.card.data.class_names, self.is_conditional())
@@ -562,6 +580,9 @@ pub fn generate_with(
     request: &Request,
     on_step: &mut dyn FnMut(Progress<'_>) -> candle_core::Result<()>,
 ) -> Result<Tensor> {
+    if let Some(d) = &model.card.distilled {
+        d.check_w(request.guidance).map_err(request_err)?;
+    }
     generate(
         &model.denoiser(),
         model.schedule(),

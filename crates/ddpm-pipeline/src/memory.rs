@@ -173,6 +173,7 @@ mod tests {
             schedule: ddpm_schedule::ScheduleConfig::default(),
             data: DataInfo::mnist(),
             prediction: Default::default(),
+            distilled: None,
         }
     }
 

@@ -37,19 +37,22 @@ pub struct SampleOptions {
     /// batch; the stochastic ones draw their step noise batch by batch.
     #[cfg_attr(feature = "clap", arg(long))]
     pub batch: Option<usize>,
-    /// Sampling steps: network calls per digit, twice that with guidance (at most the model's
-    /// T; ddpm always takes T).
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 20))]
-    pub steps: usize,
+    /// Sampling steps: network calls per digit, twice that with classifier-free guidance (at
+    /// most the model's T; ddpm always takes T). Default: the model's (a progressive
+    /// student's own step count; else 20).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub steps: Option<usize>,
     /// Sampler: ddim, ddpm, dpm++ (DPM-Solver++(2M)), dpm++3m, unipc (UniPC, bh2, order 2),
     /// unipc3, ipndm. The default, DPM-Solver++(2M) in 20 steps, draws the same digits as DDIM
     /// in 50 steps from the same seed, in 40 % of the time. docs/sampling.md compares them.
-    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = SamplerKind::DpmPp))]
-    pub sampler: SamplerKind,
-    /// Timestep spacing: leading, trailing, linspace (in t), logsnr (uniform in
-    /// log-SNR) or karras (EDM's rho = 7).
-    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = Spacing::Leading))]
-    pub spacing: Spacing,
+    /// Default: the model's (ddim for a progressive student; else dpm++).
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub sampler: Option<SamplerKind>,
+    /// Timestep spacing: leading, trailing, linspace (in t), logsnr (uniform in log-SNR) or
+    /// karras (EDM's rho = 7). Default: the model's (trailing for a progressive student; else
+    /// leading).
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub spacing: Option<Spacing>,
     /// DDIM stochasticity η (0: deterministic, 1: DDPM-like).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 0.0))]
     pub eta: f64,
@@ -127,11 +130,15 @@ impl SampleOptions {
                 "--sweep: this checkpoint is an unconditional model; guidance needs classes",
             ));
         }
+        let base = model.default_sampler();
+        let (kind, steps) = (
+            self.sampler.unwrap_or(base.kind),
+            self.steps.unwrap_or(base.steps),
+        );
         let t_total = model.schedule().num_train_timesteps();
-        if self.sampler != SamplerKind::Ddpm && self.steps > t_total {
+        if kind != SamplerKind::Ddpm && steps > t_total {
             return Err(request_err(format!(
-                "--steps {} is above the model's T = {t_total}",
-                self.steps
+                "--steps {steps} is above the model's T = {t_total}"
             )));
         }
         let k = model.card().model.num_classes;
@@ -170,11 +177,17 @@ impl SampleOptions {
             (true, true) => vec![self.guidance],
             (true, false) => self.sweep.clone(),
         };
+        if let Some(d) = &model.card().distilled {
+            for &w in &weights {
+                d.check_w(w)
+                    .map_err(|e| request_err(format!("--guidance/--sweep: {e}")))?;
+            }
+        }
         let sampler = SamplerSpec {
-            kind: self.sampler,
-            steps: self.steps,
+            kind,
+            steps,
             eta: self.eta,
-            spacing: self.spacing,
+            spacing: self.spacing.unwrap_or(base.spacing),
             clip_x0: !self.no_clip,
             variance: PosteriorVariance::BetaTilde,
         };
@@ -213,11 +226,13 @@ pub struct ReconstructOptions {
     )]
     pub guidance: f64,
     /// Sampler; its grid of --steps timesteps is cut at each t (ddpm: every step from t).
-    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = SamplerKind::Ddim))]
-    pub sampler: SamplerKind,
-    /// Steps of the sampler's grid over the whole of 0..T.
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 50))]
-    pub steps: usize,
+    /// Default: ddim.
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub sampler: Option<SamplerKind>,
+    /// Steps of the sampler's grid over the whole of 0..T (default: a progressive student's
+    /// own, on its trailing grid; else 50).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub steps: Option<usize>,
     /// Seed of the forward noise and any step noise.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
     pub seed: u64,
@@ -242,6 +257,10 @@ impl ReconstructOptions {
                 "--t {bad} is outside 0..{t_total} (the model's T)"
             )));
         }
+        if let Some(d) = &model.card().distilled {
+            d.check_w(self.guidance)
+                .map_err(|e| request_err(format!("--guidance: {e}")))?;
+        }
         let as_class = (self.as_class.as_deref())
             .map(|c| {
                 model
@@ -254,7 +273,17 @@ impl ReconstructOptions {
             as_class,
             guidance: self.guidance,
             seed: self.seed,
-            sampler: SamplerSpec::new(self.sampler).with_steps(self.steps),
+            sampler: {
+                let base = match model.card().distilled.as_ref().and_then(|d| d.steps) {
+                    Some(_) => model.default_sampler(),
+                    None => SamplerSpec::new(SamplerKind::Ddim).with_steps(50),
+                };
+                SamplerSpec {
+                    kind: self.sampler.unwrap_or(base.kind),
+                    steps: self.steps.unwrap_or(base.steps),
+                    ..base
+                }
+            },
         })
     }
 }

@@ -42,6 +42,7 @@ fn tiny(classes: usize) -> Model {
             class_names: (0..classes).map(|c| c.to_string()).collect(),
         },
         prediction: Default::default(),
+        distilled: None,
     };
     let vm = VarMap::new();
     let unet = UNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
@@ -293,9 +294,9 @@ fn sample_options() -> ddpm_pipeline::SampleOptions {
         sweep: vec![],
         n: 2,
         batch: None,
-        steps: 20,
-        sampler: SamplerKind::DpmPp,
-        spacing: ddpm_pipeline::Spacing::Leading,
+        steps: Some(20),
+        sampler: Some(SamplerKind::DpmPp),
+        spacing: Some(ddpm_pipeline::Spacing::Leading),
         eta: 0.0,
         seed: 1,
         no_clip: false,
@@ -336,7 +337,7 @@ fn sample_options_resolve_against_the_model_and_refuse_what_it_cannot_serve() {
         ),
         (
             ddpm_pipeline::SampleOptions {
-                steps: 51,
+                steps: Some(51),
                 ..sample_options()
             },
             "T = 50",
@@ -382,8 +383,8 @@ fn reconstruct_options_resolve_and_check_t_and_class() {
         t: vec![10, 40],
         as_class: Some("1".into()),
         guidance: 2.0,
-        sampler: SamplerKind::Ddim,
-        steps: 10,
+        sampler: Some(SamplerKind::Ddim),
+        steps: Some(10),
         seed: 4,
     };
     let req = opts.resolve(&m).unwrap();
@@ -421,9 +422,9 @@ fn eval_requests_and_model_options_are_checked_before_any_work() {
     let ok = ddpm_pipeline::EvalRequest {
         n: 10,
         guidance: vec![0.0, 1.0],
-        steps: 5,
-        sampler: SamplerKind::Ddim,
-        spacing: ddpm_pipeline::Spacing::Leading,
+        steps: Some(5),
+        sampler: Some(SamplerKind::Ddim),
+        spacing: Some(ddpm_pipeline::Spacing::Leading),
         batch: 5,
         seed: 1,
     };

@@ -480,7 +480,9 @@ impl Sampler for DpmSolverPp2M {
 
 /// Classifier-free guidance as a [`Denoiser`] wrapper:
 /// ε̂ = (1 + w)·ε(x, t, c) − w·ε(x, t, ∅), with the conditional and unconditional halves
-/// in ONE batched forward pass. `w = 0` runs only the conditional half.
+/// in ONE batched forward pass. `w = 0` runs only the conditional half. Around a network that
+/// takes w as an input ([`Denoiser::takes_guidance`], a guidance-distilled student) it makes
+/// one call at w instead.
 ///
 /// Diffusers' `guidance_scale` equals `1 + w`.
 #[derive(Debug, Clone)]
@@ -517,6 +519,10 @@ impl<D: Denoiser> ClassifierFreeGuidance<D> {
 
 impl<D: Denoiser> Denoiser for ClassifierFreeGuidance<D> {
     fn predict_noise(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        if self.inner.takes_guidance() {
+            // A guidance-distilled student: w is an input, one call (w = 0 included).
+            return self.inner.predict_noise_at(x, t, labels, self.w);
+        }
         match self.predict_guidance_pair(x, t, labels)? {
             Some(g) => guidance_combine(&g.pair, g.w),
             None => self.inner.predict_noise(x, t, labels),
@@ -536,7 +542,7 @@ impl<D: Denoiser> Denoiser for ClassifierFreeGuidance<D> {
         let (Some(labels), Some(null)) = (labels, self.inner.null_class()) else {
             return Ok(None);
         };
-        if self.w == 0.0 {
+        if self.w == 0.0 || self.inner.takes_guidance() {
             return Ok(None);
         }
         let b = x.dim(0)?;
@@ -585,9 +591,9 @@ impl<D: Denoiser> Parameterized<D> {
     }
 }
 
-impl<D: Denoiser> Denoiser for Parameterized<D> {
-    fn predict_noise(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
-        let out = self.inner.predict_noise(x, t, labels)?;
+impl<D> Parameterized<D> {
+    /// The network's output `out` for `x` at `t` as ε.
+    fn to_epsilon(&self, out: Tensor, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         match self.prediction {
             Prediction::Epsilon => Ok(out),
             Prediction::V => {
@@ -606,8 +612,28 @@ impl<D: Denoiser> Denoiser for Parameterized<D> {
             }
         }
     }
+}
+
+impl<D: Denoiser> Denoiser for Parameterized<D> {
+    fn predict_noise(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        let out = self.inner.predict_noise(x, t, labels)?;
+        self.to_epsilon(out, x, t)
+    }
     fn null_class(&self) -> Option<u32> {
         self.inner.null_class()
+    }
+    fn takes_guidance(&self) -> bool {
+        self.inner.takes_guidance()
+    }
+    fn predict_noise_at(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        w: f64,
+    ) -> Result<Tensor> {
+        let out = self.inner.predict_noise_at(x, t, labels, w)?;
+        self.to_epsilon(out, x, t)
     }
 }
 

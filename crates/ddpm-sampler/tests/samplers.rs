@@ -706,3 +706,51 @@ fn samplers_over_given_timesteps_check_them() {
         );
     }
 }
+
+/// A network with w as an input: records (batch, w) of every call.
+struct TakesW {
+    calls: RefCell<Vec<(usize, f64)>>,
+}
+
+impl Denoiser for TakesW {
+    fn predict_noise(&self, x: &Tensor, t: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        self.predict_noise_at(x, t, y, 0.0)
+    }
+    fn null_class(&self) -> Option<u32> {
+        Some(10)
+    }
+    fn takes_guidance(&self) -> bool {
+        true
+    }
+    fn predict_noise_at(
+        &self,
+        x: &Tensor,
+        _t: &Tensor,
+        _y: Option<&Tensor>,
+        w: f64,
+    ) -> Result<Tensor> {
+        self.calls.borrow_mut().push((x.dim(0)?, w));
+        (x * 0.1)? + w
+    }
+}
+
+#[test]
+fn a_network_that_takes_w_is_guided_in_one_call_per_step() {
+    let sch = schedule(50);
+    let net = TakesW {
+        calls: RefCell::default(),
+    };
+    let guided = ClassifierFreeGuidance::new(&net, 2.5).unwrap();
+    let mut s = Ddim::new(&sch, 5, 0.0, Spacing::Trailing, SamplerConfig::default()).unwrap();
+    let mut noise = SeededNoise::new(0);
+    let x = noise
+        .randn(&Shape::from((3, 1, 4, 4)), DType::F32, &Device::Cpu)
+        .unwrap();
+    let labels = Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap();
+    sample(&guided, &mut s, x, Some(&labels), &mut noise, &mut |_| {
+        Ok(())
+    })
+    .unwrap();
+    // Five steps, each one call on the batch of 3 (not a doubled batch of 6) at w = 2.5.
+    assert_eq!(*net.calls.borrow(), vec![(3, 2.5); 5]);
+}

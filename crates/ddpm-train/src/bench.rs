@@ -177,6 +177,7 @@ pub fn run(a: &BenchSpec, dev: &Device) -> Result<Value> {
             class_names: (0..cfg.num_classes).map(|d| d.to_string()).collect(),
         },
         prediction: Default::default(),
+        distilled: None,
     };
     // Sizes are checked before anything is allocated from them.
     card.validate()

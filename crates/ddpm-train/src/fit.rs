@@ -753,13 +753,21 @@ fn write_grid<N: Trainable>(
     } else {
         (Labels::Unconditional(64), 0.0)
     };
-    let steps = cfg.sample_steps.clamp(1, card.schedule.num_timesteps);
+    // A progressive student samples in the DDIM steps it learned (trailing spacing).
+    let sampler = match card.distilled.as_ref().and_then(|d| d.steps) {
+        Some(n) => SamplerSpec {
+            spacing: ddpm_pipeline::Spacing::Trailing,
+            ..SamplerSpec::new(SamplerKind::Ddim).with_steps(n)
+        },
+        None => SamplerSpec::new(SamplerKind::Ddim).with_steps(cfg.sample_steps),
+    };
+    let steps = sampler.steps.clamp(1, card.schedule.num_timesteps);
     let request = Request {
         batch: labels.len().min(GRID_BATCH),
         labels,
         guidance: w,
         seed: cfg.seed.wrapping_add(1),
-        sampler: SamplerSpec::new(SamplerKind::Ddim).with_steps(steps),
+        sampler: sampler.with_steps(steps),
     };
     let d = &card.data;
     let n = request.labels.len();

@@ -25,6 +25,7 @@
 pub mod bench;
 pub mod budget;
 pub mod checkpoint;
+pub mod distill;
 mod error;
 mod fit;
 pub mod launch;
@@ -48,6 +49,7 @@ use serde::{Deserialize, Serialize};
 pub use budget::{BudgetConfig, BudgetPlan};
 pub use checkpoint::{DataInfo, ModelCard, TrainState, Weights};
 pub use ddpm_unet::load_unet;
+pub use distill::DistillConfig;
 pub use error::{Result, TrainError};
 pub use fit::{
     checkpoint_path, final_grid_path, fit, fit_timed, grid_path, metrics_path, plot_metrics,
@@ -129,6 +131,10 @@ pub struct TrainConfig {
     /// resumed run trains on the same data.
     #[serde(default)]
     pub train_limit: Option<usize>,
+    /// Distil a teacher instead of learning from the data alone ([`distill`]): the loss is the
+    /// teacher's, the data only supplies the noised inputs. `None`: ordinary training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 impl Default for TrainConfig {
@@ -158,6 +164,7 @@ impl Default for TrainConfig {
             budget: None,
             budget_steps: None,
             train_limit: None,
+            distill: None,
         }
     }
 }
@@ -224,6 +231,20 @@ impl TrainConfig {
         if let Some(b) = &self.budget {
             if let Err(m) = b.validate() {
                 return bad("budget", m);
+            }
+        }
+        if let Some(d) = &self.distill {
+            if let Err((field, m)) = d.validate() {
+                return bad(field, m);
+            }
+            if !d.check_w(self.sample_guidance) {
+                return bad(
+                    "sample_guidance",
+                    format!(
+                        "{} lies outside the distilled range [{}, {}]",
+                        self.sample_guidance, d.w_min, d.w_max
+                    ),
+                );
             }
         }
         Ok(())
@@ -299,6 +320,8 @@ pub struct Trainer<N: Trainable = UNet> {
     budget_plan: Option<budget::Plan>,
     /// A budgeted run's standing against its budget, as last saved.
     budget_state: Option<budget::BudgetState>,
+    /// A distillation's teacher ([`TrainConfig::distill`]).
+    teacher: Option<distill::Teacher>,
 }
 
 impl<N: Trainable> std::fmt::Debug for Trainer<N> {
@@ -343,6 +366,24 @@ impl<N: Trainable> Trainer<N> {
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         N::initialise(&vars, config.seed)?;
+        // A student starts as a copy of its teacher (the EMA too); resume then overwrites both.
+        let teacher = match &config.distill {
+            Some(d) => {
+                let t = distill::Teacher::load(d, device)?;
+                let want = t.student_card(d);
+                if serde_json::to_value(&card).ok() != serde_json::to_value(&want).ok() {
+                    return Err(TrainError::Card(
+                        "a distillation's card must be its teacher's with the guidance embedding \
+                         and the account of the distillation (build it with \
+                         distill::Teacher::student_card)"
+                            .into(),
+                    ));
+                }
+                t.copy_into(&vars)?;
+                Some(t)
+            }
+            None => None,
+        };
         let ema = Ema::new(&vars, config.ema_decay)?;
         let opt = AdamW::new(vars, config.adamw)?;
         let rng = SeededNoise::new(config.seed);
@@ -362,6 +403,7 @@ impl<N: Trainable> Trainer<N> {
             steps_per_epoch: 0,
             budget_plan: None,
             budget_state: None,
+            teacher,
         })
     }
 
@@ -615,19 +657,38 @@ impl<N: Trainable> Trainer<N> {
     /// A NaN or infinite loss is an error and leaves the weights untouched.
     pub fn train_step(&mut self, batch: &Batch) -> Result<f32> {
         let x0 = batch.images.to_device(&self.device)?;
-        let objective = self.objective();
-        let null = self.null_class();
-        let drawn = objective.draw(
-            &self.schedule,
-            &x0,
-            Some(&batch.labels),
-            null,
-            &mut self.rng,
-        )?;
-        let out = self
-            .model
-            .forward_train(&drawn.x_t, &drawn.t, drawn.labels.as_ref())?;
-        let loss = objective.loss(&self.schedule, &x0, &drawn, &out)?;
+        let loss = match (&self.teacher, &self.config.distill) {
+            (Some(teacher), Some(cfg)) => {
+                let d = distill::DistillBatch::draw(
+                    cfg,
+                    teacher,
+                    &self.schedule,
+                    &x0,
+                    &batch.labels.to_device(&self.device)?,
+                    self.config.p_uncond,
+                    &mut self.rng,
+                )?;
+                let out = self
+                    .model
+                    .forward_train_at(&d.x_in, &d.t, d.labels.as_ref(), &d.w)?;
+                d.loss(&self.schedule, &out)?
+            }
+            _ => {
+                let objective = self.objective();
+                let null = self.null_class();
+                let drawn = objective.draw(
+                    &self.schedule,
+                    &x0,
+                    Some(&batch.labels),
+                    null,
+                    &mut self.rng,
+                )?;
+                let out = self
+                    .model
+                    .forward_train(&drawn.x_t, &drawn.t, drawn.labels.as_ref())?;
+                objective.loss(&self.schedule, &x0, &drawn, &out)?
+            }
+        };
         let grads = loss.backward()?;
         // The loss and the squared gradient norm come back in one read (one GPU sync a step);
         // nothing has touched the weights yet, so a non-finite value still leaves them as they
@@ -894,6 +955,7 @@ mod tests {
             schedule: ddpm_schedule::ScheduleConfig::default(),
             data: DataInfo::mnist_sized(4, 4),
             prediction,
+            distilled: None,
         }
     }
 

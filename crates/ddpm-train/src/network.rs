@@ -77,6 +77,22 @@ pub trait Trainable: Denoiser + Clone + Sized {
         self.predict_noise(x_t, t, labels)
     }
 
+    /// The train-mode forward with per-sample guidance weights `w` (`[B]` f32) as an input:
+    /// what a distillation's student runs ([`crate::distill`]). The default refuses (a network
+    /// needs a guidance input to be a student).
+    fn forward_train_at(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        w: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let _ = (x_t, t, labels, w);
+        candle_core::bail!(
+            "this network takes no guidance weight input: it cannot be a distillation student"
+        )
+    }
+
     /// The classes the network is conditioned on (0: unconditional). The trainer replaces a
     /// label by the null class, this number, with the training option `p_uncond`.
     fn num_classes(config: &Self::Config) -> usize;
@@ -173,6 +189,7 @@ pub fn card_for<M>(
             class_names: data.class_names().to_vec(),
         },
         prediction: ddpm_core::Prediction::Epsilon,
+        distilled: None,
     }
 }
 
@@ -194,6 +211,16 @@ impl Trainable for UNet {
         labels: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         self.forward_t(x_t, t, labels, true)
+    }
+
+    fn forward_train_at(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        w: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_w(x_t, t, labels, Some(w), true)
     }
 
     fn num_classes(config: &UNetConfig) -> usize {

@@ -241,11 +241,21 @@ fn lr_schedule_warms_up_and_decays() {
     assert!(c.lr_at(109, 110) < 0.01);
     let flat = TrainConfig {
         cosine_decay: false,
-        ..c
+        ..c.clone()
     };
     assert_eq!(flat.lr_at(100, 110), 1.0);
-    assert!(TrainConfig { p_uncond: 1.5, ..c }.validate().is_err());
-    assert!(TrainConfig { lr: f64::NAN, ..c }.validate().is_err());
+    assert!(TrainConfig {
+        p_uncond: 1.5,
+        ..c.clone()
+    }
+    .validate()
+    .is_err());
+    assert!(TrainConfig {
+        lr: f64::NAN,
+        ..c.clone()
+    }
+    .validate()
+    .is_err());
 }
 
 #[test]

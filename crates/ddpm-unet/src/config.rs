@@ -48,6 +48,11 @@ pub struct UNetConfig {
     /// Number of classes; 0 makes the model unconditional. The class embedding has
     /// `num_classes + 1` rows: the last one is the null class of classifier-free guidance.
     pub num_classes: usize,
+    /// Take the guidance weight w as an input (a guidance-distilled student, `ddpm distill`):
+    /// w's sinusoidal embedding (of 200·w) goes through its own two-layer MLP and is added to
+    /// the time and class embedding. Cards without the field read as `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guidance_embedding: bool,
 }
 
 impl UNetConfig {
@@ -65,6 +70,7 @@ impl UNetConfig {
             dropout: 0.0,
             groups: 16,
             num_classes: 10,
+            guidance_embedding: false,
         }
     }
 
@@ -83,6 +89,7 @@ impl UNetConfig {
             dropout: 0.0,
             groups: 8,
             num_classes: 10,
+            guidance_embedding: false,
         }
     }
 
@@ -98,6 +105,7 @@ impl UNetConfig {
             dropout: 0.0,
             groups: 4,
             num_classes: 10,
+            guidance_embedding: false,
         }
     }
 

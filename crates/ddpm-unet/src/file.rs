@@ -113,6 +113,53 @@ pub struct ModelCard<M = UNetConfig> {
     /// What the network predicts (ε or v); cards written before this field read as ε.
     #[serde(default)]
     pub prediction: ddpm_core::Prediction,
+    /// What a distilled model is (`ddpm distill`); `None` for a model trained on data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distilled: Option<Distillation>,
+}
+
+/// The stage of a distilled model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillStage {
+    /// Stage 1 (Meng et al. 2023): the guided prediction with w as an input, one network
+    /// call per step, for any sampler and number of steps.
+    Guidance,
+    /// Stage 2: progressive distillation (Salimans & Ho 2022) to a few DDIM steps.
+    Progressive,
+}
+
+/// The card's account of a distilled model: what it learned and from which teacher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Distillation {
+    /// The stage that made it.
+    pub stage: DistillStage,
+    /// For a progressive student: the DDIM steps (trailing spacing) it was trained to sample
+    /// in; `None` for a guidance student (any sampler, any steps).
+    pub steps: Option<usize>,
+    /// The lowest guidance weight it learned.
+    pub w_min: f64,
+    /// The highest guidance weight it learned.
+    pub w_max: f64,
+    /// The teacher's file name.
+    pub teacher: String,
+    /// The teacher file's SHA-256.
+    pub teacher_sha256: String,
+}
+
+impl Distillation {
+    /// Checks that `w` lies in the learned range; the message says which range.
+    pub fn check_w(&self, w: f64) -> std::result::Result<(), String> {
+        if w.is_finite() && w >= self.w_min - 1e-9 && w <= self.w_max + 1e-9 {
+            Ok(())
+        } else {
+            Err(format!(
+                "this distilled model learned guidance weights w in [{}, {}] (w is one of its \
+                 inputs); w = {w} lies outside, choose one inside",
+                self.w_min, self.w_max
+            ))
+        }
+    }
 }
 
 /// The largest image side a model card may declare (a bound against crafted cards that would

@@ -54,7 +54,9 @@ use ddpm_core::Denoiser;
 use ddpm_kernels::nn::precision;
 
 pub use config::{ConfigError, Preset, UNetConfig};
-pub use file::{load_unet, DataInfo, ModelCard, ModelFile, ModelFileError, Weights};
+pub use file::{
+    load_unet, DataInfo, DistillStage, Distillation, ModelCard, ModelFile, ModelFileError, Weights,
+};
 pub use ops::Kernels;
 
 /// Reduced-precision compute with f32 weights ([`UNet::with_autocast`]); the name a flag or a
@@ -130,6 +132,9 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
         .broadcast_mul(&freqs)?;
     Tensor::cat(&[args.sin()?, args.cos()?], 1)
 }
+
+/// The factor on w before its sinusoidal embedding: w in 0..5 spans the range t spans.
+pub const GUIDANCE_EMBED_SCALE: f64 = 200.0;
 
 /// A convolution's parameters (created by candle_nn's initialiser) run through [`ops::conv2d`].
 #[derive(Debug, Clone)]
@@ -405,6 +410,7 @@ pub struct UNet {
     config: UNetConfig,
     time_embed: (Linear, Linear),
     class_embed: Option<Embedding>,
+    guidance_embed: Option<(Linear, Linear)>,
     conv_in: Conv,
     down: Vec<Level>,
     mid: (ResBlock, Attention, ResBlock),
@@ -430,6 +436,14 @@ impl UNet {
         );
         let class_embed = if cfg.num_classes > 0 {
             Some(embedding(cfg.num_classes + 1, emb, vb.pp("class_embed"))?)
+        } else {
+            None
+        };
+        let guidance_embed = if cfg.guidance_embedding {
+            Some((
+                linear(cfg.base_channels, emb, vb.pp("guidance_embed.0"))?,
+                linear(emb, emb, vb.pp("guidance_embed.2"))?,
+            ))
         } else {
             None
         };
@@ -502,6 +516,7 @@ impl UNet {
             config: cfg.clone(),
             time_embed,
             class_embed,
+            guidance_embed,
             conv_in,
             down,
             mid,
@@ -562,7 +577,8 @@ impl UNet {
     /// Sets the U-Net's variables (`vars`, sorted by name, as a trainer holds them) to their
     /// initial values from a seeded host generator (candle's CPU generator cannot be seeded):
     /// convolution and linear weights U(±1/√fan_in) (PyTorch's default), class embeddings
-    /// N(0, 1), GroupNorm scales 1, biases 0. The names are this crate's own (`UNet::new`
+    /// N(0, 1), GroupNorm scales 1, biases 0, and the guidance embedding's last layer 0 (so
+    /// that w changes nothing until trained). The names are this crate's own (`UNet::new`
     /// gives them), which is why the U-Net, not the trainer, owns this choice.
     pub fn initialise(vars: &[(String, candle_core::Var)], seed: u64) -> Result<()> {
         let mut rng = ddpm_core::SeededNoise::new(seed ^ 0x5EED_1417);
@@ -571,6 +587,9 @@ impl UNet {
             let n = shape.elem_count();
             let data: Vec<f32> = if name.starts_with("class_embed") {
                 rng.randn_vec(n)
+            } else if name.starts_with("guidance_embed.2") {
+                // The guidance embedding starts at zero: a student starts as its teacher.
+                vec![0.0; n]
             } else if name.contains("norm") && name.ends_with("weight") {
                 vec![1.0; n]
             } else if name.ends_with("bias") {
@@ -589,12 +608,27 @@ impl UNet {
     }
 
     /// The forward pass. `labels` is `[B]` u32 (the null class allowed); `None` means
-    /// unconditional. `train` enables dropout.
+    /// unconditional. `train` enables dropout. A network with a guidance embedding runs at
+    /// w = 0 here (see [`UNet::forward_w`]).
     pub fn forward_t(
         &self,
         x: &Tensor,
         t: &Tensor,
         labels: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.forward_w(x, t, labels, None, train)
+    }
+
+    /// The forward pass with the guidance weights w (`guidance`, `[B]` f32) as an input, for a
+    /// network built with [`UNetConfig::guidance_embedding`] (`None`: w = 0). Fails when w is
+    /// given to a network without the embedding.
+    pub fn forward_w(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        guidance: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
@@ -639,6 +673,25 @@ impl UNet {
             };
             emb = (emb + ce.forward(&labels)?.to_dtype(dt)?)?;
         }
+        match (&self.guidance_embed, guidance) {
+            (Some((g0, g1)), g) => {
+                let g = match g {
+                    Some(g) if g.dims() != [b] => {
+                        candle_core::bail!("U-Net: w must be [{b}], got {:?}", g.shape())
+                    }
+                    Some(g) => g.to_dtype(DType::F32)?,
+                    None => Tensor::zeros(b, DType::F32, x.device())?,
+                };
+                let wemb =
+                    timestep_embedding(&(g * GUIDANCE_EMBED_SCALE)?, self.config.base_channels)?
+                        .to_dtype(dt)?;
+                emb = (emb + linear_in(g1, &candle_nn::ops::silu(&linear_in(g0, &wemb, k)?)?, k)?)?;
+            }
+            (None, Some(_)) => candle_core::bail!(
+                "U-Net: this network has no guidance embedding and takes no w input"
+            ),
+            (None, None) => {}
+        }
         let mut hs = vec![self.conv_in.forward(&x, k)?];
         let mut hcur = hs[0].clone();
         for level in &self.down {
@@ -679,6 +732,19 @@ impl UNet {
 impl Denoiser for UNet {
     fn predict_noise(&self, x_t: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         self.forward_t(x_t, t, labels, false)
+    }
+    fn takes_guidance(&self) -> bool {
+        self.config.guidance_embedding
+    }
+    fn predict_noise_at(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        w: f64,
+    ) -> Result<Tensor> {
+        let ws = Tensor::full(w as f32, x_t.dim(0)?, x_t.device())?;
+        self.forward_w(x_t, t, labels, Some(&ws), false)
     }
     fn null_class(&self) -> Option<u32> {
         (self.config.num_classes > 0).then_some(self.config.num_classes as u32)

@@ -13,6 +13,7 @@ pub fn card() -> ModelCard {
         schedule: ddpm_schedule::ScheduleConfig::new(ddpm_schedule::BetaSchedule::cosine(), 100),
         data: DataInfo::mnist(),
         prediction: Default::default(),
+        distilled: None,
     }
 }
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The steps-versus-quality study of docs/sampling.md: `ddpm eval` over samplers x spacings x
+# steps at w = 0.5, 1, 3, n = 1000, seed 1, one report per setting under $OUT. Resumable: a
+# setting whose report.json exists is skipped, so rerunning continues where it stopped.
+#
+#   bash bench/steps_study.sh CHECKPOINT OUT [N]
+set -euo pipefail
+ckpt=${1:?usage: steps_study.sh CHECKPOINT OUT [N]}
+out=${2:?usage: steps_study.sh CHECKPOINT OUT [N]}
+n=${3:-1000}
+ddpm=${DDPM:-target/release/ddpm}
+[ -x "$ddpm" ] || { echo "build it first: cargo build --release -p ddpm-cli ($ddpm missing)" >&2; exit 1; }
+run() { # sampler spacing steps
+  local dir="$out/$1-$2-$3"
+  [ -f "$dir/report.json" ] && return 0
+  echo "== $(date -u +%H:%M:%S) $1 $2 $3 steps" >&2
+  "$ddpm" eval --checkpoint "$ckpt" --n "$n" --guidance 0.5,1,3 --sampler "$1" --spacing "$2" \
+    --steps "$3" --seed 1 --out "$dir.tmp" >/dev/null
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+# Today's default first, then every solver on the log-SNR grid from few steps up, then the
+# trailing grid (diffusers' choice for few steps), then leading for the two defaults.
+run dpm++ leading 20
+for steps in 4 6 8 10; do
+  for s in dpm++ unipc ipndm dpm++3m unipc3 ddim; do run "$s" logsnr "$steps"; done
+done
+for steps in 4 6 8 10; do
+  for s in dpm++ unipc ipndm dpm++3m unipc3 ddim; do run "$s" trailing "$steps"; done
+done
+for s in dpm++ unipc ipndm dpm++3m unipc3 ddim; do run "$s" logsnr 20; done
+for s in dpm++ unipc ipndm; do
+  for steps in 4 6 8 10; do run "$s" karras "$steps"; done
+done
+echo "== $(date -u +%H:%M:%S) done" >&2
