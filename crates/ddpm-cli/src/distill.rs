@@ -89,7 +89,11 @@ impl DistillArgs {
                 warmup_steps: 50,
                 ema_decay: self.ema_decay,
                 seed: self.seed,
-                sample_every: 0,
+                // Epochs outlast a stage: the one grid is the final one, drawn with the
+                // guidance student's DDIM in --from-steps steps (a progressive student's in its
+                // own).
+                sample_every: 1,
+                sample_steps: self.from_steps,
                 sample_guidance: self.sample_guidance,
                 checkpoint_every: 100,
                 held_out_examples: 0,

@@ -49,11 +49,28 @@ pub struct EvalArgs {
     /// merged into one, rows sorted by w (e.g. guidance weights evaluated in separate runs).
     #[arg(long, value_delimiter = ',')]
     replot: Vec<PathBuf>,
+    /// Draw the steps-versus-quality study from the reports in DIR/*/report.json (one
+    /// `ddpm eval --out` per sampler, spacing and step count, e.g. bench/steps_study.sh's) into
+    /// --out: steps_table.md and fid_vs_calls_w<W>.png per guidance weight, sampling nothing.
+    #[arg(long, value_name = "DIR")]
+    steps_table: Option<PathBuf>,
 }
 
 /// Runs `ddpm eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
     crate::out_folder("--out", &a.out)?;
+    if let Some(dir) = &a.steps_table {
+        let reports = ddpm_eval::steps::read_dir_reports(dir)
+            .with_context(|| format!("--steps-table {}", dir.display()))?;
+        let points = ddpm_eval::steps::points(&reports);
+        let written = ddpm_eval::steps::write_study(&points, &a.out)
+            .with_context(|| format!("--out {}", a.out.display()))?;
+        print!("{}", ddpm_eval::steps::table(&points));
+        for f in written {
+            println!("wrote {}", f.display());
+        }
+        return Ok(());
+    }
     let outputs = ["report.json", "fid_vs_is.png", "accuracy_vs_w.png"].map(|f| a.out.join(f));
     for written in &outputs {
         for report in &a.replot {

@@ -27,6 +27,7 @@ mod classifier;
 pub mod linalg;
 mod metrics;
 mod report;
+pub mod steps;
 
 pub use classifier::{
     save_classifier, test_accuracy, train_classifier, Classifier, ClassifierConfig, ClassifierInfo,
