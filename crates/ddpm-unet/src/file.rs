@@ -230,6 +230,25 @@ impl<M> ModelCard<M> {
                 "the card's schedule has {t} steps, outside 1..={MAX_TIMESTEPS}"
             ));
         }
+        if let Some(dist) = &self.distilled {
+            let (lo, hi) = (dist.w_min, dist.w_max);
+            if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                return Err(format!(
+                    "the card's distilled.w_min/w_max [{lo}, {hi}] is not a finite ordered range"
+                ));
+            }
+            if dist.steps.is_some_and(|n| n == 0 || n > t) {
+                return Err(format!(
+                    "the card's distilled.steps {:?} is outside 1..={t} (the schedule's T)",
+                    dist.steps
+                ));
+            }
+            if dist.teacher.len() > 4096 || dist.teacher.chars().any(char::is_control) {
+                return Err(
+                    "the card's distilled.teacher is too long or holds a control character".into(),
+                );
+            }
+        }
         Ok(())
     }
 }

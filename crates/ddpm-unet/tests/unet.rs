@@ -403,3 +403,129 @@ fn bf16_reference_convolution_is_the_f32_product_of_rounded_inputs() {
         }
     }
 }
+
+#[test]
+fn a_guidance_embedding_takes_w_and_starts_inert() {
+    let cfg = UNetConfig {
+        guidance_embedding: true,
+        ..UNetConfig::tiny()
+    };
+    let (varmap, unet) = build(&cfg);
+    let mut vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(vars.iter().any(|(n, _)| n.starts_with("guidance_embed.2")));
+    UNet::initialise(&vars, 3).unwrap();
+    let x = randn(&mut SeededNoise::new(1), &[2, 1, 28, 28]);
+    let t = Tensor::new(&[10u32, 500], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[1u32, 10], &Device::Cpu).unwrap();
+    let at = |w: f64| unet.predict_noise_at(&x, &t, Some(&y), w).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    // Initialised, the last layer is zero: w changes nothing, and w = 0 is the plain forward.
+    assert!(unet.takes_guidance());
+    assert_eq!(diff(&at(0.0), &at(3.0)), 0.0);
+    assert_eq!(
+        diff(&at(0.0), &unet.predict_noise(&x, &t, Some(&y)).unwrap()),
+        0.0
+    );
+    // Once trained away from zero, w is an input.
+    let (_, last) = vars
+        .iter()
+        .find(|(n, _)| n == "guidance_embed.2.weight")
+        .unwrap();
+    last.set(&last.ones_like().unwrap()).unwrap();
+    assert!(diff(&at(0.0), &at(3.0)) > 1e-3);
+    // A network without the embedding refuses w.
+    let (_, plain) = build(&UNetConfig::tiny());
+    assert!(!plain.takes_guidance());
+    let e = plain
+        .predict_noise_at(&x, &t, Some(&y), 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no guidance embedding"), "{e}");
+}
+
+#[test]
+fn a_distilled_card_is_checked_like_the_rest() {
+    let card = |d: ddpm_unet::Distillation| ddpm_unet::ModelCard {
+        model: UNetConfig {
+            guidance_embedding: true,
+            ..UNetConfig::tiny()
+        },
+        schedule: ddpm_schedule::ScheduleConfig::default(),
+        data: ddpm_unet::DataInfo::mnist(),
+        prediction: Default::default(),
+        distilled: Some(d),
+    };
+    let ok = ddpm_unet::Distillation {
+        stage: ddpm_unet::DistillStage::Progressive,
+        steps: Some(4),
+        w_min: 0.0,
+        w_max: 4.0,
+        teacher: "checkpoint.safetensors".into(),
+        teacher_sha256: "ab".into(),
+    };
+    assert!(card(ok.clone()).validate().is_ok());
+    assert!(ok.check_w(4.0).is_ok() && ok.check_w(4.5).unwrap_err().contains("[0, 4]"));
+    for (bad, says) in [
+        (
+            ddpm_unet::Distillation {
+                w_max: f64::NAN,
+                ..ok.clone()
+            },
+            "distilled.w_min/w_max",
+        ),
+        (
+            ddpm_unet::Distillation {
+                w_min: 5.0,
+                ..ok.clone()
+            },
+            "distilled.w_min/w_max",
+        ),
+        (
+            ddpm_unet::Distillation {
+                steps: Some(0),
+                ..ok.clone()
+            },
+            "distilled.steps",
+        ),
+        (
+            ddpm_unet::Distillation {
+                steps: Some(1001),
+                ..ok.clone()
+            },
+            "distilled.steps",
+        ),
+        (
+            ddpm_unet::Distillation {
+                teacher: "a\u{1b}[2J".into(),
+                ..ok.clone()
+            },
+            "distilled.teacher",
+        ),
+    ] {
+        let e = card(bad).validate().unwrap_err();
+        assert!(e.contains(says), "{e}");
+    }
+    // A card without the field reads as trained on data, and writes none.
+    let json = serde_json::to_value(ddpm_unet::ModelCard {
+        distilled: None,
+        ..card(ok)
+    })
+    .unwrap();
+    assert!(json.get("distilled").is_none());
+}
