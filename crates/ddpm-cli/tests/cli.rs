@@ -857,3 +857,77 @@ fn reconstruct_writes_the_grid_and_the_error_table() {
         assert!(stderr(&o).contains(want), "{want}: {}", stderr(&o));
     }
 }
+
+#[test]
+fn distill_makes_a_student_that_samples_with_its_own_steps_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny_checkpoint(dir.path(), 10);
+    let out = dir.path().join("distill");
+    let args = |extra: &str| {
+        format!(
+            "distill --steps-per-stage 2 --batch 4 --from-steps 8 --to-steps 4 --w-max 3 {extra}"
+        )
+    };
+    let paths = [
+        ("--teacher", teacher.to_str().unwrap()),
+        ("--out", out.to_str().unwrap()),
+    ];
+    let o = ddpm_with(&args(""), &paths);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        said.contains("stage guidance starts") && said.contains("stage steps-4 starts"),
+        "{said}"
+    );
+    let student = out.join("steps-4/checkpoint.safetensors");
+    let card = checkpoint_card(&student);
+    assert_eq!(card.distilled.as_ref().and_then(|d| d.steps), Some(4));
+    assert!(card.model.guidance_embedding);
+    // Again without --resume: refused, naming the flag; with it, every stage is complete.
+    let o = ddpm_with(&args(""), &paths);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--resume"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ddpm_with(&args("--resume"), &paths);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("stage steps-4 is complete"));
+    // The student samples with no sampler flag, in its own 4 steps (an export keeps its card),
+    // and refuses a w outside what it learned.
+    let export = dir.path().join("student.safetensors");
+    let o = ddpm_with(
+        "export",
+        &[
+            ("--checkpoint", student.to_str().unwrap()),
+            ("--out", export.to_str().unwrap()),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(checkpoint_card(&export).distilled, card.distilled);
+    let png = dir.path().join("s.png");
+    let o = ddpm_with(
+        "sample --class 7 --n 2 --guidance 2",
+        &[
+            ("--checkpoint", export.to_str().unwrap()),
+            ("--out", png.to_str().unwrap()),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(png.exists());
+    let o = ddpm_with(
+        "sample --class 7 --n 2 --guidance 5",
+        &[
+            ("--checkpoint", export.to_str().unwrap()),
+            ("--out", png.to_str().unwrap()),
+        ],
+    );
+    assert!(
+        stderr(&o).contains("[0, 3]") && stderr(&o).contains("--guidance"),
+        "{}",
+        stderr(&o)
+    );
+    // Bad plans are named by their flags before anything runs.
+    let o = ddpm_with("distill --from-steps 12 --to-steps 4", &paths);
+    assert!(stderr(&o).contains("--from-steps"), "{}", stderr(&o));
+}
