@@ -291,7 +291,7 @@ pub fn guidance_target(
 }
 
 /// Per-sample `[B, 1, 1, 1]` values of `f(ᾱ)` at timesteps `ts` (`None`: clean data, ᾱ = 1).
-fn per_sample(
+fn column_of(
     ac: &[f64],
     ts: &[Option<u32>],
     f: impl Fn(f64) -> f64,
@@ -318,10 +318,10 @@ pub fn ddim_steps(
     let ac = schedule.alphas_cumprod();
     let dev = z.device();
     let from_o: Vec<Option<u32>> = from.iter().map(|&t| Some(t)).collect();
-    let a_a = per_sample(ac, &from_o, f64::sqrt, dev)?;
-    let s_a = per_sample(ac, &from_o, |a| (1.0 - a).sqrt(), dev)?;
-    let a_c = per_sample(ac, to, f64::sqrt, dev)?;
-    let s_c = per_sample(ac, to, |a| (1.0 - a).sqrt(), dev)?;
+    let a_a = column_of(ac, &from_o, f64::sqrt, dev)?;
+    let s_a = column_of(ac, &from_o, |a| (1.0 - a).sqrt(), dev)?;
+    let a_c = column_of(ac, to, f64::sqrt, dev)?;
+    let s_c = column_of(ac, to, |a| (1.0 - a).sqrt(), dev)?;
     let mut x0 = z
         .broadcast_sub(&eps.broadcast_mul(&s_a)?)?
         .broadcast_div(&a_a)?;
