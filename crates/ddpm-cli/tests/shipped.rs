@@ -171,7 +171,10 @@ fn the_same_seed_draws_the_same_grid_with_stochastic_ddim_in_batches() {
 #[test]
 fn the_shipped_student_draws_the_digit_asked_for_in_four_calls() {
     let path = root().join("assets/ddpm-small-student.safetensors");
-    assert!(path.exists(), "assets/ddpm-small-student.safetensors is missing");
+    assert!(
+        path.exists(),
+        "assets/ddpm-small-student.safetensors is missing"
+    );
     let model =
         ddpm_pipeline::Model::load(&path, ddpm_pipeline::Weights::Ema, &Device::Cpu).unwrap();
     let d = model.card().distilled.clone().unwrap();
@@ -202,5 +205,9 @@ fn the_shipped_student_draws_the_digit_asked_for_in_four_calls() {
         .filter(|(p, l)| p == l)
         .count();
     // docs/sampling.md measured its accuracy at w = 1 on 1,000 samples; allow one miss in 20.
-    assert!(right >= 19, "only {right}/20 digits read as asked: {:?}", pred.predicted);
+    assert!(
+        right >= 19,
+        "only {right}/20 digits read as asked: {:?}",
+        pred.predicted
+    );
 }
