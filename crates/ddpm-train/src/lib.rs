@@ -12,6 +12,7 @@
 //!     schedule: ddpm_schedule::ScheduleConfig::default(),
 //!     data: DataInfo::mnist_sized(8, 8),
 //!     prediction: ddpm_core::Prediction::Epsilon,
+//!     distilled: None,
 //! };
 //! let mut trainer = Trainer::new(card, TrainConfig { batch_size: 4, ..TrainConfig::default() }, &Device::Cpu)?;
 //! let x0 = candle_core::Tensor::zeros((4, 1, 8, 8), candle_core::DType::F32, &Device::Cpu)?;
