@@ -480,6 +480,15 @@ impl Model {
         }
     }
 
+    /// [`Model::default_sampler`] for a progressive student, else `fallback` (a command's own
+    /// default: `ddpm eval` and `reconstruct` use DDIM in 50 steps).
+    pub fn default_sampler_or(&self, fallback: SamplerSpec) -> SamplerSpec {
+        match self.card.distilled.as_ref().and_then(|d| d.steps) {
+            Some(_) => self.default_sampler(),
+            None => fallback,
+        }
+    }
+
     /// Whether this model takes the guidance weight as an input (a distilled student: one
     /// network call per step at any w).
     pub fn takes_guidance(&self) -> bool {

@@ -274,10 +274,8 @@ impl ReconstructOptions {
             guidance: self.guidance,
             seed: self.seed,
             sampler: {
-                let base = match model.card().distilled.as_ref().and_then(|d| d.steps) {
-                    Some(_) => model.default_sampler(),
-                    None => SamplerSpec::new(SamplerKind::Ddim).with_steps(50),
-                };
+                let base =
+                    model.default_sampler_or(SamplerSpec::new(SamplerKind::Ddim).with_steps(50));
                 SamplerSpec {
                     kind: self.sampler.unwrap_or(base.kind),
                     steps: self.steps.unwrap_or(base.steps),

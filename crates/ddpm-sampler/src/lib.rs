@@ -41,7 +41,6 @@ use ddpm_core::{Denoiser, GuidancePair, NoiseSchedule, NoiseSource, Posterior, P
 use ddpm_kernels::{guidance_combine, reverse_step, Eps, StepRule};
 use serde::{Deserialize, Serialize};
 
-mod multistep;
 mod spacing;
 
 pub use multistep::{
@@ -172,6 +171,9 @@ macro_rules! fused_steps {
         }
     };
 }
+
+// After the macro, which it uses.
+mod multistep;
 
 fn randn_like(noise: &mut dyn NoiseSource, x: &Tensor) -> Result<Tensor> {
     noise.randn(x.shape(), x.dtype(), x.device())

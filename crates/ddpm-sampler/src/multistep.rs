@@ -144,7 +144,7 @@ impl Multistep {
         self.solver
     }
 
-    fn multistep(
+    fn fused_step(
         &mut self,
         index: usize,
         eps: Eps<'_>,
@@ -491,26 +491,9 @@ impl Sampler for Multistep {
     fn timesteps(&self) -> &[usize] {
         &self.timesteps
     }
-    fn step(
-        &mut self,
-        index: usize,
-        eps: &Tensor,
-        x_t: &Tensor,
-        noise: &mut dyn NoiseSource,
-    ) -> Result<Step> {
-        self.multistep(index, Eps::Plain(eps), x_t, noise)
-    }
-    fn step_guided(
-        &mut self,
-        index: usize,
-        guidance: &GuidancePair,
-        x_t: &Tensor,
-        noise: &mut dyn NoiseSource,
-    ) -> Result<Step> {
-        self.multistep(index, guided(guidance), x_t, noise)
-    }
     fn reset(&mut self) {
         self.history.clear();
         self.pending = None;
     }
+    fused_steps!();
 }
