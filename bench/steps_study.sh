@@ -21,14 +21,14 @@ run() { # sampler spacing steps
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 # Today's default first; then the four solvers that matter on the log-SNR grid at the step
-# counts of at most 10 guided calls (4, 5) and 6; trailing (diffusers' choice for few steps) at
-# 4 and 5; then 8, 10 and 20 steps; then the rest (ddim, unipc3, karras).
+# counts of at most 10 guided calls (4, 5), then 6, 8, 10 and 20 steps (the rows that decide
+# the default); then trailing (diffusers' choice for few steps); then the rest (ddim, unipc3,
+# karras).
 run dpm++ leading 20
 main="dpm++ unipc ipndm dpm++3m"
-for steps in 4 5 6; do for s in $main; do run "$s" logsnr "$steps"; done; done
+for steps in 4 5 6 8 10; do for s in $main; do run "$s" logsnr "$steps"; done; done
+for s in dpm++ unipc ipndm dpm++3m; do run "$s" logsnr 20; done
 for steps in 4 5; do for s in $main; do run "$s" trailing "$steps"; done; done
-for steps in 8 10; do for s in $main; do run "$s" logsnr "$steps"; done; done
-for s in $main; do run "$s" logsnr 20; done
 for steps in 6 8 10; do for s in $main; do run "$s" trailing "$steps"; done; done
 for steps in 4 6 8 10 20; do for s in ddim unipc3; do run "$s" logsnr "$steps"; done; done
 for steps in 4 6 8 10; do for s in dpm++ unipc ipndm; do run "$s" karras "$steps"; done; done
