@@ -12,12 +12,16 @@
 //! * `build-cuda [OPTIONS]`: the CUDA build of the CLI, with a CUDA toolkit or from PyPI wheels,
 //!   optionally packed for a GPU machine without a Rust toolchain (docs/cuda.md);
 //! * `vendor-check`: `vendor/candle-core` is the pristine crates.io release plus
-//!   `vendor/candle-core.patch`, nothing else (vendor/README.md).
+//!   `vendor/candle-core.patch`, nothing else (vendor/README.md);
+//! * `web [--out DIR] [--model FILE] [--serve] [--port N] [--test]`: the browser page (web/,
+//!   crates/ddpm-web compiled to WebAssembly), optionally served on localhost or put through
+//!   the headless-Chromium test (docs/web.md).
 
 mod bench;
 mod cuda;
 mod gallery;
 mod vendor;
+mod web;
 
 use std::process::Command;
 
@@ -98,6 +102,7 @@ fn main() -> Result<()> {
         "gallery" => gallery::gallery(&rest),
         "build-cuda" => cuda::build_cuda(&rest),
         "vendor-check" => vendor::vendor_check(&rest),
+        "web" => web::web(&rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -107,7 +112,8 @@ fn main() -> Result<()> {
                  bench [OPTS]  speed/memory table: ours, candle stock, PyTorch (--help)\n  \
                  gallery [OPTS] README pictures from a checkpoint, with their commands (--help)\n  \
                  build-cuda [OPTS] CUDA build of the CLI, packable for a GPU machine (--help)\n  \
-                 vendor-check  vendor/candle-core = candle-core from crates.io + its .patch"
+                 vendor-check  vendor/candle-core = candle-core from crates.io + its .patch\n  \
+                 web [OPTS]    the browser page in WebAssembly; --serve, --test (docs/web.md)"
             );
             if task.is_empty() || task == "help" || task == "--help" {
                 Ok(())

@@ -51,7 +51,7 @@ pub struct EvalArgs {
     replot: Vec<PathBuf>,
     /// Draw the steps-versus-quality study from the reports in DIR/*/report.json (one
     /// `ddpm eval --out` per sampler, spacing and step count, e.g. bench/steps_study.sh's) into
-    /// --out: steps_table.md and fid_vs_calls_w<W>.png per guidance weight, sampling nothing.
+    /// --out: steps_table.md and `fid_vs_calls_w<W>.png` per guidance weight, sampling nothing.
     #[arg(long, value_name = "DIR")]
     steps_table: Option<PathBuf>,
 }

@@ -42,7 +42,7 @@ pub struct SampleArgs {
     gif: Option<PathBuf>,
     /// Colours of the GIF: dark (light digits on black, as MNIST is), light (inverted, for a
     /// light page), or both (two files, NAME-light.gif and NAME-dark.gif, e.g. for a README's
-    /// <picture> with prefers-color-scheme).
+    /// `<picture>` with prefers-color-scheme).
     #[arg(long, value_enum, default_value_t = viz::Themes::Dark, requires = "gif")]
     gif_theme: viz::Themes,
 }

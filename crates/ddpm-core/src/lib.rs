@@ -491,6 +491,27 @@ pub fn finite_values(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+/// `[N, C, H, W]` images in `[-1, 1]` as bytes in `0..=255` (same layout):
+/// `round((x + 1)·127.5)` after clamping, the one mapping every picture, sample file and the
+/// web page use. Fails on any non-finite value, so a diverged model gives an error instead of a
+/// black picture.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[-2f32, -1.0, 0.0, 0.5, 1.0], &Device::Cpu)?;
+/// assert_eq!(ddpm_core::to_u8(&x)?, vec![0, 0, 128, 191, 255]);
+/// assert!(ddpm_core::to_u8(&Tensor::new(&[f32::NAN], &Device::Cpu)?).is_err());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn to_u8(images: &Tensor) -> Result<Vec<u8>> {
+    // One read to the host; the same f32 arithmetic as candle's clamp, affine, round and
+    // saturating cast (the pinned grids of crates/ddpm-cli/tests/shipped.rs hold it to that).
+    let v = finite_values(images, "the images to write")?;
+    Ok(v.iter()
+        .map(|&x| ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8)
+        .collect())
+}
+
 /// Builds the label tensor for a batch where every sample asks for the null class.
 pub fn null_labels(null_class: u32, batch: usize, device: &Device) -> Result<Tensor> {
     Tensor::full(null_class, batch, device)

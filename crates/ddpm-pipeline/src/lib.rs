@@ -414,6 +414,32 @@ impl Model {
         Self::new(unet, card)
     }
 
+    /// A model from a model file's bytes (fetched over the network, say, where there is no
+    /// file system); `name` stands for the file in errors.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use ddpm_pipeline::{Model, Weights};
+    /// use std::path::Path;
+    /// // Doc tests run in the crate's folder.
+    /// let bytes = std::fs::read("../../assets/ddpm-small-student.safetensors")?;
+    /// let model = Model::from_bytes(&bytes, Path::new("student.safetensors"), Weights::Ema, &candle_core::Device::Cpu)?;
+    /// assert!(model.takes_guidance());
+    /// // Not a model file: one error that names it.
+    /// let err = Model::from_bytes(b"junk", Path::new("junk.bin"), Weights::Ema, &candle_core::Device::Cpu).unwrap_err();
+    /// assert!(err.to_string().contains("junk.bin"));
+    /// # Ok(()) }
+    /// ```
+    pub fn from_bytes(
+        bytes: &[u8],
+        name: &Path,
+        weights: Weights,
+        device: &Device,
+    ) -> Result<Self> {
+        let (unet, card) = ddpm_unet::load_unet_from_bytes(bytes, name, weights, device)?;
+        Self::new(unet, card)
+    }
+
     /// A model from a network and the card it was built from.
     pub fn new(unet: UNet, card: ModelCard) -> Result<Self> {
         let schedule = card.schedule.build()?;

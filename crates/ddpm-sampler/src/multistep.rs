@@ -332,8 +332,8 @@ pub fn dpmpp_coefficients(lam_s: f64, lam_t: f64, lams: &[f64]) -> Result<[f64; 
 }
 
 /// UniPC's coefficients for predictor order p = `lams.len()` (newest first, `lams[0]` = λ_s):
-/// `(ρ_p, ρ_c, B(h), φ₁)`, where the predictor adds −α_t·B(h)·Σ ρ_p[k]·(D₋ₖ₋₁ − D₀)/r_k and
-/// the corrector −α_t·B(h)·(Σ ρ_c[k]·(D₋ₖ₋₁ − D₀)/r_k + ρ_c[p−1]·(D_t − D₀)).
+/// `(ρ_p, ρ_c, B(h), φ₁)`, where the predictor adds −α_t·B(h)·Σ ρ_p\[k\]·(D₋ₖ₋₁ − D₀)/r_k and
+/// the corrector −α_t·B(h)·(Σ ρ_c\[k\]·(D₋ₖ₋₁ − D₀)/r_k + ρ_c\[p−1\]·(D_t − D₀)).
 pub fn unipc_coefficients(lam_s: f64, lam_t: f64, lams: &[f64]) -> Result<UniPcCoefficients> {
     let h = lam_t - lam_s;
     let p = lams.len();
@@ -454,7 +454,7 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Result<Vec<f64>> {
 }
 
 /// The weights w_j with ∫ from `nodes[0]` to `to` of the polynomial through
-/// (nodes[j], f_j) = Σ w_j·f_j: variable-step Adams–Bashforth. Exact (3-point
+/// (nodes\[j\], f_j) = Σ w_j·f_j: variable-step Adams–Bashforth. Exact (3-point
 /// Gauss–Legendre) for up to 4 nodes.
 pub fn adams_bashforth_weights(nodes: &[f64], to: f64) -> Result<Vec<f64>> {
     let n = nodes.len();

@@ -69,8 +69,7 @@ fn grid(sch: &Schedule, n: usize) -> Vec<usize> {
 /// its error with exact starting values; the lower-order warm-up steps are measured apart).
 fn error(sch: &Schedule, s: &mut dyn Sampler, prime: usize) -> f64 {
     let ts = s.timesteps().to_vec();
-    let x_start: Vec<f64> = (0..64).map(|i| (i as f64 / 16.0) - 2.0).collect();
-    let x_start = Tensor::from_vec(x_start, 64, &Device::Cpu).unwrap();
+    let x_start = start();
     let d = Gaussian(sch);
     let mut x = x_start.clone();
     s.reset();
@@ -91,6 +90,12 @@ fn error(sch: &Schedule, s: &mut dyn Sampler, prime: usize) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+/// The starting state: 64 values evenly spread over [-2, 2).
+fn start() -> Tensor {
+    let x: Vec<f64> = (0..64).map(|i| (i as f64 / 16.0) - 2.0).collect();
+    Tensor::from_vec(x, 64, &Device::Cpu).unwrap()
 }
 
 fn no_clip() -> SamplerConfig {
@@ -150,8 +155,7 @@ fn each_solver_converges_at_its_order() {
 #[test]
 fn solvers_run_on_every_spacing_and_stay_deterministic() {
     let sch = schedule();
-    let x: Vec<f64> = (0..64).map(|i| (i as f64 / 16.0) - 2.0).collect();
-    let x = Tensor::from_vec(x, 64, &Device::Cpu).unwrap();
+    let x = start();
     for sp in Spacing::ALL {
         for solver in [
             Solver::DpmSolverPp3M,
@@ -161,24 +165,18 @@ fn solvers_run_on_every_spacing_and_stay_deterministic() {
         ] {
             let mut s = Multistep::new(&sch, solver, 6, sp, no_clip()).unwrap();
             assert_eq!(s.timesteps().len(), 6, "{sp:?}");
-            let a = sample(
-                &Gaussian(&sch),
-                &mut s,
-                x.clone(),
-                None,
-                &mut Never,
-                &mut |_| Ok(()),
-            )
-            .unwrap();
-            let b = sample(
-                &Gaussian(&sch),
-                &mut s,
-                x.clone(),
-                None,
-                &mut Never,
-                &mut |_| Ok(()),
-            )
-            .unwrap();
+            let mut run = || {
+                sample(
+                    &Gaussian(&sch),
+                    &mut s,
+                    x.clone(),
+                    None,
+                    &mut Never,
+                    &mut |_| Ok(()),
+                )
+                .unwrap()
+            };
+            let (a, b) = (run(), run());
             assert_eq!(
                 a.to_vec1::<f64>().unwrap(),
                 b.to_vec1::<f64>().unwrap(),

@@ -54,7 +54,7 @@ impl DistillConfig {
     pub fn guidance(teacher: &Path, w_min: f64, w_max: f64) -> Result<Self> {
         Ok(Self {
             teacher: teacher.to_path_buf(),
-            teacher_sha256: sha256_file(teacher)?,
+            teacher_sha256: sha256_hex(&read_teacher(teacher)?),
             stage: DistillStage::Guidance,
             w_min,
             w_max,
@@ -66,7 +66,8 @@ impl DistillConfig {
     /// `teacher` (a stage-1 or earlier stage-2 student, whose w range it keeps). Hashes the
     /// file and reads the range from its card.
     pub fn progressive(teacher: &Path, student_steps: usize) -> Result<Self> {
-        let file = ddpm_unet::file::read(teacher, &Device::Cpu)
+        let bytes = read_teacher(teacher)?;
+        let file = ddpm_unet::file::from_bytes(&bytes, teacher, &Device::Cpu)
             .map_err(|e| bad_teacher(teacher, e.to_string()))?;
         let d = file.card.distilled.clone().ok_or_else(|| {
             bad_teacher(
@@ -78,7 +79,7 @@ impl DistillConfig {
         })?;
         Ok(Self {
             teacher: teacher.to_path_buf(),
-            teacher_sha256: sha256_file(teacher)?,
+            teacher_sha256: sha256_hex(&bytes),
             stage: DistillStage::Progressive,
             w_min: d.w_min,
             w_max: d.w_max,
@@ -126,16 +127,17 @@ fn bad_teacher(path: &Path, reason: String) -> TrainError {
     }
 }
 
-/// The SHA-256 of a file, as lowercase hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| TrainError::Checkpoint {
-        path: path.to_path_buf(),
-        reason: format!("cannot read it: {e}"),
-    })?;
-    Ok(Sha256::digest(&bytes)
+/// A teacher file's bytes (read once: hashed and parsed from the same copy).
+fn read_teacher(path: &Path) -> Result<Vec<u8>> {
+    ddpm_unet::file::read_bytes(path).map_err(|e| bad_teacher(path, e.to_string()))
+}
+
+/// The SHA-256 of some bytes, as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect())
+        .collect()
 }
 
 /// A loaded teacher: its EMA network, card and weights by name.
@@ -154,7 +156,8 @@ impl Teacher {
     /// from, that it predicts ε, is class-conditional, and suits the stage.
     pub fn load(cfg: &DistillConfig, device: &Device) -> Result<Self> {
         let path = &cfg.teacher;
-        let sha = sha256_file(path)?;
+        let bytes = read_teacher(path)?;
+        let sha = sha256_hex(&bytes);
         if sha != cfg.teacher_sha256 {
             return Err(bad_teacher(
                 path,
@@ -165,8 +168,9 @@ impl Teacher {
                 ),
             ));
         }
-        let file =
-            ddpm_unet::file::read(path, device).map_err(|e| bad_teacher(path, e.to_string()))?;
+        let file = ddpm_unet::file::from_bytes(&bytes, path, device)
+            .map_err(|e| bad_teacher(path, e.to_string()))?;
+        drop(bytes);
         let card = file.card.clone();
         if card.prediction != Prediction::Epsilon {
             return Err(bad_teacher(

@@ -728,7 +728,7 @@ pub const MAX_GRID_CLASSES: usize = 100;
 /// The most images a grid denoises at once (memory stays bounded whatever the class count).
 const GRID_BATCH: usize = 128;
 
-/// Samples one row per class (8 per row, at most [`MAX_GRID_CLASSES`] rows; 64 samples for
+/// Samples one row per class (8 per row, at most `MAX_GRID_CLASSES` = 100 rows; 64 samples for
 /// unconditional models) with the EMA weights, DDIM and the configured guidance, from a fixed
 /// seed, and saves the grid.
 pub fn write_sample_grid<N: Trainable>(trainer: &Trainer<N>, path: &Path) -> Result<()> {

@@ -360,7 +360,7 @@ pub fn save<M: Serialize>(
 }
 
 /// The bytes of a model file: a regular file of at most [`MAX_FILE_BYTES`] that fits in memory.
-fn read_bytes(path: &Path) -> Result<Vec<u8>, ModelFileError> {
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>, ModelFileError> {
     let io = |source| ModelFileError::Io {
         path: path.to_path_buf(),
         source,
@@ -403,8 +403,25 @@ pub fn read_as<M: serde::de::DeserializeOwned>(
     device: &Device,
     check: impl FnOnce(&ModelCard<M>) -> std::result::Result<(), String>,
 ) -> Result<ModelFile<M>, ModelFileError> {
-    let bytes = read_bytes(path)?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+    from_bytes_as(&read_bytes(path)?, path, device, check)
+}
+
+/// Parses a U-Net's model file from its bytes (fetched over the network, say, where there is no
+/// file system): the checks of [`read`]. `name` stands for the file in errors and in
+/// [`ModelFile::path`].
+pub fn from_bytes(bytes: &[u8], name: &Path, device: &Device) -> Result<ModelFile, ModelFileError> {
+    from_bytes_as(bytes, name, device, ModelCard::validate)
+}
+
+/// [`read_as`] on a file's bytes; `name` stands for the file in errors.
+pub fn from_bytes_as<M: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    name: &Path,
+    device: &Device,
+    check: impl FnOnce(&ModelCard<M>) -> std::result::Result<(), String>,
+) -> Result<ModelFile<M>, ModelFileError> {
+    let path = name;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
         invalid(
             path,
             format!("not a readable safetensors file (truncated or corrupt?): {e}"),
@@ -433,7 +450,7 @@ pub fn read_as<M: serde::de::DeserializeOwned>(
             serde_json::from_str(s).map_err(|e| invalid(path, format!("bad model card: {e}")))
         })?;
     check(&card).map_err(|reason| invalid(path, format!("has an invalid model card: {reason}")))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+    let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
         invalid(
             path,
             format!("cannot read tensors (truncated or corrupt?): {e}"),
@@ -538,6 +555,18 @@ pub fn load_unet(
     device: &Device,
 ) -> Result<(UNet, ModelCard), ModelFileError> {
     let file = read(path, device)?;
+    let unet = file.unet(which, device)?;
+    Ok((unet, file.card))
+}
+
+/// [`load_unet`] from a model file's bytes; `name` stands for the file in errors.
+pub fn load_unet_from_bytes(
+    bytes: &[u8],
+    name: &Path,
+    which: Weights,
+    device: &Device,
+) -> Result<(UNet, ModelCard), ModelFileError> {
+    let file = from_bytes(bytes, name, device)?;
     let unet = file.unet(which, device)?;
     Ok((unet, file.card))
 }

@@ -55,7 +55,8 @@ use ddpm_kernels::nn::precision;
 
 pub use config::{ConfigError, Preset, UNetConfig};
 pub use file::{
-    load_unet, DataInfo, DistillStage, Distillation, ModelCard, ModelFile, ModelFileError, Weights,
+    load_unet, load_unet_from_bytes, DataInfo, DistillStage, Distillation, ModelCard, ModelFile,
+    ModelFileError, Weights,
 };
 pub use ops::Kernels;
 

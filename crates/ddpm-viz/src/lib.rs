@@ -136,16 +136,10 @@ pub fn grid_size(n: usize, ncols: usize, h: usize, w: usize, scale: usize) -> Re
     Ok((width as u32, height as u32))
 }
 
-/// `[N, C, H, W]` images in `[-1, 1]` as bytes in `0..=255` (same layout): `round((x + 1)·127.5)`
-/// after clamping, the one mapping every picture and sample file uses. Fails on any non-finite
-/// value, so a diverged model gives an error instead of a black picture.
+/// `[N, C, H, W]` images in `[-1, 1]` as bytes in `0..=255` ([`ddpm_core::to_u8`], the one
+/// mapping every picture and sample file uses). Fails on any non-finite value.
 pub fn to_u8(images: &Tensor) -> Result<Vec<u8>> {
-    // One read to the host; the same f32 arithmetic as candle's clamp, affine, round and
-    // saturating cast (the pinned grids of crates/ddpm-cli/tests/shipped.rs hold it to that).
-    let v = ddpm_core::finite_values(images, "the images to write")?;
-    Ok(v.iter()
-        .map(|&x| ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8)
-        .collect())
+    Ok(ddpm_core::to_u8(images)?)
 }
 
 /// Writes one `[C, H, W]` image in `[-1, 1]` at its native size, as a grayscale PNG (mode L)

@@ -10,6 +10,7 @@
 /// What this CPU supports: 2 for AVX-512 (F, BW, VL, DQ) with AVX2 and FMA, 1 for AVX2 with
 /// FMA, 0 otherwise (and on other architectures). Detected once.
 #[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // dispatch is x86-64 only
 pub(crate) fn level() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
