@@ -33,8 +33,9 @@ polling nvidia-smi (the whole process: context included), for every implementati
 --precisions f32,bf16 (the default): each implementation runs in each precision: f32, and
 bf16 autocast with f32 weights (ours: `ddpm bench --autocast bf16`; PyTorch: torch.autocast,
 the one line a PyTorch user adds for speed). --precisions f32 skips bf16; --autocast X is
---precisions X. On the CPU our bf16 is the reference path (bf16-rounded product inputs, f32
-accumulation), slower than f32 until a bf16 kernel exists. Stock candle runs in f32 only.
+--precisions X. On the CPU our bf16 runs the reference path (bf16-rounded product inputs, f32
+accumulation), and on a CPU with avx512_bf16 also the vdpbf16ps kernel (two rows:
+DDPM_BF16_KERNEL=reference and =vdpbf16ps). Stock candle runs in f32 only.
 Each preset and mode ends with a line: our best ÷ PyTorch's best (over precisions and
 torch.compile), the figure to compare.";
 
@@ -301,6 +302,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     gemm.args(["bench", "--mode", "gemm", "--device", &o.device]);
     let gemm = json_of(&mut gemm)?;
     let peak = f(&gemm, "gflops");
+    let has_avx512_bf16 = cpu_description().1.contains("avx512_bf16");
     let nthreads = gemm
         .get("threads")
         .and_then(Value::as_u64)
@@ -327,10 +329,26 @@ pub fn bench(args: &[String]) -> Result<()> {
             };
             // (kernels, precision) of ours; (compile, precision) of PyTorch.
             let autocast = |p: &String| (p != "f32").then(|| p.clone());
-            let mut impls: Vec<(&str, Option<String>)> =
-                o.precisions.iter().map(|p| ("fast", autocast(p))).collect();
+            // (kernels, autocast, DDPM_BF16_KERNEL) of ours: bf16 on a CPU with avx512_bf16
+            // runs on both bf16 kernels.
+            let bf16_kernels: &[Option<&str>] = if o.device == "cpu" && has_avx512_bf16 {
+                &[Some("reference"), Some("vdpbf16ps")]
+            } else {
+                &[None]
+            };
+            let mut impls: Vec<(&str, Option<String>, Option<&str>)> = Vec::new();
+            for p in &o.precisions {
+                match autocast(p) {
+                    Some(a) if a == "bf16" => {
+                        for k in bf16_kernels {
+                            impls.push(("fast", Some(a.clone()), *k));
+                        }
+                    }
+                    a => impls.push(("fast", a, None)),
+                }
+            }
             if o.stock {
-                impls.push(("stock", None));
+                impls.push(("stock", None, None));
             }
             let mut torch_variants = Vec::new();
             if torch_ok {
@@ -343,8 +361,11 @@ pub fn bench(args: &[String]) -> Result<()> {
                     }
                 }
             }
-            let ours = |k: &str, autocast: &Option<String>| {
+            let ours = |k: &str, autocast: &Option<String>, bf16_kernel: Option<&str>| {
                 let mut c = ddpm_cmd();
+                if let Some(kernel) = bf16_kernel {
+                    c.env("DDPM_BF16_KERNEL", kernel);
+                }
                 c.args(["bench", "--mode", mode, "--model", preset, "--kernels", k]);
                 c.args(["--batch", &batch.to_string(), "--device", &o.device]);
                 c.args(["--iters", &o.iters.to_string()]);
@@ -378,8 +399,8 @@ pub fn bench(args: &[String]) -> Result<()> {
             let n_impl = impls.len() + torch_variants.len();
             let mut runs: Vec<Vec<Value>> = vec![Vec::new(); n_impl];
             for _ in 0..o.rounds {
-                for (i, (k, a)) in impls.iter().enumerate() {
-                    runs[i].push(json_of_on(&mut ours(k, a), gpu)?);
+                for (i, (k, a, bk)) in impls.iter().enumerate() {
+                    runs[i].push(json_of_on(&mut ours(k, a, *bk), gpu)?);
                 }
                 for (j, (compile, a)) in torch_variants.iter().enumerate() {
                     runs[impls.len() + j].push(json_of_on(&mut torch(*compile, a), gpu)?);

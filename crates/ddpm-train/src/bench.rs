@@ -293,6 +293,13 @@ pub fn run(a: &BenchSpec, dev: &Device) -> Result<Value> {
     };
     Ok(serde_json::json!({
             "impl": match autocast {
+                // bf16 on the CPU names its kernel (the dispatcher's choice, or
+                // DDPM_BF16_KERNEL's): candle-fast-bf16-vdpbf16ps or candle-fast-bf16-reference.
+                Some(ddpm_unet::Autocast::Bf16) if dev.is_cpu() && kernels != Kernels::Stock => format!(
+                    "candle-{}-bf16-{}",
+                    kernels.name(),
+                    ddpm_unet::ops::precision::bf16_kernel().name()
+                ),
                 Some(a) => format!("candle-{}-{}", kernels.name(), a.dtype().as_str()),
                 None => format!("candle-{}", kernels.name()),
             },

@@ -66,8 +66,9 @@ pub use ops::Kernels;
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Autocast {
-    /// bfloat16: f32's range, 8 bits of mantissa; needs no loss scaling. On the CPU: the
-    /// reference path (bf16-rounded product inputs, f32 accumulation).
+    /// bfloat16: f32's range, 8 bits of mantissa; needs no loss scaling. On the CPU: products
+    /// take bf16-rounded inputs and accumulate in f32, on the `vdpbf16ps` kernel or the
+    /// reference path ([`precision::bf16_kernel`]).
     Bf16,
     /// IEEE half: more mantissa, little range; training would need loss scaling.
     F16,
@@ -91,23 +92,36 @@ impl Autocast {
         }
     }
 
-    /// Whether `device` can run it. Every device can: bf16 on the CPU runs the reference path
-    /// ([`ddpm_kernels::nn::precision`]: bf16-rounded inputs to f32 products, the same numbers
-    /// a bf16 kernel computes, but slower than f32; [`Autocast::cpu_note`] says so).
+    /// Whether `device` can run it. Every device can: bf16 on the CPU runs the `vdpbf16ps`
+    /// kernel or the reference path ([`ddpm_kernels::nn::precision`]: bf16-rounded inputs to
+    /// f32 products, the same numbers a bf16 kernel computes; [`Autocast::cpu_note`] says
+    /// which).
     pub fn check_device(self, _device: &candle_core::Device) -> std::result::Result<(), String> {
         Ok(())
     }
 
-    /// What a user should know about this autocast on `device`, if anything: bf16 on the CPU
-    /// runs the reference path, slower than f32, whatever bf16 instructions the CPU has
-    /// (no `vdpbf16ps`/AMX kernel is written yet).
+    /// What a user should know about this autocast on `device`, if anything: which bf16
+    /// kernel the CPU's convolutions run ([`precision::bf16_kernel`]), and that the reference
+    /// path is slower than f32.
     pub fn cpu_note(self, device: &candle_core::Device) -> Option<String> {
         if self != Self::Bf16 || !device.is_cpu() {
             return None;
         }
+        let kernel = precision::bf16_kernel();
+        if kernel == precision::Bf16Kernel::Avx512 {
+            return Some(
+                "bf16 on the CPU: convolutions run the vdpbf16ps kernel (AVX512_BF16, faster \
+                 than this CPU's f32 GEMM by the dispatcher's probe); linear layers and \
+                 attention take the reference path (bf16-rounded inputs to f32 products)"
+                    .to_string(),
+            );
+        }
         let cpu = match precision::cpu_bf16().flag() {
-            Some(flag) => format!("this CPU has {flag}, but no kernel uses it yet"),
-            None => "this CPU has no bf16 instructions (avx512_bf16, amx_bf16)".to_string(),
+            Some(flag) => format!(
+                "this CPU has {flag}, but its vdpbf16ps ran slower than its f32 GEMM in the \
+                 dispatcher's probe (DDPM_BF16_KERNEL=vdpbf16ps forces it)"
+            ),
+            None => "this CPU has no bf16 instructions (avx512_bf16)".to_string(),
         };
         Some(format!(
             "bf16 on the CPU runs the reference path (products take bf16-rounded inputs and \
@@ -175,16 +189,15 @@ impl Conv {
     fn forward(&self, x: &Tensor, run: Run) -> Result<Tensor> {
         let kernels = run.kernels;
         if run.bf16 {
-            let bias = self.bias.as_ref().map(precision::bf16_inputs).transpose()?;
-            let y = ops::conv2d(
-                &precision::bf16_inputs(x)?,
-                &precision::bf16_inputs(&self.weight)?,
-                bias.as_ref(),
+            // The vdpbf16ps kernel or the reference path, as the dispatcher picks.
+            return ops::conv2d_bf16(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
                 self.stride,
                 self.padding,
                 kernels,
-            )?;
-            return precision::bf16_grads(&y);
+            );
         }
         let dt = x.dtype();
         let bias = self.bias.as_ref().map(|b| b.to_dtype(dt)).transpose()?;

@@ -364,3 +364,90 @@ fn a_kernel_that_skips_an_element_fails_the_tests() {
         assert!(e.contains(what) && e.contains("unwritten"), "{what}: {e}");
     }
 }
+
+/// The bf16 convolution on each bf16 kernel this CPU has (the fused `vdpbf16ps` op where it
+/// has AVX512_BF16, the reference composition everywhere): forward and every gradient against
+/// the reference path within f32 summation-order error, and against f32 within bf16's
+/// precision; the outputs and gradients stay f32.
+#[test]
+fn conv2d_bf16_kernels_match_the_reference_path_and_f32() {
+    use ddpm_unet::ops::conv2d_bf16_on;
+    use ddpm_unet::ops::precision::Bf16Kernel;
+    let kernels = Bf16Kernel::available();
+    if !kernels.contains(&Bf16Kernel::Avx512) {
+        println!("this CPU has no AVX512_BF16: only the reference path runs here");
+    }
+    let mut rng = SeededNoise::new(7);
+    // The U-Net's 3×3 s1, 3×3 s2 and 1×1 cases at odd sizes and channel counts (odd depths:
+    // pairs padded), batch 1 and batch 5, and one deep enough for two k blocks.
+    let cases = [
+        (1, 3, 7, 5, 4, 3, 1, 1),
+        (5, 13, 9, 9, 17, 3, 1, 1),
+        (3, 6, 7, 7, 6, 3, 2, 1),
+        (4, 5, 6, 5, 7, 1, 1, 0),
+        (2, 3, 5, 6, 2, 3, 1, 0),
+        (2, 48, 14, 14, 40, 3, 1, 1),
+        (3, 2, 8, 6, 3, 1, 2, 0),
+    ];
+    for (n, cin, h, w, cout, k, stride, pad) in cases {
+        let x = var(&mut rng, &[n, cin, h, w]);
+        let wt = var(&mut rng, &[cout, cin, k, k]);
+        let b = var(&mut rng, &[cout]);
+        let what = format!("conv n{n} c{cin}->{cout} {h}x{w} k{k} s{stride} p{pad}");
+        let r = var(
+            &mut rng,
+            &[
+                n,
+                cout,
+                (h + 2 * pad - k) / stride + 1,
+                (w + 2 * pad - k) / stride + 1,
+            ],
+        );
+        let run = |kernel: Option<Bf16Kernel>| {
+            let y = match kernel {
+                Some(kernel) => {
+                    conv2d_bf16_on(&x, &wt, Some(&b), stride, pad, Kernels::Fast, kernel).unwrap()
+                }
+                None => conv2d(&x, &wt, Some(&b), stride, pad, Kernels::Fast).unwrap(),
+            };
+            assert_eq!(y.dtype(), DType::F32);
+            let g = (&y * r.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads: Vec<Tensor> = [&x, &wt, &b]
+                .iter()
+                .map(|v| g.get(v).expect("gradient").clone())
+                .collect();
+            (y, grads)
+        };
+        let (reference, ref_grads) = run(Some(Bf16Kernel::Reference));
+        let (full, full_grads) = run(None);
+        let d = max_rel_diff(&reference, &full);
+        assert!(d > 0.0 && d < 2e-2, "{what}: reference vs f32 forward {d}");
+        for kernel in &kernels {
+            let (y, grads) = run(Some(*kernel));
+            let d = max_rel_diff(&y, &reference);
+            assert!(
+                d < 1e-5,
+                "{what} {kernel:?}: forward differs from the reference by {d}"
+            );
+            for (i, (g, (gr, gf))) in grads
+                .iter()
+                .zip(ref_grads.iter().zip(&full_grads))
+                .enumerate()
+            {
+                assert_eq!(g.dtype(), DType::F32);
+                let d = max_rel_diff(g, gr);
+                assert!(
+                    d < 1e-4,
+                    "{what} {kernel:?}: gradient {i} vs the reference: {d}"
+                );
+                let d = max_rel_diff(g, gf);
+                assert!(d < 3e-2, "{what} {kernel:?}: gradient {i} vs f32: {d}");
+            }
+        }
+    }
+}

@@ -8,8 +8,10 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bgemm::{bgemm, Bf16Kernel, Lhs, PackedA};
 use super::contiguous_f32;
 use super::gemm::{sgemm, MatRef};
+use super::precision::round_bf16;
 use super::simd::simd_fn;
 use super::uninit::filled;
 
@@ -18,6 +20,60 @@ use implicit::Padded;
 
 /// The fewest GEMM columns (output positions, over the samples of a group) worth one call.
 const MIN_COLS: usize = 768;
+
+/// The left operand of a product (the weights): f32, or packed once per op for the bf16
+/// kernel ([`super::bgemm`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Weights<'a> {
+    F32(MatRef<'a>),
+    Bf16(&'a PackedA),
+}
+
+impl<'a> Weights<'a> {
+    /// `w` packed for `bf16` products when set; `store` keeps the packing alive.
+    fn prepare(w: MatRef<'a>, bf16: bool, store: &'a mut Option<PackedA>) -> Result<Self> {
+        if !bf16 {
+            return Ok(Self::F32(w));
+        }
+        Ok(Self::Bf16(
+            store.insert(PackedA::new(w, Bf16Kernel::Avx512)?),
+        ))
+    }
+}
+
+/// `dst [+]= a · b` in f32, or with bf16 inputs and f32 accumulation (`vdpbf16ps`).
+fn product(dst: &mut [f32], a: Weights<'_>, b: MatRef<'_>, acc: bool, par: bool) -> Result<()> {
+    match a {
+        Weights::F32(a) => sgemm(dst, a, b, acc, par),
+        Weights::Bf16(a) => bgemm(dst, Lhs::Packed(a), b, acc, par, Bf16Kernel::Avx512),
+    }
+}
+
+/// `dst [+]= a · b` for operands that change with every call (no packing kept).
+fn product_of_views(
+    dst: &mut [f32],
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    acc: bool,
+    par: bool,
+    bf16: bool,
+) -> Result<()> {
+    if bf16 {
+        return bgemm(dst, Lhs::View(a), b, acc, par, Bf16Kernel::Avx512);
+    }
+    sgemm(dst, a, b, acc, par)
+}
+
+/// The bias, rounded to bf16 values for bf16 products (as autocast casts it).
+fn bias_for(bias: Option<&[f32]>, bf16: bool) -> Option<std::borrow::Cow<'_, [f32]>> {
+    bias.map(|b| {
+        if bf16 {
+            std::borrow::Cow::Owned(b.iter().map(|&v| round_bf16(v)).collect())
+        } else {
+            std::borrow::Cow::Borrowed(b)
+        }
+    })
+}
 
 /// The shape of one convolution: input `[n, cin, h, w]`, kernel `[cout, cin, kh, kw]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,20 +285,19 @@ fn grad_matrix<'a>(g: &ConvGeom, grad: &'a [f32], stage: &'a mut Vec<f32>) -> Ma
 /// the samples' `[cout, L]` planes.
 fn fwd_group(
     g: &ConvGeom,
-    w: &[f32],
+    wm: Weights<'_>,
     bias: Option<&[f32]>,
     x: &[f32],
     sc: &mut Scratch,
     out: &mut [f32],
     par: bool,
 ) -> Result<()> {
-    let (k, l) = (g.k(), g.l());
+    let l = g.l();
     let s = x.len() / g.in_len();
     let Scratch { cols, stage, .. } = sc;
     let colm = columns(g, x, cols);
-    let wm = MatRef::row_major(w, g.cout, k);
     if s == 1 {
-        sgemm(out, wm, colm, false, par)?;
+        product(out, wm, colm, false, par)?;
         if let Some(b) = bias {
             for (row, &bv) in out.chunks_mut(l.max(1)).zip(b) {
                 super::bias::add_scalar(row, bv);
@@ -251,7 +306,7 @@ fn fwd_group(
         return Ok(());
     }
     stage.resize(g.cout * s * l, 0.0);
-    sgemm(stage, wm, colm, false, par)?;
+    product(stage, wm, colm, false, par)?;
     for (i, o) in out.chunks_mut(g.cout * l).enumerate() {
         for (c, dst) in o.chunks_mut(l).enumerate() {
             let src = &stage[c * s * l + i * l..][..l];
@@ -264,10 +319,20 @@ fn fwd_group(
     Ok(())
 }
 
-/// The forward pass over a batch.
-fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>> {
+/// The forward pass over a batch, its products in bf16 when `bf16` is set.
+fn conv_forward(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    bf16: bool,
+) -> Result<Vec<f32>> {
+    let bias = bias_for(bias, bf16);
+    let bias = bias.as_deref();
     if let Some(p) = Padded::of(g) {
         let wr = implicit::by_kernel_row(g, w);
+        let mut packs = Vec::new();
+        let wr = implicit::KernelRows::new(g, &wr, bf16, &mut packs)?;
         let fill = |out: &mut [std::mem::MaybeUninit<f32>]| {
             per_group(
                 g,
@@ -288,6 +353,8 @@ fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Res
         #[allow(unsafe_code)]
         return unsafe { filled(g.n * g.cout * g.l(), "conv2d", fill) };
     }
+    let mut store = None;
+    let wm = Weights::prepare(MatRef::row_major(w, g.cout, g.k()), bf16, &mut store)?;
     let mut out = vec![0f32; g.n * g.cout * g.l()];
     per_group(
         g,
@@ -296,7 +363,7 @@ fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Res
         g.cout * g.l(),
         x,
         g.in_len(),
-        |o, xs, sc, par| fwd_group(g, w, bias, xs, sc, o, par),
+        |o, xs, sc, par| fwd_group(g, wm, bias, xs, sc, o, par),
     )?;
     Ok(out)
 }
@@ -379,7 +446,7 @@ fn per_sample_sum(
 /// Input gradient of a group: `dcols [K, s·L] = Wᵀ · g [cout, s·L]`, then col2im per sample.
 fn bwd_data_group(
     g: &ConvGeom,
-    w: &[f32],
+    wt: Weights<'_>,
     grad: &[f32],
     sc: &mut Scratch,
     dx: &mut [f32],
@@ -388,13 +455,12 @@ fn bwd_data_group(
     let (k, l) = (g.k(), g.l());
     let s = grad.len() / (g.cout * l);
     let Scratch { cols, stage, .. } = sc;
-    let wt = MatRef::row_major(w, g.cout, k).t();
     let gm = grad_matrix(g, grad, stage);
     if s == 1 && g.pointwise() {
-        return sgemm(dx, wt, gm, false, par);
+        return product(dx, wt, gm, false, par);
     }
     cols.resize(k * s * l, 0.0);
-    sgemm(cols, wt, gm, false, par)?;
+    product(cols, wt, gm, false, par)?;
     for (i, d) in dx.chunks_mut(g.in_len()).enumerate() {
         col2im(g, &cols[i * l..], d, s * l);
     }
@@ -403,6 +469,7 @@ fn bwd_data_group(
 
 /// Kernel gradient contribution of a group, transposed: `dWᵀ [K, cout] += cols [K, s·L] ·
 /// gᵀ [s·L, cout]` (in this orientation the GEMM reads the column matrix unpacked).
+#[allow(clippy::too_many_arguments)]
 fn bwd_filter_group(
     g: &ConvGeom,
     x: &[f32],
@@ -410,11 +477,12 @@ fn bwd_filter_group(
     sc: &mut Scratch,
     dwt: &mut [f32],
     par: bool,
+    bf16: bool,
 ) -> Result<()> {
     let Scratch { cols, stage, .. } = sc;
     let gm = grad_matrix(g, grad, stage);
     let colm = columns(g, x, cols);
-    sgemm(dwt, colm, gm.t(), true, par)
+    product_of_views(dwt, colm, gm.t(), true, par, bf16)
 }
 
 /// `conv2d(x, w)` without bias: the forward op, differentiable in both arguments.
@@ -422,6 +490,9 @@ fn bwd_filter_group(
 pub(crate) struct Conv2dOp {
     pub stride: usize,
     pub pad: usize,
+    /// bf16 products (inputs, weights and output gradients rounded to bf16, f32 accumulation)
+    /// on the `vdpbf16ps` kernel; the caller checked that the CPU has it.
+    pub bf16: bool,
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -439,7 +510,7 @@ impl CustomOp2 for Conv2dOp {
         let x = contiguous_f32(s1, l1, "conv2d input")?;
         let w = contiguous_f32(s2, l2, "conv2d kernel")?;
         let g = ConvGeom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let out = conv_forward(&g, x, w, None)?;
+        let out = conv_forward(&g, x, w, None, self.bf16)?;
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.cout, g.oh, g.ow))))
     }
 
@@ -477,7 +548,7 @@ impl CustomOp3 for Conv2dOp {
         if l3.dims() != [g.cout] {
             bail!("conv2d: bias must be [{}], got {:?}", g.cout, l3.dims())
         }
-        let out = conv_forward(&g, x, w, Some(b))?;
+        let out = conv_forward(&g, x, w, Some(b), self.bf16)?;
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.cout, g.oh, g.ow))))
     }
 
@@ -491,7 +562,14 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (dx, dw) = self.grads(x, w, &grad)?;
-        let db = grad.apply_op1_no_bwd(&super::bias::SumPlanes { per_sample: false })?;
+        // Under bf16 the bias's gradient sums the bf16-rounded output gradient, as the
+        // reference path's (and autocast's) does.
+        let gb = if self.bf16 {
+            super::precision::rounded(&grad)?
+        } else {
+            grad
+        };
+        let db = gb.apply_op1_no_bwd(&super::bias::SumPlanes { per_sample: false })?;
         Ok((dx, dw, Some(db)))
     }
 }
@@ -509,6 +587,7 @@ impl Conv2dOp {
                 stride: self.stride,
                 pad: self.pad,
                 input_hw: (x.dim(2)?, x.dim(3)?),
+                bf16: self.bf16,
             },
         )?;
         let dw = x.apply_op2_no_bwd(
@@ -517,6 +596,7 @@ impl Conv2dOp {
                 stride: self.stride,
                 pad: self.pad,
                 kernel_hw: (w.dim(2)?, w.dim(3)?),
+                bf16: self.bf16,
             },
         )?;
         Ok((Some(dx), Some(dw)))
@@ -529,6 +609,7 @@ struct Conv2dBwdData {
     stride: usize,
     pad: usize,
     input_hw: (usize, usize),
+    bf16: bool,
 }
 
 impl CustomOp2 for Conv2dBwdData {
@@ -556,6 +637,8 @@ impl CustomOp2 for Conv2dBwdData {
         }
         if let Some((gt, p)) = Padded::transposed(&g) {
             let wr = implicit::flipped_by_kernel_row(&g, &gt, w);
+            let mut packs = Vec::new();
+            let wr = implicit::KernelRows::new(&gt, &wr, self.bf16, &mut packs)?;
             let fill = |dx: &mut [std::mem::MaybeUninit<f32>]| {
                 per_group(
                     &gt,
@@ -577,6 +660,9 @@ impl CustomOp2 for Conv2dBwdData {
             let dx = unsafe { filled(n * g.in_len(), "conv2d backward", fill) }?;
             return Ok((CpuStorage::F32(dx), Shape::from((n, cin, h, wd))));
         }
+        let mut store = None;
+        let wt = MatRef::row_major(w, g.cout, g.k()).t();
+        let wt = Weights::prepare(wt, self.bf16, &mut store)?;
         let mut dx = vec![0f32; n * g.in_len()];
         per_group(
             &g,
@@ -585,7 +671,7 @@ impl CustomOp2 for Conv2dBwdData {
             g.in_len(),
             grad,
             g.cout * g.l(),
-            |d, gs, sc, par| bwd_data_group(&g, w, gs, sc, d, par),
+            |d, gs, sc, par| bwd_data_group(&g, wt, gs, sc, d, par),
         )?;
         Ok((CpuStorage::F32(dx), Shape::from((n, cin, h, wd))))
     }
@@ -597,6 +683,7 @@ struct Conv2dBwdFilter {
     stride: usize,
     pad: usize,
     kernel_hw: (usize, usize),
+    bf16: bool,
 }
 
 impl CustomOp2 for Conv2dBwdFilter {
@@ -625,13 +712,13 @@ impl CustomOp2 for Conv2dBwdFilter {
         let wlen = cout * g.k();
         if let Some(p) = Padded::of(&g) {
             let dwr = per_sample_sum(&g, x, grad, wlen, |xs, gs, sc, dwr, par| {
-                implicit::filter_grad(&g, &p, xs, gs, &mut sc.q, &mut sc.stage, dwr, par)
+                implicit::filter_grad(&g, &p, xs, gs, sc, dwr, par, self.bf16)
             })?;
             let dw = implicit::from_kernel_rows(&g, &dwr);
             return Ok((CpuStorage::F32(dw), Shape::from((cout, cin, kh, kw))));
         }
         let dwt = per_sample_sum(&g, x, grad, wlen, |xs, gs, sc, dwt, par| {
-            bwd_filter_group(&g, xs, gs, sc, dwt, par)
+            bwd_filter_group(&g, xs, gs, sc, dwt, par, self.bf16)
         })?;
         let k = g.k();
         let mut dw = vec![0f32; wlen];

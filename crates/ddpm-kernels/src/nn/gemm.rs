@@ -1,5 +1,5 @@
 //! A bounds-checked, safe wrapper around the `gemm` crate's f32 matrix multiply (the same kernel
-//! candle's CPU matmul uses). This is the only `unsafe` code of the workspace.
+//! candle's CPU matmul uses). The bf16 products live beside it in `bgemm`.
 #![allow(unsafe_code)]
 
 use candle_core::{bail, Result};
@@ -39,7 +39,7 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    fn check(&self, what: &str) -> Result<()> {
+    pub(crate) fn check(&self, what: &str) -> Result<()> {
         if self.rows == 0 || self.cols == 0 {
             return Ok(());
         }

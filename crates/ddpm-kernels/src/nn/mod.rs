@@ -5,6 +5,7 @@
 //! | op | stock candle | [`Kernels::Fast`] |
 //! |---|---|---|
 //! | [`conv2d`] | im2col forward; input gradient by a direct `conv_transpose2d` loop | stride 1: implicit GEMM over a padded, column-shifted input for the forward, the input gradient (a flipped-kernel forward) and the kernel gradient; stride 2 and 1×1: im2col/col2im + GEMMs over groups of samples; no buffer kept between passes |
+//! | [`conv2d_bf16`] | the reference path: [`precision::bf16_inputs`] and [`precision::bf16_grads`] around [`conv2d`] | the same op with its three products on the `vdpbf16ps` kernel (bf16 pairs packed while rounding, f32 accumulation), where [`precision::bf16_kernel`] picks it |
 //! | [`group_norm`] | about ten ops forward and backward, SiLU separate | one pass forward, one backward, affine and SiLU fused |
 //! | [`add_channel_bias`] | broadcast add; backward is a single-threaded strided sum | one parallel pass each way |
 //! | [`upsample_nearest2x`] | backward runs one grouped convolution per channel | one parallel pass each way (on CUDA with gradients: a broadcast, whose backward is a reshape-sum) |
@@ -32,6 +33,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod bgemm;
 pub(crate) mod bias;
 mod conv;
 mod conv_grad;
@@ -129,6 +131,7 @@ pub fn conv2d(
     let op = conv::Conv2dOp {
         stride,
         pad: padding,
+        bf16: false,
     };
     let y = match bias {
         Some(b) if fast && b.dtype() == DType::F32 => {
@@ -146,6 +149,82 @@ pub fn conv2d(
         Some(b) => add_channel_bias(&y, b, kernels),
         None => Ok(y),
     }
+}
+
+/// [`conv2d`] with bf16 products, as `torch.autocast` runs a convolution on bf16: the input,
+/// the weights and the bias are rounded to bf16 (to nearest, ties to even), the sums
+/// accumulate in f32, and the output and all gradients are f32 (the output gradient is rounded
+/// to bf16 for the two gradient products). With [`Kernels::Fast`] on a CPU where the dispatcher
+/// picks the `vdpbf16ps` kernel ([`precision::bf16_kernel`]), one op does it all and rounds
+/// while it packs its operands; elsewhere the reference path composes
+/// [`precision::bf16_inputs`] and [`precision::bf16_grads`] around [`conv2d`]. Both compute the
+/// same sums up to the order of the additions. The tensors must be f32.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use ddpm_kernels::nn::{conv2d, conv2d_bf16, Kernels};
+///
+/// let dev = Device::Cpu;
+/// let x = Tensor::randn(0f32, 1., (2, 3, 9, 7), &dev)?;
+/// let w = Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev)?;
+/// let bf16 = conv2d_bf16(&x, &w, None, 1, 1, Kernels::Fast)?;
+/// let f32 = conv2d(&x, &w, None, 1, 1, Kernels::Fast)?;
+/// let err = (bf16 - &f32)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(err > 0.0 && err < 0.2); // bf16 keeps 8 significant bits
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn conv2d_bf16(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    kernels: Kernels,
+) -> Result<Tensor> {
+    let kernel = precision::bf16_kernel();
+    conv2d_bf16_on(x, weight, bias, stride, padding, kernels, kernel)
+}
+
+/// [`conv2d_bf16`] on a given bf16 kernel instead of the dispatcher's choice (tests and
+/// benchmarks compare them). Fails for [`precision::Bf16Kernel::Avx512`] on a CPU without
+/// AVX512_BF16.
+pub fn conv2d_bf16_on(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    kernels: Kernels,
+    kernel: precision::Bf16Kernel,
+) -> Result<Tensor> {
+    if kernel == precision::Bf16Kernel::Avx512
+        && !precision::Bf16Kernel::available().contains(&kernel)
+    {
+        candle_core::bail!("conv2d_bf16: this CPU has no AVX512_BF16 for the vdpbf16ps kernel")
+    }
+    let f32s = weight.dtype() == DType::F32 && bias.is_none_or(|b| b.dtype() == DType::F32);
+    if kernels.fast_for(x) && f32s && kernel == precision::Bf16Kernel::Avx512 {
+        let op = conv::Conv2dOp {
+            stride,
+            pad: padding,
+            bf16: true,
+        };
+        let (x, w) = (x.contiguous()?, weight.contiguous()?);
+        return match bias {
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+            None => x.apply_op2(&w, op),
+        };
+    }
+    let bias = bias.map(precision::bf16_inputs).transpose()?;
+    let y = conv2d(
+        &precision::bf16_inputs(x)?,
+        &precision::bf16_inputs(weight)?,
+        bias.as_ref(),
+        stride,
+        padding,
+        kernels,
+    )?;
+    precision::bf16_grads(&y)
 }
 
 /// `x [n, c, h, w] + b`, with `b` `[c]` (one value per channel) or `[n, c]` (per sample and

@@ -13,9 +13,10 @@
 //! `bf16_grads(product(bf16_inputs(x), bf16_inputs(w)))` is then a product with bf16 inputs and
 //! f32 accumulation forward and backward: the product of two bf16 values is exact in f32, so
 //! the f32 GEMM computes exactly the sums a bf16 kernel accumulates, up to the order of the
-//! additions. A kernel with `vdpbf16ps` or AMX computes the same function faster; on a CPU
-//! without them ([`cpu_bf16`]) this path is the only one, and it is slower than plain f32 (two
-//! extra passes over each input).
+//! additions. Convolutions have such a kernel too, on `vdpbf16ps` ([`super::conv2d_bf16`]);
+//! [`bf16_kernel`] picks between the two. On a CPU without AVX512_BF16 ([`cpu_bf16`]) this
+//! path is the only one, and it is slower than plain f32 (two extra passes over each input,
+//! and a rounded copy of each kept for the backward pass).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -75,6 +76,43 @@ pub fn cpu_bf16() -> CpuBf16 {
     CpuBf16::None
 }
 
+pub use super::bgemm::Bf16Kernel;
+
+/// The kernel that runs bf16 products here, chosen once per process:
+///
+/// - `DDPM_BF16_KERNEL=vdpbf16ps|reference` in the environment decides (`vdpbf16ps` only where
+///   the CPU has AVX512_BF16; otherwise the reference path, with a warning);
+/// - else, on a CPU without AVX512_BF16, the reference path;
+/// - else a probe (a few milliseconds) times one product on the `vdpbf16ps` kernel against the
+///   f32 GEMM and takes the kernel only when it is faster. CPUID alone cannot tell: an Intel
+///   Xeon measured here (Emerald Rapids, under KVM) runs `vdpbf16ps` at half f32's FLOP rate
+///   (docs/performance.md), where bf16-rounded f32 products (the reference path) are faster,
+///   while the bf16 products are meant to be the fast ones (PyTorch's bf16 figures on AMD Zen 5
+///   suggest they are there).
+pub fn bf16_kernel() -> Bf16Kernel {
+    static CHOICE: std::sync::OnceLock<Bf16Kernel> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| choose_kernel(std::env::var("DDPM_BF16_KERNEL").ok().as_deref()))
+}
+
+/// [`bf16_kernel`]'s choice for an environment setting `env`.
+fn choose_kernel(env: Option<&str>) -> Bf16Kernel {
+    let available = Bf16Kernel::available();
+    if let Some(name) = env {
+        match Bf16Kernel::from_name(name) {
+            Some(k) if available.contains(&k) => return k,
+            _ => eprintln!(
+                "DDPM_BF16_KERNEL={name}: expected `vdpbf16ps` (on a CPU with avx512_bf16) \
+                 or `reference`; using the reference path"
+            ),
+        }
+        return Bf16Kernel::Reference;
+    }
+    match super::bgemm::probe() {
+        Some((f32_s, bf16_s)) if bf16_s < f32_s => Bf16Kernel::Avx512,
+        _ => Bf16Kernel::Reference,
+    }
+}
+
 /// Rounds `x` (f32) to bf16 values, with a straight-through backward. Other dtypes are
 /// refused: this is the reference path of f32 models.
 pub fn bf16_inputs(x: &Tensor) -> Result<Tensor> {
@@ -89,7 +127,7 @@ pub fn bf16_grads(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `x` rounded to bf16 values, without a backward (the backward of [`bf16_grads`]).
-fn rounded(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn rounded(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&RoundInputs)
 }
 
@@ -220,6 +258,26 @@ mod tests {
         assert_eq!(
             bf16_grads(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
             x.as_tensor().to_vec1::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_kernel_choice_follows_cpuid_and_the_environment() {
+        let has = cpu_bf16() == CpuBf16::Avx512;
+        // vdpbf16ps only where CPUID says so, whatever the probe or the environment says.
+        for env in [None, Some("vdpbf16ps"), Some("reference"), Some("nonsense")] {
+            let k = choose_kernel(env);
+            assert!(has || k == Bf16Kernel::Reference, "{env:?}: {k:?}");
+        }
+        assert_eq!(choose_kernel(Some("reference")), Bf16Kernel::Reference);
+        assert_eq!(choose_kernel(Some("nonsense")), Bf16Kernel::Reference);
+        if has {
+            assert_eq!(choose_kernel(Some("vdpbf16ps")), Bf16Kernel::Avx512);
+        }
+        println!(
+            "this CPU: {:?}; probe: {:?}",
+            bf16_kernel(),
+            super::super::bgemm::probe()
         );
     }
 

@@ -16,10 +16,11 @@
 
 use candle_core::Result;
 
-use super::super::gemm::{sgemm, MatRef};
+use super::super::bgemm::PackedA;
+use super::super::gemm::MatRef;
 use super::super::simd::simd_fn;
 use super::super::uninit::Slot;
-use super::ConvGeom;
+use super::{product, product_of_views, ConvGeom, Scratch, Weights};
 
 /// Positions of the padded layout.
 #[derive(Debug, Clone, Copy)]
@@ -119,6 +120,39 @@ pub(super) fn by_kernel_row(g: &ConvGeom, w: &[f32]) -> Vec<f32> {
     out
 }
 
+/// The kernel per kernel row (from [`by_kernel_row`]) as the left operands of the `kh`
+/// products: f32 views, or packed once for the bf16 kernel.
+pub(super) struct KernelRows<'a>(Vec<Weights<'a>>);
+
+impl<'a> KernelRows<'a> {
+    /// The `kh` operands `[cout, kw·cin]` of `wr`; `packs` keeps bf16 packings alive.
+    pub(super) fn new(
+        g: &ConvGeom,
+        wr: &'a [f32],
+        bf16: bool,
+        packs: &'a mut Vec<PackedA>,
+    ) -> Result<Self> {
+        if !bf16 {
+            return Ok(Self::f32(g, wr));
+        }
+        *packs = (0..g.kh)
+            .map(|ki| PackedA::new(view(g, wr, ki), super::Bf16Kernel::Avx512))
+            .collect::<Result<_>>()?;
+        Ok(Self(packs.iter().map(Weights::Bf16).collect()))
+    }
+
+    /// The `kh` f32 operands of `wr`.
+    pub(super) fn f32(g: &ConvGeom, wr: &'a [f32]) -> Self {
+        Self((0..g.kh).map(|ki| Weights::F32(view(g, wr, ki))).collect())
+    }
+}
+
+/// Kernel row `ki` of `wr` (from [`by_kernel_row`]): `[cout, kw·cin]`.
+fn view<'a>(g: &ConvGeom, wr: &'a [f32], ki: usize) -> MatRef<'a> {
+    let kc = g.kw * g.cin;
+    MatRef::row_major(&wr[ki * g.cout * kc..][..g.cout * kc], g.cout, kc)
+}
+
 /// The input-gradient kernel of `g` (`[cout, cin, kh, kw]`, flipped and transposed to
 /// `[cin, cout, kh, kw]`), regrouped per kernel row for the transposed geometry `gt`.
 pub(super) fn flipped_by_kernel_row(g: &ConvGeom, gt: &ConvGeom, w: &[f32]) -> Vec<f32> {
@@ -143,7 +177,7 @@ pub(super) fn flipped_by_kernel_row(g: &ConvGeom, gt: &ConvGeom, w: &[f32]) -> V
 pub(super) fn forward(
     g: &ConvGeom,
     p: &Padded,
-    wr: &[f32],
+    wr: &KernelRows<'_>,
     bias: Option<&[f32]>,
     x: &[f32],
     q: &mut (Vec<f32>, Option<ConvGeom>),
@@ -154,10 +188,8 @@ pub(super) fn forward(
     p.fill_q(g, x, q);
     let q = &q.0;
     stage.resize(g.cout * p.m, 0.0);
-    let kc = g.kw * g.cin;
-    for ki in 0..g.kh {
-        let a = MatRef::row_major(&wr[ki * g.cout * kc..][..g.cout * kc], g.cout, kc);
-        sgemm(stage, a, p.window(g, q, ki), ki > 0, par)?;
+    for (ki, &a) in wr.0.iter().enumerate() {
+        product(stage, a, p.window(g, q, ki), ki > 0, par)?;
     }
     let l = g.oh * g.ow;
     for (co, o) in out.chunks_mut(l).enumerate() {
@@ -188,11 +220,12 @@ pub(super) fn filter_grad(
     p: &Padded,
     x: &[f32],
     grad: &[f32],
-    q: &mut (Vec<f32>, Option<ConvGeom>),
-    stage: &mut Vec<f32>,
+    sc: &mut Scratch,
     dwt: &mut [f32],
     par: bool,
+    bf16: bool,
 ) -> Result<()> {
+    let Scratch { q, stage, .. } = sc;
     p.fill_q(g, x, q);
     let q = &q.0;
     stage.resize(g.cout * p.m, 0.0);
@@ -210,7 +243,7 @@ pub(super) fn filter_grad(
     let gt = MatRef::row_major(stage, g.cout, p.m).t();
     for ki in 0..g.kh {
         let d = &mut dwt[ki * kc * g.cout..][..kc * g.cout];
-        sgemm(d, p.window(g, q, ki), gt, true, par)?;
+        product_of_views(d, p.window(g, q, ki), gt, true, par, bf16)?;
     }
     Ok(())
 }
@@ -238,6 +271,10 @@ mod tests {
     use super::super::super::uninit::filled;
     use super::super::{bwd_data_group, bwd_filter_group, fwd_group, Scratch};
     use super::*;
+
+    fn rows<'a>(g: &ConvGeom, wr: &'a [f32]) -> KernelRows<'a> {
+        KernelRows::f32(g, wr)
+    }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
@@ -270,8 +307,10 @@ mod tests {
             let mut sc = Scratch::default();
 
             let mut want = vec![0f32; cout * g.l()];
-            fwd_group(&g, &wt, Some(&b), &x, &mut sc, &mut want, false).unwrap();
+            let wm = Weights::F32(MatRef::row_major(&wt, cout, g.k()));
+            fwd_group(&g, wm, Some(&b), &x, &mut sc, &mut want, false).unwrap();
             let wr = by_kernel_row(&g, &wt);
+            let wr = rows(&g, &wr);
             // twice through the same scratch: the padding must survive reuse
             for _ in 0..2 {
                 let fill = |o: &mut [std::mem::MaybeUninit<f32>]| {
@@ -298,19 +337,21 @@ mod tests {
 
             // the im2col path accumulates dWᵀ [K, cout]
             let mut want_t = vec![0f32; cout * g.k()];
-            bwd_filter_group(&g, &x, &gr, &mut sc, &mut want_t, false).unwrap();
+            bwd_filter_group(&g, &x, &gr, &mut sc, &mut want_t, false, false).unwrap();
             let want: Vec<f32> = (0..cout * g.k())
                 .map(|i| want_t[(i % g.k()) * cout + i / g.k()])
                 .collect();
             let mut dwt = vec![0f32; cout * g.k()];
-            filter_grad(&g, &p, &x, &gr, &mut sc.q, &mut sc.stage, &mut dwt, false).unwrap();
+            filter_grad(&g, &p, &x, &gr, &mut sc, &mut dwt, false, false).unwrap();
             let got = from_kernel_rows(&g, &dwt);
             assert!(max_diff(&got, &want) < 1e-3, "kernel gradient {g:?}");
 
             let mut want = vec![0f32; g.in_len()];
-            bwd_data_group(&g, &wt, &gr, &mut sc, &mut want, false).unwrap();
+            let wm = Weights::F32(MatRef::row_major(&wt, cout, g.k()).t());
+            bwd_data_group(&g, wm, &gr, &mut sc, &mut want, false).unwrap();
             if let Some((gt, pt)) = Padded::transposed(&g) {
                 let wr = flipped_by_kernel_row(&g, &gt, &wt);
+                let wr = rows(&gt, &wr);
                 let fill = |o: &mut [std::mem::MaybeUninit<f32>]| {
                     forward(&gt, &pt, &wr, None, &gr, &mut sc.q, &mut sc.stage, o, false)
                 };
