@@ -541,7 +541,8 @@ pub struct ModelOptions {
     pub raw_weights: bool,
     /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
     /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. On the
-    /// CPU, bf16 runs the reference path: bf16-rounded product inputs, f32 accumulation, slower
+    /// CPU, bf16 products take bf16-rounded inputs and accumulate in f32: convolutions on the
+    /// vdpbf16ps kernel where the dispatcher picks it, otherwise on the reference path, slower
     /// than f32.
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub autocast: Option<ddpm_unet::Autocast>,

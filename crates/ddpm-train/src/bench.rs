@@ -94,7 +94,9 @@ pub struct BenchSpec {
     pub n: usize,
     /// Autocast: run the U-Net's convolutions, linear layers and attention products in bf16
     /// (f16 also accepted) with the weights kept in f32; GroupNorm and softmax stay f32. On the
-    /// CPU, bf16 runs the reference path (bf16-rounded product inputs, f32 accumulation).
+    /// CPU, bf16 products take bf16-rounded inputs and accumulate in f32: convolutions on the
+    /// vdpbf16ps kernel where the dispatcher picks it (DDPM_BF16_KERNEL overrides), otherwise on
+    /// the reference path.
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub autocast: Option<ddpm_unet::Autocast>,
 }

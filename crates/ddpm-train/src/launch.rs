@@ -164,9 +164,10 @@ pub struct RunOptions {
     pub limit: Option<usize>,
     /// Autocast: forward and backward of the U-Net in bf16 (convolutions, linear layers,
     /// attention products) with f32 weights, optimizer state, EMA and loss; GroupNorm and
-    /// softmax stay f32. On the CPU: the reference path (bf16-rounded product inputs and
-    /// gradients, f32 accumulation), slower than f32. Only bf16: f16 training would need loss
-    /// scaling.
+    /// softmax stay f32. On the CPU: bf16-rounded product inputs and gradients with f32
+    /// accumulation, convolutions on the vdpbf16ps kernel where it is faster than f32 (AVX512_BF16
+    /// and a speed probe; DDPM_BF16_KERNEL overrides), else the reference path, slower than f32;
+    /// the first lines say which. Only bf16: f16 training would need loss scaling.
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub autocast: Option<Autocast>,
 }
@@ -507,11 +508,20 @@ fn check_options(opts: &RunOptions, device: &Device) -> Result<()> {
 fn precision_note(autocast: Option<Autocast>, device: &Device) -> String {
     match autocast {
         None => "precision f32 (--autocast bf16 for bf16 products)".into(),
-        Some(a) if device.is_cpu() => format!(
-            "precision: {} products with f32 weights, on the CPU's reference path (slower than \
-             f32)",
-            a.dtype().as_str()
-        ),
+        Some(a) if device.is_cpu() => {
+            let how = match ddpm_unet::ops::precision::bf16_kernel() {
+                ddpm_unet::ops::precision::Bf16Kernel::Avx512 => {
+                    "convolutions on the CPU's vdpbf16ps kernel, the rest on its reference path"
+                }
+                ddpm_unet::ops::precision::Bf16Kernel::Reference => {
+                    "on the CPU's reference path (slower than f32)"
+                }
+            };
+            format!(
+                "precision: {} products with f32 weights, {how}",
+                a.dtype().as_str()
+            )
+        }
         Some(a) => format!(
             "precision: {} products with f32 weights",
             a.dtype().as_str()
