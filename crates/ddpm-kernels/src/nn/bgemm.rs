@@ -219,7 +219,8 @@ fn pack_b(b: MatRef<'_>, k0: usize, kp: usize, out: &mut Vec<u32>) {
     #[cfg(target_arch = "x86_64")]
     if b.cs == 1 && cpu_bf16() == CpuBf16::Avx512 {
         // SAFETY: CPUID reported AVX512F and AVX512_BF16 (`cpu_bf16`); `b` passed `check`, so
-        // every element it reads lies in its buffer (the masked loads read nothing past `n`).
+        // every element it reads lies in its buffer (the masked loads read nothing past `n`;
+        // right edges and odd depths run in `tests::kernels_agree_with_each_other_and_with_f32`).
         unsafe { avx512::pack_b_rows(b, k0, kp, out) };
         return;
     }
