@@ -365,17 +365,18 @@ fn a_kernel_that_skips_an_element_fails_the_tests() {
     }
 }
 
-/// The bf16 convolution on each bf16 kernel this CPU has (the fused `vdpbf16ps` op where it
-/// has AVX512_BF16, the reference composition everywhere): forward and every gradient against
-/// the reference path within f32 summation-order error, and against f32 within bf16's
-/// precision; the outputs and gradients stay f32.
+/// The bf16 convolution on each bf16 kernel this CPU has (the fused op on the reference kernel
+/// everywhere, on `vdpbf16ps` where the CPU has AVX512_BF16): forward and every gradient
+/// against the reference composition (rounded inputs around the f32 convolution) within f32
+/// summation-order error, and against f32 within bf16's precision; the outputs and gradients
+/// stay f32.
 #[test]
 fn conv2d_bf16_kernels_match_the_reference_path_and_f32() {
     use ddpm_unet::ops::conv2d_bf16_on;
     use ddpm_unet::ops::precision::Bf16Kernel;
     let kernels = Bf16Kernel::available();
     if !kernels.contains(&Bf16Kernel::Avx512) {
-        println!("this CPU has no AVX512_BF16: only the reference path runs here");
+        println!("this CPU has no AVX512_BF16: only the reference kernel runs here");
     }
     let mut rng = SeededNoise::new(7);
     // The U-Net's 3×3 s1, 3×3 s2 and 1×1 cases at odd sizes and channel counts (odd depths:
@@ -423,7 +424,33 @@ fn conv2d_bf16_kernels_match_the_reference_path_and_f32() {
                 .collect();
             (y, grads)
         };
-        let (reference, ref_grads) = run(Some(Bf16Kernel::Reference));
+        // The composition every other path is held to: rounded inputs, f32 convolution,
+        // rounded output gradient.
+        let (reference, ref_grads) = {
+            use ddpm_unet::ops::precision::{bf16_grads, bf16_inputs};
+            let bias = bf16_inputs(&b).unwrap();
+            let y = conv2d(
+                &bf16_inputs(&x).unwrap(),
+                &bf16_inputs(&wt).unwrap(),
+                Some(&bias),
+                stride,
+                pad,
+                Kernels::Fast,
+            )
+            .unwrap();
+            let y = bf16_grads(&y).unwrap();
+            let g = (&y * r.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads: Vec<Tensor> = [&x, &wt, &b]
+                .iter()
+                .map(|v| g.get(v).expect("gradient").clone())
+                .collect();
+            (y, grads)
+        };
         let (full, full_grads) = run(None);
         let d = max_rel_diff(&reference, &full);
         assert!(d > 0.0 && d < 2e-2, "{what}: reference vs f32 forward {d}");

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::bgemm::{bgemm, Bf16Kernel, Lhs, PackedA};
 use super::contiguous_f32;
 use super::gemm::{sgemm, MatRef};
-use super::precision::round_bf16;
+use super::precision::{round_bf16, round_in_place};
 use super::simd::simd_fn;
 use super::uninit::filled;
 
@@ -21,8 +21,9 @@ use implicit::Padded;
 /// The fewest GEMM columns (output positions, over the samples of a group) worth one call.
 const MIN_COLS: usize = 768;
 
-/// The left operand of a product (the weights): f32, or packed once per op for the bf16
-/// kernel ([`super::bgemm`]).
+/// The left operand of a product (the weights): f32 (for the bf16 reference kernel, a copy
+/// rounded to bf16 values), or packed once per op for the `vdpbf16ps` kernel
+/// ([`super::bgemm`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Weights<'a> {
     F32(MatRef<'a>),
@@ -30,15 +31,39 @@ pub(crate) enum Weights<'a> {
 }
 
 impl<'a> Weights<'a> {
-    /// `w` packed for `bf16` products when set; `store` keeps the packing alive.
-    fn prepare(w: MatRef<'a>, bf16: bool, store: &'a mut Option<PackedA>) -> Result<Self> {
-        if !bf16 {
-            return Ok(Self::F32(w));
+    /// `w` for products in the precision `bf16` says (`None`: f32): packed for `vdpbf16ps`,
+    /// or copied and rounded for the reference kernel. `packed` and `rounded` keep what it
+    /// makes alive.
+    fn prepare(
+        w: MatRef<'a>,
+        bf16: Option<Bf16Kernel>,
+        packed: &'a mut Option<PackedA>,
+        rounded: &'a mut Vec<f32>,
+    ) -> Result<Self> {
+        match bf16 {
+            None => Ok(Self::F32(w)),
+            Some(Bf16Kernel::Avx512) => Ok(Self::Bf16(
+                packed.insert(PackedA::new(w, Bf16Kernel::Avx512)?),
+            )),
+            Some(Bf16Kernel::Reference) => {
+                w.check("weights")?;
+                rounded.clear();
+                for i in 0..w.rows {
+                    rounded.extend((0..w.cols).map(|j| w.data[i * w.rs + j * w.cs]));
+                }
+                round_in_place(rounded);
+                let r: &'a Vec<f32> = rounded;
+                Ok(Self::F32(MatRef::row_major(r, w.rows, w.cols)))
+            }
         }
-        Ok(Self::Bf16(
-            store.insert(PackedA::new(w, Bf16Kernel::Avx512)?),
-        ))
     }
+}
+
+/// Whether products in precision `bf16` take operands rounded where they are built (the
+/// reference kernel: rounded f32 values through the f32 GEMM), rather than rounded by the GEMM
+/// itself (`vdpbf16ps`, which rounds while packing) or not at all (f32).
+fn rounds(bf16: Option<Bf16Kernel>) -> bool {
+    bf16 == Some(Bf16Kernel::Reference)
 }
 
 /// `dst [+]= a · b` in f32, or with bf16 inputs and f32 accumulation (`vdpbf16ps`).
@@ -49,25 +74,26 @@ fn product(dst: &mut [f32], a: Weights<'_>, b: MatRef<'_>, acc: bool, par: bool)
     }
 }
 
-/// `dst [+]= a · b` for operands that change with every call (no packing kept).
+/// `dst [+]= a · b` for operands that change with every call (no packing kept). For the
+/// reference kernel the caller has rounded both.
 fn product_of_views(
     dst: &mut [f32],
     a: MatRef<'_>,
     b: MatRef<'_>,
     acc: bool,
     par: bool,
-    bf16: bool,
+    bf16: Option<Bf16Kernel>,
 ) -> Result<()> {
-    if bf16 {
+    if bf16 == Some(Bf16Kernel::Avx512) {
         return bgemm(dst, Lhs::View(a), b, acc, par, Bf16Kernel::Avx512);
     }
     sgemm(dst, a, b, acc, par)
 }
 
 /// The bias, rounded to bf16 values for bf16 products (as autocast casts it).
-fn bias_for(bias: Option<&[f32]>, bf16: bool) -> Option<std::borrow::Cow<'_, [f32]>> {
+fn bias_for(bias: Option<&[f32]>, bf16: Option<Bf16Kernel>) -> Option<std::borrow::Cow<'_, [f32]>> {
     bias.map(|b| {
-        if bf16 {
+        if bf16.is_some() {
             std::borrow::Cow::Owned(b.iter().map(|&v| round_bf16(v)).collect())
         } else {
             std::borrow::Cow::Borrowed(b)
@@ -249,26 +275,39 @@ struct Scratch {
 }
 
 /// The column matrix `[K, s·L]` of the `s` images in `x`, side by side (the input itself for a
-/// single image under a 1×1 convolution).
-fn columns<'a>(g: &ConvGeom, x: &'a [f32], cols: &'a mut Vec<f32>) -> MatRef<'a> {
+/// single image under a 1×1 convolution), its values rounded to bf16 when `round`.
+fn columns<'a>(g: &ConvGeom, x: &'a [f32], cols: &'a mut Vec<f32>, round: bool) -> MatRef<'a> {
     let (k, l) = (g.k(), g.l());
     let s = x.len() / g.in_len();
     if s == 1 && g.pointwise() {
-        return MatRef::row_major(x, k, l);
+        if !round {
+            return MatRef::row_major(x, k, l);
+        }
+        cols.clear();
+        cols.extend_from_slice(x);
+    } else {
+        cols.resize(k * s * l, 0.0);
+        for (i, xs) in x.chunks(g.in_len()).enumerate() {
+            im2col(g, xs, &mut cols[i * l..], s * l);
+        }
     }
-    cols.resize(k * s * l, 0.0);
-    for (i, xs) in x.chunks(g.in_len()).enumerate() {
-        im2col(g, xs, &mut cols[i * l..], s * l);
+    if round {
+        round_in_place(&mut cols[..k * s * l]);
     }
     MatRef::row_major(cols, k, s * l)
 }
 
 /// The output gradients of the `s` samples in `grad` as one `[cout, s·L]` matrix (the gradient
-/// itself for a single sample).
-fn grad_matrix<'a>(g: &ConvGeom, grad: &'a [f32], stage: &'a mut Vec<f32>) -> MatRef<'a> {
+/// itself for a single sample), its values rounded to bf16 when `round`.
+fn grad_matrix<'a>(
+    g: &ConvGeom,
+    grad: &'a [f32],
+    stage: &'a mut Vec<f32>,
+    round: bool,
+) -> MatRef<'a> {
     let l = g.l();
     let s = grad.len() / (g.cout * l);
-    if s == 1 {
+    if s == 1 && !round {
         return MatRef::row_major(grad, g.cout, l);
     }
     stage.resize(g.cout * s * l, 0.0);
@@ -278,11 +317,15 @@ fn grad_matrix<'a>(g: &ConvGeom, grad: &'a [f32], stage: &'a mut Vec<f32>) -> Ma
             stage[at..at + l].copy_from_slice(src);
         }
     }
+    if round {
+        round_in_place(&mut stage[..g.cout * s * l]);
+    }
     MatRef::row_major(stage, g.cout, s * l)
 }
 
 /// Forward of a group: `out [cout, s·L] = W [cout, K] · cols [K, s·L] (+ bias)`, written to
-/// the samples' `[cout, L]` planes.
+/// the samples' `[cout, L]` planes; `round` rounds the columns to bf16 (the reference kernel).
+#[allow(clippy::too_many_arguments)]
 fn fwd_group(
     g: &ConvGeom,
     wm: Weights<'_>,
@@ -291,11 +334,12 @@ fn fwd_group(
     sc: &mut Scratch,
     out: &mut [f32],
     par: bool,
+    round: bool,
 ) -> Result<()> {
     let l = g.l();
     let s = x.len() / g.in_len();
     let Scratch { cols, stage, .. } = sc;
-    let colm = columns(g, x, cols);
+    let colm = columns(g, x, cols, round);
     if s == 1 {
         product(out, wm, colm, false, par)?;
         if let Some(b) = bias {
@@ -319,20 +363,25 @@ fn fwd_group(
     Ok(())
 }
 
-/// The forward pass over a batch, its products in bf16 when `bf16` is set.
+/// The forward pass over a batch, its products in bf16 on the kernel `bf16` names (`None`: f32).
 fn conv_forward(
     g: &ConvGeom,
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
-    bf16: bool,
+    bf16: Option<Bf16Kernel>,
 ) -> Result<Vec<f32>> {
     let bias = bias_for(bias, bf16);
     let bias = bias.as_deref();
+    let round = rounds(bf16);
     if let Some(p) = Padded::of(g) {
-        let wr = implicit::by_kernel_row(g, w);
+        let mut wr = implicit::by_kernel_row(g, w);
+        if round {
+            round_in_place(&mut wr);
+        }
         let mut packs = Vec::new();
-        let wr = implicit::KernelRows::new(g, &wr, bf16, &mut packs)?;
+        let packed = bf16 == Some(Bf16Kernel::Avx512);
+        let wr = implicit::KernelRows::new(g, &wr, packed, &mut packs)?;
         let fill = |out: &mut [std::mem::MaybeUninit<f32>]| {
             per_group(
                 g,
@@ -342,7 +391,8 @@ fn conv_forward(
                 x,
                 g.in_len(),
                 |o, xs, sc, par| {
-                    implicit::forward(g, &p, &wr, bias, xs, &mut sc.q, &mut sc.stage, o, par)
+                    let q = &mut sc.q;
+                    implicit::forward(g, &p, &wr, bias, xs, q, &mut sc.stage, o, par, round)
                 },
             )
         };
@@ -353,8 +403,9 @@ fn conv_forward(
         #[allow(unsafe_code)]
         return unsafe { filled(g.n * g.cout * g.l(), "conv2d", fill) };
     }
-    let mut store = None;
-    let wm = Weights::prepare(MatRef::row_major(w, g.cout, g.k()), bf16, &mut store)?;
+    let (mut packed, mut rounded) = (None, Vec::new());
+    let wm = MatRef::row_major(w, g.cout, g.k());
+    let wm = Weights::prepare(wm, bf16, &mut packed, &mut rounded)?;
     let mut out = vec![0f32; g.n * g.cout * g.l()];
     per_group(
         g,
@@ -363,7 +414,7 @@ fn conv_forward(
         g.cout * g.l(),
         x,
         g.in_len(),
-        |o, xs, sc, par| fwd_group(g, wm, bias, xs, sc, o, par),
+        |o, xs, sc, par| fwd_group(g, wm, bias, xs, sc, o, par, round),
     )?;
     Ok(out)
 }
@@ -443,7 +494,8 @@ fn per_sample_sum(
     }
 }
 
-/// Input gradient of a group: `dcols [K, s·L] = Wᵀ · g [cout, s·L]`, then col2im per sample.
+/// Input gradient of a group: `dcols [K, s·L] = Wᵀ · g [cout, s·L]`, then col2im per sample;
+/// `round` rounds the gradient to bf16 (the reference kernel).
 fn bwd_data_group(
     g: &ConvGeom,
     wt: Weights<'_>,
@@ -451,11 +503,12 @@ fn bwd_data_group(
     sc: &mut Scratch,
     dx: &mut [f32],
     par: bool,
+    round: bool,
 ) -> Result<()> {
     let (k, l) = (g.k(), g.l());
     let s = grad.len() / (g.cout * l);
     let Scratch { cols, stage, .. } = sc;
-    let gm = grad_matrix(g, grad, stage);
+    let gm = grad_matrix(g, grad, stage, round);
     if s == 1 && g.pointwise() {
         return product(dx, wt, gm, false, par);
     }
@@ -477,11 +530,12 @@ fn bwd_filter_group(
     sc: &mut Scratch,
     dwt: &mut [f32],
     par: bool,
-    bf16: bool,
+    bf16: Option<Bf16Kernel>,
 ) -> Result<()> {
     let Scratch { cols, stage, .. } = sc;
-    let gm = grad_matrix(g, grad, stage);
-    let colm = columns(g, x, cols);
+    let round = rounds(bf16);
+    let gm = grad_matrix(g, grad, stage, round);
+    let colm = columns(g, x, cols, round);
     product_of_views(dwt, colm, gm.t(), true, par, bf16)
 }
 
@@ -491,8 +545,11 @@ pub(crate) struct Conv2dOp {
     pub stride: usize,
     pub pad: usize,
     /// bf16 products (inputs, weights and output gradients rounded to bf16, f32 accumulation)
-    /// on the `vdpbf16ps` kernel; the caller checked that the CPU has it.
-    pub bf16: bool,
+    /// on this kernel (`None`: f32): `vdpbf16ps`, which the caller checked that the CPU has, or
+    /// the reference kernel, which rounds the operands where they are built (the padded input,
+    /// the column matrix, the gradient matrix) and runs the f32 GEMM. Either way nothing
+    /// rounded outlives the op, so memory stays f32's.
+    pub bf16: Option<Bf16Kernel>,
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -564,7 +621,7 @@ impl CustomOp3 for Conv2dOp {
         let (dx, dw) = self.grads(x, w, &grad)?;
         // Under bf16 the bias's gradient sums the bf16-rounded output gradient, as the
         // reference path's (and autocast's) does.
-        let gb = if self.bf16 {
+        let gb = if self.bf16.is_some() {
             super::precision::rounded(&grad)?
         } else {
             grad
@@ -609,7 +666,7 @@ struct Conv2dBwdData {
     stride: usize,
     pad: usize,
     input_hw: (usize, usize),
-    bf16: bool,
+    bf16: Option<Bf16Kernel>,
 }
 
 impl CustomOp2 for Conv2dBwdData {
@@ -635,10 +692,15 @@ impl CustomOp2 for Conv2dBwdData {
                 l1.dims()
             )
         }
+        let round = rounds(self.bf16);
         if let Some((gt, p)) = Padded::transposed(&g) {
-            let wr = implicit::flipped_by_kernel_row(&g, &gt, w);
+            let mut wr = implicit::flipped_by_kernel_row(&g, &gt, w);
+            if round {
+                round_in_place(&mut wr);
+            }
             let mut packs = Vec::new();
-            let wr = implicit::KernelRows::new(&gt, &wr, self.bf16, &mut packs)?;
+            let packed = self.bf16 == Some(Bf16Kernel::Avx512);
+            let wr = implicit::KernelRows::new(&gt, &wr, packed, &mut packs)?;
             let fill = |dx: &mut [std::mem::MaybeUninit<f32>]| {
                 per_group(
                     &gt,
@@ -648,7 +710,8 @@ impl CustomOp2 for Conv2dBwdData {
                     grad,
                     g.cout * g.l(),
                     |d, gs, sc, par| {
-                        implicit::forward(&gt, &p, &wr, None, gs, &mut sc.q, &mut sc.stage, d, par)
+                        let q = &mut sc.q;
+                        implicit::forward(&gt, &p, &wr, None, gs, q, &mut sc.stage, d, par, round)
                     },
                 )
             };
@@ -660,9 +723,9 @@ impl CustomOp2 for Conv2dBwdData {
             let dx = unsafe { filled(n * g.in_len(), "conv2d backward", fill) }?;
             return Ok((CpuStorage::F32(dx), Shape::from((n, cin, h, wd))));
         }
-        let mut store = None;
+        let (mut packed, mut rounded) = (None, Vec::new());
         let wt = MatRef::row_major(w, g.cout, g.k()).t();
-        let wt = Weights::prepare(wt, self.bf16, &mut store)?;
+        let wt = Weights::prepare(wt, self.bf16, &mut packed, &mut rounded)?;
         let mut dx = vec![0f32; n * g.in_len()];
         per_group(
             &g,
@@ -671,7 +734,7 @@ impl CustomOp2 for Conv2dBwdData {
             g.in_len(),
             grad,
             g.cout * g.l(),
-            |d, gs, sc, par| bwd_data_group(&g, wt, gs, sc, d, par),
+            |d, gs, sc, par| bwd_data_group(&g, wt, gs, sc, d, par, round),
         )?;
         Ok((CpuStorage::F32(dx), Shape::from((n, cin, h, wd))))
     }
@@ -683,7 +746,7 @@ struct Conv2dBwdFilter {
     stride: usize,
     pad: usize,
     kernel_hw: (usize, usize),
-    bf16: bool,
+    bf16: Option<Bf16Kernel>,
 }
 
 impl CustomOp2 for Conv2dBwdFilter {

@@ -5,7 +5,7 @@
 //! | op | stock candle | [`Kernels::Fast`] |
 //! |---|---|---|
 //! | [`conv2d`] | im2col forward; input gradient by a direct `conv_transpose2d` loop | stride 1: implicit GEMM over a padded, column-shifted input for the forward, the input gradient (a flipped-kernel forward) and the kernel gradient; stride 2 and 1×1: im2col/col2im + GEMMs over groups of samples; no buffer kept between passes |
-//! | [`conv2d_bf16`] | the reference path: [`precision::bf16_inputs`] and [`precision::bf16_grads`] around [`conv2d`] | the same op with its three products on the `vdpbf16ps` kernel (bf16 pairs packed while rounding, f32 accumulation), where [`precision::bf16_kernel`] picks it |
+//! | [`conv2d_bf16`] | [`precision::bf16_inputs`] and [`precision::bf16_grads`] around [`conv2d`] | the same op with its three products in bf16: on the `vdpbf16ps` kernel (bf16 pairs packed while rounding, f32 accumulation) where [`precision::bf16_kernel`] picks it, else on the reference kernel (operands rounded where the op builds them, f32 GEMM); nothing rounded is kept, so memory is f32's |
 //! | [`group_norm`] | about ten ops forward and backward, SiLU separate | one pass forward, one backward, affine and SiLU fused |
 //! | [`add_channel_bias`] | broadcast add; backward is a single-threaded strided sum | one parallel pass each way |
 //! | [`upsample_nearest2x`] | backward runs one grouped convolution per channel | one parallel pass each way (on CUDA with gradients: a broadcast, whose backward is a reshape-sum) |
@@ -131,7 +131,7 @@ pub fn conv2d(
     let op = conv::Conv2dOp {
         stride,
         pad: padding,
-        bf16: false,
+        bf16: None,
     };
     let y = match bias {
         Some(b) if fast && b.dtype() == DType::F32 => {
@@ -154,11 +154,14 @@ pub fn conv2d(
 /// [`conv2d`] with bf16 products, as `torch.autocast` runs a convolution on bf16: the input,
 /// the weights and the bias are rounded to bf16 (to nearest, ties to even), the sums
 /// accumulate in f32, and the output and all gradients are f32 (the output gradient is rounded
-/// to bf16 for the two gradient products). With [`Kernels::Fast`] on a CPU where the dispatcher
-/// picks the `vdpbf16ps` kernel ([`precision::bf16_kernel`]), one op does it all and rounds
-/// while it packs its operands; elsewhere the reference path composes
-/// [`precision::bf16_inputs`] and [`precision::bf16_grads`] around [`conv2d`]. Both compute the
-/// same sums up to the order of the additions. The tensors must be f32.
+/// to bf16 for the two gradient products). With [`Kernels::Fast`] on the CPU one op does it
+/// all, on the kernel the dispatcher picks ([`precision::bf16_kernel`]): `vdpbf16ps`, which
+/// rounds while it packs its operands, or the reference kernel, which rounds the operands where
+/// the op builds them (padded input, column and gradient matrices) and runs the f32 GEMM. Neither
+/// keeps a rounded copy for the backward pass. Elsewhere (stock kernels, CUDA) the composition
+/// of [`precision::bf16_inputs`] and [`precision::bf16_grads`] around [`conv2d`] runs, which
+/// keeps rounded copies of the input and weights. All compute the same sums up to the order of
+/// the additions. The tensors must be f32.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -203,11 +206,11 @@ pub fn conv2d_bf16_on(
         candle_core::bail!("conv2d_bf16: this CPU has no AVX512_BF16 for the vdpbf16ps kernel")
     }
     let f32s = weight.dtype() == DType::F32 && bias.is_none_or(|b| b.dtype() == DType::F32);
-    if kernels.fast_for(x) && f32s && kernel == precision::Bf16Kernel::Avx512 {
+    if kernels.fast_for(x) && f32s {
         let op = conv::Conv2dOp {
             stride,
             pad: padding,
-            bf16: true,
+            bf16: Some(kernel),
         };
         let (x, w) = (x.contiguous()?, weight.contiguous()?);
         return match bias {

@@ -31,17 +31,31 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
+use super::simd::simd_fn;
 use crate::cpu::slice as contiguous_f32;
 
 /// `x` rounded to the nearest bf16 value, ties to even (NaN stays NaN, values beyond bf16's
 /// largest finite value round to ±∞ as in IEEE rounding).
+#[inline(always)]
 pub fn round_bf16(x: f32) -> f32 {
-    if x.is_nan() {
-        return x;
-    }
     let bits = x.to_bits();
     let lsb = (bits >> 16) & 1;
-    f32::from_bits(bits.wrapping_add(0x7fff + lsb) & 0xffff_0000)
+    let r = f32::from_bits(bits.wrapping_add(0x7fff + lsb) & 0xffff_0000);
+    // A select, not a branch, so loops over slices vectorise.
+    if x.is_nan() {
+        x
+    } else {
+        r
+    }
+}
+
+simd_fn! {
+    /// Rounds every value of `v` to bf16 in place ([`round_bf16`], vectorised).
+    pub(crate) fn round_in_place(v: &mut [f32]) {
+        for x in v.iter_mut() {
+            *x = round_bf16(*x);
+        }
+    }
 }
 
 /// Which bf16 instructions this CPU has (read once from CPUID by the standard library).

@@ -20,7 +20,8 @@ use super::super::bgemm::PackedA;
 use super::super::gemm::MatRef;
 use super::super::simd::simd_fn;
 use super::super::uninit::Slot;
-use super::{product, product_of_views, ConvGeom, Scratch, Weights};
+use super::{product, product_of_views, Bf16Kernel, ConvGeom, Scratch, Weights};
+use crate::nn::precision::{round_bf16, round_in_place};
 
 /// Positions of the padded layout.
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +70,8 @@ impl Padded {
     /// Fills `q` (`[kw·cin, row]`) from one image `[cin, h, w]`. The padding positions are
     /// the same for every image of a geometry, so the buffer is zeroed only when `q.1` says it
     /// last held another geometry.
-    fn fill_q(&self, g: &ConvGeom, x: &[f32], q: &mut (Vec<f32>, Option<ConvGeom>)) {
+    /// With `round` the values are rounded to bf16 on the way (the reference kernel).
+    fn fill_q(&self, g: &ConvGeom, x: &[f32], q: &mut (Vec<f32>, Option<ConvGeom>), round: bool) {
         let (q, holds) = q;
         if *holds != Some(*g) {
             q.clear();
@@ -80,13 +82,7 @@ impl Padded {
             for c in 0..g.cin {
                 let dst = &mut q[(kj * g.cin + c) * self.row..][..self.row];
                 let plane = &x[c * g.h * g.w..][..g.h * g.w];
-                for (y, src) in plane.chunks(g.w).enumerate() {
-                    // padded index (y + pad)·wp + pad + xx, shifted left by kj
-                    let at = (y + g.pad) * self.wp + g.pad;
-                    let skip = kj.saturating_sub(at);
-                    let d0 = at + skip - kj;
-                    dst[d0..d0 + g.w - skip].copy_from_slice(&src[skip..]);
-                }
+                place_rows(dst, plane, g.w, self.wp, g.pad, kj, round);
             }
         }
     }
@@ -99,6 +95,35 @@ impl Padded {
             cols: self.m,
             rs: self.row,
             cs: 1,
+        }
+    }
+}
+
+simd_fn! {
+    /// Writes the rows (`w` wide) of `plane` into `dst` at their padded positions
+    /// `(y + pad)·wp + pad`, shifted left by `kj` (what falls left of 0 is dropped), rounded to
+    /// bf16 values when `round`.
+    fn place_rows(
+        dst: &mut [f32],
+        plane: &[f32],
+        w: usize,
+        wp: usize,
+        pad: usize,
+        kj: usize,
+        round: bool,
+    ) {
+        for (y, src) in plane.chunks(w).enumerate() {
+            let at = (y + pad) * wp + pad;
+            let skip = kj.saturating_sub(at);
+            let d0 = at + skip - kj;
+            let row = &mut dst[d0..d0 + w - skip];
+            if round {
+                for (d, &v) in row.iter_mut().zip(&src[skip..]) {
+                    *d = round_bf16(v);
+                }
+            } else {
+                row.copy_from_slice(&src[skip..]);
+            }
         }
     }
 }
@@ -125,14 +150,15 @@ pub(super) fn by_kernel_row(g: &ConvGeom, w: &[f32]) -> Vec<f32> {
 pub(super) struct KernelRows<'a>(Vec<Weights<'a>>);
 
 impl<'a> KernelRows<'a> {
-    /// The `kh` operands `[cout, kw·cin]` of `wr`; `packs` keeps bf16 packings alive.
+    /// The `kh` operands `[cout, kw·cin]` of `wr`, packed for the `vdpbf16ps` kernel when
+    /// `packed`; `packs` keeps the packings alive.
     pub(super) fn new(
         g: &ConvGeom,
         wr: &'a [f32],
-        bf16: bool,
+        packed: bool,
         packs: &'a mut Vec<PackedA>,
     ) -> Result<Self> {
-        if !bf16 {
+        if !packed {
             return Ok(Self::f32(g, wr));
         }
         *packs = (0..g.kh)
@@ -172,7 +198,7 @@ pub(super) fn flipped_by_kernel_row(g: &ConvGeom, gt: &ConvGeom, w: &[f32]) -> V
 }
 
 /// Forward of one image: `out [cout, oh, ow] = conv(x) (+ bias)`, with `wr` from
-/// [`by_kernel_row`].
+/// [`by_kernel_row`]; `round` rounds `x` to bf16 values on the way (the reference kernel).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     g: &ConvGeom,
@@ -184,8 +210,9 @@ pub(super) fn forward(
     stage: &mut Vec<f32>,
     out: &mut [Slot],
     par: bool,
+    round: bool,
 ) -> Result<()> {
-    p.fill_q(g, x, q);
+    p.fill_q(g, x, q, round);
     let q = &q.0;
     stage.resize(g.cout * p.m, 0.0);
     for (ki, &a) in wr.0.iter().enumerate() {
@@ -223,10 +250,11 @@ pub(super) fn filter_grad(
     sc: &mut Scratch,
     dwt: &mut [f32],
     par: bool,
-    bf16: bool,
+    bf16: Option<Bf16Kernel>,
 ) -> Result<()> {
     let Scratch { q, stage, .. } = sc;
-    p.fill_q(g, x, q);
+    let round = bf16 == Some(Bf16Kernel::Reference);
+    p.fill_q(g, x, q, round);
     let q = &q.0;
     stage.resize(g.cout * p.m, 0.0);
     let l = g.oh * g.ow;
@@ -238,6 +266,9 @@ pub(super) fn filter_grad(
             extra.fill(0.0);
         }
         tail.fill(0.0);
+    }
+    if round {
+        round_in_place(&mut stage[..g.cout * p.m]);
     }
     let kc = g.kw * g.cin;
     let gt = MatRef::row_major(stage, g.cout, p.m).t();
@@ -308,7 +339,7 @@ mod tests {
 
             let mut want = vec![0f32; cout * g.l()];
             let wm = Weights::F32(MatRef::row_major(&wt, cout, g.k()));
-            fwd_group(&g, wm, Some(&b), &x, &mut sc, &mut want, false).unwrap();
+            fwd_group(&g, wm, Some(&b), &x, &mut sc, &mut want, false, false).unwrap();
             let wr = by_kernel_row(&g, &wt);
             let wr = rows(&g, &wr);
             // twice through the same scratch: the padding must survive reuse
@@ -324,6 +355,7 @@ mod tests {
                         &mut sc.stage,
                         o,
                         false,
+                        false,
                     )
                 };
                 // SAFETY: the closure writes every element of its buffer (each output index once;
@@ -337,23 +369,24 @@ mod tests {
 
             // the im2col path accumulates dWᵀ [K, cout]
             let mut want_t = vec![0f32; cout * g.k()];
-            bwd_filter_group(&g, &x, &gr, &mut sc, &mut want_t, false, false).unwrap();
+            bwd_filter_group(&g, &x, &gr, &mut sc, &mut want_t, false, None).unwrap();
             let want: Vec<f32> = (0..cout * g.k())
                 .map(|i| want_t[(i % g.k()) * cout + i / g.k()])
                 .collect();
             let mut dwt = vec![0f32; cout * g.k()];
-            filter_grad(&g, &p, &x, &gr, &mut sc, &mut dwt, false, false).unwrap();
+            filter_grad(&g, &p, &x, &gr, &mut sc, &mut dwt, false, None).unwrap();
             let got = from_kernel_rows(&g, &dwt);
             assert!(max_diff(&got, &want) < 1e-3, "kernel gradient {g:?}");
 
             let mut want = vec![0f32; g.in_len()];
             let wm = Weights::F32(MatRef::row_major(&wt, cout, g.k()).t());
-            bwd_data_group(&g, wm, &gr, &mut sc, &mut want, false).unwrap();
+            bwd_data_group(&g, wm, &gr, &mut sc, &mut want, false, false).unwrap();
             if let Some((gt, pt)) = Padded::transposed(&g) {
                 let wr = flipped_by_kernel_row(&g, &gt, &wt);
                 let wr = rows(&gt, &wr);
                 let fill = |o: &mut [std::mem::MaybeUninit<f32>]| {
-                    forward(&gt, &pt, &wr, None, &gr, &mut sc.q, &mut sc.stage, o, false)
+                    let q = &mut sc.q;
+                    forward(&gt, &pt, &wr, None, &gr, q, &mut sc.stage, o, false, false)
                 };
                 // SAFETY: the closure writes every element of its buffer (each output index once;
                 // checked by every workspace test (feature `check-uninit`) and in debug builds,
