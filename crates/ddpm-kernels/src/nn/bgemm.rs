@@ -2,17 +2,18 @@
 //! CPU: `dst (m × n) [+]= round(a) · round(b)`, where `round` is bf16 rounding (to nearest, ties
 //! to even; [`super::precision::round_bf16`]) and the inputs and the result are f32 in memory.
 //!
-//! Two kernels compute it, chosen at run time ([`Bf16Kernel::best`]):
+//! [`bgemm`] is the `vdpbf16ps` kernel ([`Bf16Kernel::Avx512`], AVX512_BF16): the operands are
+//! packed into bf16 pairs (the rounding happens in the packing, in SIMD), and a 12 × 32
+//! register-blocked micro-kernel accumulates `a[i][2p]·b[2p][j] + a[i][2p+1]·b[2p+1][j]` into
+//! f32 lanes. The left operand (a layer's weights) can be packed once ([`PackedA`]) and reused
+//! for every sample of a batch. Each product of two bf16 values is exact in f32, so it computes
+//! the exact sums of the rounded inputs up to the order of the additions (and `vdpbf16ps`
+//! treats subnormal inputs as zero); `tests::the_kernel_matches_exact_sums_and_f32` holds it
+//! to that.
 //!
-//! - [`Bf16Kernel::Avx512`] (`vdpbf16ps`, AVX512_BF16): the operands are packed into bf16 pairs
-//!   (the rounding happens in the packing, in SIMD), and a 12 × 32 register-blocked micro-kernel
-//!   accumulates `a[i][2p]·b[2p][j] + a[i][2p+1]·b[2p+1][j]` into f32 lanes. The left operand
-//!   (a layer's weights) can be packed once ([`PackedA`]) and reused for every sample of a batch.
-//! - [`Bf16Kernel::Reference`], on every CPU: the operands are rounded into f32 copies and
-//!   multiplied by the f32 GEMM. Each product of two bf16 values is exact in f32, so both
-//!   kernels compute the same sums up to the order of the additions (and `vdpbf16ps` treats
-//!   subnormal inputs as zero). `tests::kernels_agree_with_each_other_and_with_f32` holds them
-//!   to that.
+//! The other [`Bf16Kernel`], [`Bf16Kernel::Reference`], is no GEMM of its own: the convolution
+//! op rounds its operands where it builds them (`nn/conv.rs`) and runs the f32 GEMM, which
+//! computes the same sums.
 #![allow(unsafe_code)]
 
 use std::cell::RefCell;
@@ -20,7 +21,7 @@ use std::cell::RefCell;
 use candle_core::{bail, Result};
 use rayon::prelude::*;
 
-use super::gemm::{sgemm, MatRef};
+use super::gemm::{prologue, sgemm, MatRef};
 use super::precision::{cpu_bf16, round_bf16, CpuBf16};
 
 /// Rows of the micro-kernel's tile of the output.
@@ -35,7 +36,8 @@ const KC: usize = 384;
 pub enum Bf16Kernel {
     /// `vdpbf16ps` on packed bf16 pairs.
     Avx512,
-    /// bf16-rounded f32 copies through the f32 GEMM.
+    /// bf16-rounded f32 values through the f32 GEMM: the operands are rounded where the op
+    /// builds them (the padded input, the column and gradient matrices, the weights).
     Reference,
 }
 
@@ -78,7 +80,7 @@ pub(crate) fn probe() -> Option<(f64, f64)> {
     let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
     let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).sin()).collect();
     let (av, bv) = (MatRef::row_major(&a, m, k), MatRef::row_major(&b, k, n));
-    let packed = PackedA::new(av, Bf16Kernel::Avx512).ok()?;
+    let packed = PackedA::new(av).ok()?;
     let mut dst = vec![0f32; m * n];
     let (mut f, mut h) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..3 {
@@ -86,15 +88,7 @@ pub(crate) fn probe() -> Option<(f64, f64)> {
         sgemm(&mut dst, av, bv, false, false).ok()?;
         f = f.min(t.elapsed().as_secs_f64());
         let t = std::time::Instant::now();
-        bgemm(
-            &mut dst,
-            Lhs::Packed(&packed),
-            bv,
-            false,
-            false,
-            Bf16Kernel::Avx512,
-        )
-        .ok()?;
+        bgemm(&mut dst, Lhs::Packed(&packed), bv, false, false).ok()?;
         h = h.min(t.elapsed().as_secs_f64());
     }
     Some((f, h))
@@ -118,34 +112,19 @@ fn pair(lo: f32, hi: f32) -> u32 {
 pub(crate) struct PackedA {
     m: usize,
     k: usize,
-    data: Packing,
-}
-
-#[derive(Debug, Clone)]
-enum Packing {
     /// `[k block][row tile][pair][MR]` bf16 pairs.
-    Pairs(Vec<u32>),
-    /// The rounded matrix, row-major.
-    Rounded(Vec<f32>),
+    pairs: Vec<u32>,
 }
 
 impl PackedA {
-    /// Packs `a` for `kernel`.
-    pub(crate) fn new(a: MatRef<'_>, kernel: Bf16Kernel) -> Result<Self> {
+    /// Packs `a` into bf16 pairs.
+    pub(crate) fn new(a: MatRef<'_>) -> Result<Self> {
         a.check("lhs")?;
-        let (m, k) = (a.rows, a.cols);
-        let data = match kernel {
-            Bf16Kernel::Avx512 => Packing::Pairs(pack_a(a)),
-            Bf16Kernel::Reference => Packing::Rounded(rounded_copy(a)),
-        };
-        Ok(Self { m, k, data })
-    }
-
-    fn kernel(&self) -> Bf16Kernel {
-        match self.data {
-            Packing::Pairs(_) => Bf16Kernel::Avx512,
-            Packing::Rounded(_) => Bf16Kernel::Reference,
-        }
+        Ok(Self {
+            m: a.rows,
+            k: a.cols,
+            pairs: pack_a(a),
+        })
     }
 }
 
@@ -163,15 +142,6 @@ impl Lhs<'_> {
             Lhs::Packed(p) => (p.m, p.k),
         }
     }
-}
-
-/// `a` rounded to bf16 values, row-major.
-fn rounded_copy(a: MatRef<'_>) -> Vec<f32> {
-    let mut out = Vec::with_capacity(a.rows * a.cols);
-    for i in 0..a.rows {
-        out.extend((0..a.cols).map(|j| round_bf16(a.data[i * a.rs + j * a.cs])));
-    }
-    out
 }
 
 /// Number of pairs in k block `kb` of a depth-`k` product.
@@ -220,7 +190,7 @@ fn pack_b(b: MatRef<'_>, k0: usize, kp: usize, out: &mut Vec<u32>) {
     if b.cs == 1 && cpu_bf16() == CpuBf16::Avx512 {
         // SAFETY: CPUID reported AVX512F and AVX512_BF16 (`cpu_bf16`); `b` passed `check`, so
         // every element it reads lies in its buffer (the masked loads read nothing past `n`;
-        // right edges and odd depths run in `tests::kernels_agree_with_each_other_and_with_f32`).
+        // right edges and odd depths run in `tests::the_kernel_matches_exact_sums_and_f32`).
         unsafe { avx512::pack_b_rows(b, k0, kp, out) };
         return;
     }
@@ -247,71 +217,41 @@ thread_local! {
     static PACKED_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `dst (m × n, row-major) = [dst +] round(a) · round(b)` on `kernel`.
+/// `dst (m × n, row-major) = [dst +] round(a) · round(b)` on the `vdpbf16ps` kernel.
 ///
 /// `accumulate` adds to the existing contents of `dst`; `parallel` lets the kernel use the rayon
-/// pool (use it when the caller is not already parallel). A packed `a` must have been packed
-/// for the same kernel.
+/// pool (use it when the caller is not already parallel). Fails on a CPU without AVX512_BF16.
 pub(crate) fn bgemm(
     dst: &mut [f32],
     a: Lhs<'_>,
     b: MatRef<'_>,
     accumulate: bool,
     parallel: bool,
-    kernel: Bf16Kernel,
 ) -> Result<()> {
-    let ((m, k), n) = (a.dims(), b.cols);
-    if b.rows != k {
-        bail!("bf16 gemm: inner dimensions differ ({k} vs {})", b.rows)
-    }
-    if dst.len() < m * n {
-        bail!("bf16 gemm: destination holds {} < {m}x{n}", dst.len())
-    }
-    b.check("rhs")?;
-    if let Lhs::Packed(p) = a {
-        if p.kernel() != kernel {
-            bail!(
-                "bf16 gemm: the left operand was packed for {:?}",
-                p.kernel()
-            )
-        }
-    }
-    if m == 0 || n == 0 {
+    let (m, k) = a.dims();
+    if prologue("bf16 gemm", dst, (m, k), &b, accumulate)? {
         return Ok(());
     }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return Ok(());
+    if cpu_bf16() != CpuBf16::Avx512 {
+        bail!("bf16 gemm: this CPU has no AVX512_BF16 for the vdpbf16ps kernel")
     }
     let owned;
     let pa = match a {
         Lhs::Packed(p) => p,
         Lhs::View(v) => {
-            owned = PackedA::new(v, kernel)?;
+            owned = PackedA::new(v)?;
             &owned
         }
     };
-    match &pa.data {
-        Packing::Rounded(ar) => {
-            let br = rounded_copy(b);
-            sgemm(
-                dst,
-                MatRef::row_major(ar, m, k),
-                MatRef::row_major(&br, k, n),
-                accumulate,
-                parallel,
-            )
-        }
-        Packing::Pairs(ap) => {
-            #[cfg(target_arch = "x86_64")]
-            if cpu_bf16() == CpuBf16::Avx512 {
-                avx512_product(dst, ap, m, k, b, accumulate, parallel);
-                return Ok(());
-            }
-            bail!("bf16 gemm: this CPU has no AVX512_BF16 for the packed kernel")
-        }
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512_product(dst, &pa.pairs, m, k, b, accumulate, parallel);
+        Ok(())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (pa, parallel);
+        bail!("bf16 gemm: vdpbf16ps is an x86-64 instruction")
     }
 }
 
@@ -350,7 +290,7 @@ fn avx512_product(
                     // `cpu_bf16`); `a` holds `kp·MR` and `bs` `kp·NR` pairs; the tile writes
                     // rows < `rows` and columns < `cols` of `c`, `n` apart, which lie in `c`
                     // (`c` starts at row `t·MR` and holds `rows` rows of `n`; the bounds hold
-                    // by `tests::kernels_agree_with_each_other_and_with_f32`'s edge shapes).
+                    // by `tests::the_kernel_matches_exact_sums_and_f32`'s edge shapes).
                     unsafe {
                         avx512::micro(kp, a, bs, &mut c[s * NR..], n, rows, cols, acc);
                     }
@@ -536,19 +476,23 @@ mod tests {
         (0..n).map(|i| (i as f32 * f).sin() * 1.7).collect()
     }
 
-    fn kernels() -> Vec<Bf16Kernel> {
-        let k = Bf16Kernel::available();
-        if !k.contains(&Bf16Kernel::Avx512) {
+    /// Whether the kernel runs here; says so when it does not.
+    fn runs_here() -> bool {
+        let yes = cpu_bf16() == CpuBf16::Avx512;
+        if !yes {
             println!("this CPU has no AVX512_BF16: the vdpbf16ps kernel is not run here");
         }
-        k
+        yes
     }
 
-    /// Every kernel against the exact sums of the rounded inputs (f64), on shapes with edge
-    /// tiles in every direction, odd depths, depths over one block, transposed views, packed
-    /// and unpacked left operands, and accumulation.
+    /// The kernel against the exact sums of the rounded inputs (f64) and against f32 within
+    /// bf16's bound, on shapes with edge tiles in every direction, odd depths, depths over one
+    /// block, transposed views, packed and unpacked left operands, and accumulation.
     #[test]
-    fn kernels_agree_with_each_other_and_with_f32() {
+    fn the_kernel_matches_exact_sums_and_f32() {
+        if !runs_here() {
+            return;
+        }
         for (m, k, n) in [
             (1, 1, 1),
             (5, 3, 7),
@@ -575,29 +519,29 @@ mod tests {
                     sgemm(&mut d, av, bv, false, false).unwrap();
                     d
                 };
-                for kernel in kernels() {
-                    let packed = PackedA::new(av, kernel).unwrap();
+                {
+                    let packed = PackedA::new(av).unwrap();
                     for (lhs, parallel) in [(Lhs::View(av), false), (Lhs::Packed(&packed), true)] {
                         let mut dst = vec![1.0f32; m * n];
-                        bgemm(&mut dst, lhs, bv, true, parallel, kernel).unwrap();
+                        bgemm(&mut dst, lhs, bv, true, parallel).unwrap();
                         let tol = 1e-5 * (k as f32).sqrt() * 4.0;
                         for (i, (d, w)) in dst.iter().zip(&want).enumerate() {
                             assert!(
                                 (d - (w + 1.0)).abs() <= tol * (1.0 + w.abs()),
-                                "{kernel:?} {m}x{k}x{n} at {i}: {d} vs {}",
+                                "{m}x{k}x{n} at {i}: {d} vs {}",
                                 w + 1.0
                             );
                         }
-                        bgemm(&mut dst, lhs, bv, false, parallel, kernel).unwrap();
+                        bgemm(&mut dst, lhs, bv, false, parallel).unwrap();
                         for (i, (d, w)) in dst.iter().zip(&want).enumerate() {
-                            assert!((d - w).abs() <= tol * (1.0 + w.abs()), "{kernel:?}");
+                            assert!((d - w).abs() <= tol * (1.0 + w.abs()), "{m}x{k}x{n}");
                             // Against unrounded f32: each input is within 2^-9 of its value
                             // (relative), so each product within 2^-8 + 2^-18, and the sum
                             // within that times Σ|a·b|; plus f32 summation error.
                             let bound = 2f32.powi(-8) * 1.01 * magnitude[i] + 1e-4;
                             assert!(
                                 (d - f32_want[i]).abs() <= bound,
-                                "{kernel:?} {m}x{k}x{n} at {i}: {d} vs f32 {}",
+                                "{m}x{k}x{n} at {i}: {d} vs f32 {}",
                                 f32_want[i]
                             );
                         }
@@ -644,38 +588,22 @@ mod tests {
     }
 
     #[test]
-    fn refuses_mismatched_operands() {
+    fn refuses_mismatched_operands_and_missing_instructions() {
         let a = vec![1.0f32; 6];
         let mut dst = vec![0.0; 9];
         let av = MatRef::row_major(&a, 3, 2);
-        assert!(bgemm(
-            &mut dst,
-            Lhs::View(av),
-            av,
-            false,
-            false,
-            Bf16Kernel::Reference
-        )
-        .is_err());
-        let p = PackedA::new(av, Bf16Kernel::Reference).unwrap();
+        let e = bgemm(&mut dst, Lhs::View(av), av, false, false).unwrap_err();
+        assert!(e.to_string().contains("inner dimensions"), "{e}");
+        let e = bgemm(&mut dst[..8], Lhs::View(av), av.t(), false, false).unwrap_err();
+        assert!(e.to_string().contains("destination"), "{e}");
+        let p = PackedA::new(av).unwrap();
         let bv = MatRef::row_major(&a, 2, 3);
-        assert!(bgemm(
-            &mut dst,
-            Lhs::Packed(&p),
-            bv,
-            false,
-            false,
-            Bf16Kernel::Reference
-        )
-        .is_ok());
-        assert!(bgemm(
-            &mut dst,
-            Lhs::Packed(&p),
-            bv,
-            false,
-            false,
-            Bf16Kernel::Avx512
-        )
-        .is_err());
+        let r = bgemm(&mut dst, Lhs::Packed(&p), bv, false, false);
+        if cpu_bf16() == CpuBf16::Avx512 {
+            r.unwrap();
+            assert!(dst.iter().all(|&v| v == 2.0));
+        } else {
+            assert!(r.unwrap_err().to_string().contains("AVX512_BF16"));
+        }
     }
 }

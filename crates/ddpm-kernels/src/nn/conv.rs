@@ -42,9 +42,7 @@ impl<'a> Weights<'a> {
     ) -> Result<Self> {
         match bf16 {
             None => Ok(Self::F32(w)),
-            Some(Bf16Kernel::Avx512) => Ok(Self::Bf16(
-                packed.insert(PackedA::new(w, Bf16Kernel::Avx512)?),
-            )),
+            Some(Bf16Kernel::Avx512) => Ok(Self::Bf16(packed.insert(PackedA::new(w)?))),
             Some(Bf16Kernel::Reference) => {
                 w.check("weights")?;
                 rounded.clear();
@@ -70,7 +68,7 @@ fn rounds(bf16: Option<Bf16Kernel>) -> bool {
 fn product(dst: &mut [f32], a: Weights<'_>, b: MatRef<'_>, acc: bool, par: bool) -> Result<()> {
     match a {
         Weights::F32(a) => sgemm(dst, a, b, acc, par),
-        Weights::Bf16(a) => bgemm(dst, Lhs::Packed(a), b, acc, par, Bf16Kernel::Avx512),
+        Weights::Bf16(a) => bgemm(dst, Lhs::Packed(a), b, acc, par),
     }
 }
 
@@ -85,7 +83,7 @@ fn product_of_views(
     bf16: Option<Bf16Kernel>,
 ) -> Result<()> {
     if bf16 == Some(Bf16Kernel::Avx512) {
-        return bgemm(dst, Lhs::View(a), b, acc, par, Bf16Kernel::Avx512);
+        return bgemm(dst, Lhs::View(a), b, acc, par);
     }
     sgemm(dst, a, b, acc, par)
 }

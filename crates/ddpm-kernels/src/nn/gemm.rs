@@ -58,6 +58,37 @@ impl<'a> MatRef<'a> {
     }
 }
 
+/// The checks both GEMMs (this one and `bgemm`) make before they touch memory, for
+/// `dst (m × n) [+]= a (m × k) · b`: `b` has `k` rows, `dst` holds `m × n` and `b`'s view lies in
+/// its buffer. `Ok(true)` when nothing is left to multiply: an empty result, or `k = 0`, where
+/// `dst` has been zeroed unless `accumulate`. `what` names the GEMM in errors.
+pub(crate) fn prologue(
+    what: &str,
+    dst: &mut [f32],
+    (m, k): (usize, usize),
+    b: &MatRef<'_>,
+    accumulate: bool,
+) -> Result<bool> {
+    let n = b.cols;
+    if b.rows != k {
+        bail!("{what}: inner dimensions differ ({k} vs {})", b.rows)
+    }
+    let Some(len) = m.checked_mul(n).filter(|&l| l <= dst.len()) else {
+        bail!("{what}: destination holds {} < {m}x{n}", dst.len())
+    };
+    b.check("rhs")?;
+    if len == 0 {
+        return Ok(true);
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..len].fill(0.0);
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 /// `dst (m × n, row-major) = [dst +] a (m × k) · b (k × n)`.
 ///
 /// `accumulate` adds to the existing contents of `dst`; `parallel` lets the kernel use the rayon
@@ -70,21 +101,8 @@ pub(crate) fn sgemm(
     parallel: bool,
 ) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    if b.rows != k {
-        bail!("gemm: inner dimensions differ ({k} vs {})", b.rows)
-    }
-    if dst.len() < m * n {
-        bail!("gemm: destination holds {} < {m}x{n}", dst.len())
-    }
     a.check("lhs")?;
-    b.check("rhs")?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
+    if prologue("gemm", dst, (m, k), &b, accumulate)? {
         return Ok(());
     }
     let threads = rayon::current_num_threads();

@@ -162,7 +162,7 @@ impl<'a> KernelRows<'a> {
             return Ok(Self::f32(g, wr));
         }
         *packs = (0..g.kh)
-            .map(|ki| PackedA::new(view(g, wr, ki), super::Bf16Kernel::Avx512))
+            .map(|ki| PackedA::new(view(g, wr, ki)))
             .collect::<Result<_>>()?;
         Ok(Self(packs.iter().map(Weights::Bf16).collect()))
     }
