@@ -404,10 +404,25 @@ fn conv2d_bf16_kernels_match_the_reference_path_and_f32() {
                 (w + 2 * pad - k) / stride + 1,
             ],
         );
-        let run = |kernel: Option<Bf16Kernel>| {
+        // `None`: f32; `Some(None)`: the composition every kernel is held to (rounded inputs
+        // around the f32 convolution, rounded output gradient); `Some(Some(k))`: kernel `k`.
+        let run = |kernel: Option<Option<Bf16Kernel>>| {
+            use ddpm_unet::ops::precision::{bf16_grads, bf16_inputs};
             let y = match kernel {
-                Some(kernel) => {
+                Some(Some(kernel)) => {
                     conv2d_bf16_on(&x, &wt, Some(&b), stride, pad, Kernels::Fast, kernel).unwrap()
+                }
+                Some(None) => {
+                    let round = |t: &Var| bf16_inputs(t.as_tensor()).unwrap();
+                    let y = conv2d(
+                        &round(&x),
+                        &round(&wt),
+                        Some(&round(&b)),
+                        stride,
+                        pad,
+                        Kernels::Fast,
+                    );
+                    bf16_grads(&y.unwrap()).unwrap()
                 }
                 None => conv2d(&x, &wt, Some(&b), stride, pad, Kernels::Fast).unwrap(),
             };
@@ -424,38 +439,12 @@ fn conv2d_bf16_kernels_match_the_reference_path_and_f32() {
                 .collect();
             (y, grads)
         };
-        // The composition every other path is held to: rounded inputs, f32 convolution,
-        // rounded output gradient.
-        let (reference, ref_grads) = {
-            use ddpm_unet::ops::precision::{bf16_grads, bf16_inputs};
-            let bias = bf16_inputs(&b).unwrap();
-            let y = conv2d(
-                &bf16_inputs(&x).unwrap(),
-                &bf16_inputs(&wt).unwrap(),
-                Some(&bias),
-                stride,
-                pad,
-                Kernels::Fast,
-            )
-            .unwrap();
-            let y = bf16_grads(&y).unwrap();
-            let g = (&y * r.as_tensor())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let grads: Vec<Tensor> = [&x, &wt, &b]
-                .iter()
-                .map(|v| g.get(v).expect("gradient").clone())
-                .collect();
-            (y, grads)
-        };
+        let (reference, ref_grads) = run(Some(None));
         let (full, full_grads) = run(None);
         let d = max_rel_diff(&reference, &full);
         assert!(d > 0.0 && d < 2e-2, "{what}: reference vs f32 forward {d}");
         for kernel in &kernels {
-            let (y, grads) = run(Some(*kernel));
+            let (y, grads) = run(Some(Some(*kernel)));
             let d = max_rel_diff(&y, &reference);
             assert!(
                 d < 1e-5,
