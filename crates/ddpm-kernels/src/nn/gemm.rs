@@ -113,7 +113,7 @@ pub(crate) fn sgemm(
     };
     // SAFETY: every element the kernel reads is at `row * rs + col * cs` for row < rows and
     // col < cols, which `check` bounds within each input slice; it writes `dst[i * n + j]` for
-    // i < m, j < n, bounded by the length check above. `dst` is a unique borrow, so it aliases
+    // i < m, j < n, bounded by `prologue`'s length check. `dst` is a unique borrow, so it aliases
     // neither input.
     unsafe {
         gemm::gemm(
