@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::bgemm::{bgemm, Bf16Kernel, Lhs, PackedA};
 use super::contiguous_f32;
 use super::gemm::{sgemm, MatRef};
-use super::precision::{round_bf16, round_in_place};
+use super::precision::round_in_place;
 use super::simd::simd_fn;
 use super::uninit::filled;
 
@@ -92,7 +92,9 @@ fn product_of_views(
 fn bias_for(bias: Option<&[f32]>, bf16: Option<Bf16Kernel>) -> Option<std::borrow::Cow<'_, [f32]>> {
     bias.map(|b| {
         if bf16.is_some() {
-            std::borrow::Cow::Owned(b.iter().map(|&v| round_bf16(v)).collect())
+            let mut r = b.to_vec();
+            round_in_place(&mut r);
+            std::borrow::Cow::Owned(r)
         } else {
             std::borrow::Cow::Borrowed(b)
         }

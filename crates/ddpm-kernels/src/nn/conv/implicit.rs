@@ -253,7 +253,7 @@ pub(super) fn filter_grad(
     bf16: Option<Bf16Kernel>,
 ) -> Result<()> {
     let Scratch { q, stage, .. } = sc;
-    let round = bf16 == Some(Bf16Kernel::Reference);
+    let round = super::rounds(bf16);
     p.fill_q(g, x, q, round);
     let q = &q.0;
     stage.resize(g.cout * p.m, 0.0);
