@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         labels: Labels::one(model.class("7")?, 16),
         guidance: 3.0, // ε̂ = (1 + w)·ε(x, t, c) − w·ε(x, t, ∅); diffusers' guidance_scale = 1 + w
         seed: 0,
-        sampler: SamplerSpec::default(), // DPM-Solver++(2M), 20 steps
+        sampler: SamplerSpec::default(), // DPM-Solver++(3M), 8 log-SNR steps
         batch: 16,
     };
     let x = generate_with(&model, &request, &mut |_| Ok(()))?;

@@ -303,6 +303,59 @@ fn sample_options() -> ddpm_pipeline::SampleOptions {
     }
 }
 
+/// With no sampler flags `ddpm sample` runs the default (DPM-Solver++(3M), 8 log-SNR steps);
+/// a sampler named alone takes 20 leading steps, so `--sampler dpm++` is the default before the
+/// switch; the flags given always win.
+#[test]
+fn sample_options_take_the_default_sampler_or_the_named_ones_own_steps() {
+    let m = tiny(3);
+    let bare = ddpm_pipeline::SampleOptions {
+        steps: None,
+        sampler: None,
+        spacing: None,
+        ..sample_options()
+    };
+    let spec = |o: &ddpm_pipeline::SampleOptions| o.resolve(&m, 1, false).unwrap().request.sampler;
+    let got = spec(&bare);
+    assert_eq!(got, SamplerSpec::default());
+    assert_eq!(
+        (got.kind, got.steps, got.spacing),
+        (SamplerKind::DpmPp3M, 8, ddpm_pipeline::Spacing::LogSnr)
+    );
+    assert_eq!(m.default_sampler(), SamplerSpec::default());
+    let named = |kind| ddpm_pipeline::SampleOptions {
+        sampler: Some(kind),
+        ..bare.clone()
+    };
+    let got = spec(&named(SamplerKind::DpmPp));
+    assert_eq!(
+        (got.kind, got.steps, got.spacing),
+        (SamplerKind::DpmPp, 20, ddpm_pipeline::Spacing::Leading)
+    );
+    let got = spec(&named(SamplerKind::DpmPp3M));
+    assert_eq!(
+        (got.steps, got.spacing),
+        (8, ddpm_pipeline::Spacing::LogSnr)
+    );
+    let got = spec(&ddpm_pipeline::SampleOptions {
+        steps: Some(12),
+        spacing: Some(ddpm_pipeline::Spacing::Trailing),
+        ..named(SamplerKind::UniPc)
+    });
+    assert_eq!(
+        (got.kind, got.steps, got.spacing),
+        (SamplerKind::UniPc, 12, ddpm_pipeline::Spacing::Trailing)
+    );
+    let got = spec(&ddpm_pipeline::SampleOptions {
+        steps: Some(5),
+        ..bare.clone()
+    });
+    assert_eq!(
+        (got.kind, got.steps, got.spacing),
+        (SamplerKind::DpmPp3M, 5, ddpm_pipeline::Spacing::LogSnr)
+    );
+}
+
 #[test]
 fn sample_options_resolve_against_the_model_and_refuse_what_it_cannot_serve() {
     let m = tiny(3);
