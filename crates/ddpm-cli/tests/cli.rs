@@ -713,7 +713,7 @@ fn train_with_a_budget_plans_saves_and_prints_its_plan() {
 }
 
 /// `--batch` splits a request without changing it: the deterministic samplers draw the same
-/// digits in one batch or several.
+/// digits in one batch or several (the same pixels up to one grey level of rounding).
 #[test]
 fn sample_in_batches_draws_the_same_digits() {
     let dir = tempfile::tempdir().unwrap();
@@ -734,9 +734,24 @@ fn sample_in_batches_draws_the_same_digits() {
             ],
         );
         assert!(o.status.success(), "{}", stderr(&o));
-        outs.push(std::fs::read(&out).unwrap());
+        outs.push(image::open(&out).unwrap().to_luma8().into_raw());
     }
-    assert_eq!(outs[0], outs[1], "batched sampling changed the digits");
+    // Up to rounding: the network's f32 sums over a batch of 3 and one of 20 may round
+    // differently in their last bits, and the default DPM-Solver++(3M) on this untrained model
+    // carries that to one grey level on a few pixels (16 of 274,704 when this was written). A
+    // changed noise order or a state leaking between batches moves whole digits.
+    let diffs: Vec<u8> = outs[0]
+        .iter()
+        .zip(&outs[1])
+        .map(|(a, b)| a.abs_diff(*b))
+        .collect();
+    let max = diffs.iter().copied().max().unwrap_or(0);
+    let off = diffs.iter().filter(|&&d| d > 0).count();
+    assert!(
+        outs[0].len() == outs[1].len() && max <= 1 && off * 1000 <= diffs.len(),
+        "batched sampling changed the digits: max pixel difference {max}, {off} of {} pixels",
+        diffs.len()
+    );
     let o = ddpm_with(
         "sample --batch 0",
         &[("--checkpoint", ckpt.to_str().unwrap())],
