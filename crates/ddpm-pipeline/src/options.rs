@@ -45,9 +45,10 @@ pub struct SampleOptions {
     /// Sampler: ddim, ddpm, dpm++ (DPM-Solver++(2M)), dpm++3m (DPM-Solver++(3M)), unipc
     /// (UniPC, bh2, order 2), unipc3, ipndm. The default, DPM-Solver++(3M) in 8 log-SNR steps
     /// (16 network calls per guided digit), scored a lower fid_mnist than DPM-Solver++(2M) in
-    /// 20 leading steps (40 calls) at n = 10,000; docs/sampling.md compares them. Default: the
-    /// model's (ddim for a progressive student; else dpm++3m). Another sampler alone takes 20
-    /// leading steps (`--sampler dpm++` is the default before the switch).
+    /// 20 leading steps (40 calls) at w = 1 and 3 and tied at w = 0.5 (n = 10,000);
+    /// docs/sampling.md compares them. Default: the model's (ddim for a progressive student;
+    /// else dpm++3m). Another sampler alone takes 20 leading steps (`--sampler dpm++` is the
+    /// former default).
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub sampler: Option<SamplerKind>,
     /// Timestep spacing: leading, trailing, linspace (in t), logsnr (uniform in log-SNR) or
